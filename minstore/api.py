@@ -1,0 +1,387 @@
+"""
+The HTTP API of DESIGN section 3, as a Klein app bound to a L{Node}.
+
+Handlers parse, call the node and answer; every failure becomes a JSON error
+body ``{"error": code, "message": text}``, never an HTML page.
+"""
+
+import json
+import time
+import uuid
+from email.parser import BytesParser
+from email.policy import HTTP
+from urllib.parse import parse_qs, unquote_to_bytes
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web.server import Request
+from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
+from werkzeug.exceptions import NotFound as WerkzeugNotFound
+
+from minstore import __version__
+from minstore.cluster.routes import ClusterAPI
+from minstore.console import CONSOLE_HTML
+from minstore.errors import (
+    BadGateway,
+    BadRequest,
+    MinstoreError,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from minstore.node import etag_matches
+from minstore.openapi import openapi_document
+
+JSON_TYPE = b"application/json; charset=utf-8"
+DEFAULT_MAX_RECORD_SIZE = 1024 * 1024
+LIST_PARAMETERS = frozenset([b"limit", b"after", b"prefix", b"local", b"cache"])
+
+
+def _flag(args, name):
+    values = args.get(name)
+    return bool(values) and values[-1].lower() in (b"1", b"true", b"yes")
+
+
+def _text_arg(args, name):
+    values = args.get(name)
+    if not values:
+        return None
+    try:
+        return values[-1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("bad_parameter", "%s: not UTF-8" % name.decode())
+
+
+def raw_uid(request):
+    """
+    The uid of ``/{collection}/{uid}``, percent-decoded from the raw path as
+    UTF-8 (so ``%2F`` and non-ASCII uids arrive intact).
+    """
+    try:
+        return unquote_to_bytes(request.path.split(b"/", 2)[2]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("bad_uid", "a uid must be valid UTF-8")
+
+
+def parse_multipart(body, content_type):
+    head = b"Content-Type: " + content_type + b"\r\nMIME-Version: 1.0\r\n\r\n"
+    message = BytesParser(policy=HTTP).parsebytes(head + body)
+    if not message.is_multipart() or message.defects:
+        raise BadRequest("bad_body", "malformed multipart/form-data body")
+    fields = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name is None:
+            continue
+        payload = part.get_payload(decode=True) or b""
+        try:
+            fields[name] = payload.decode(part.get_content_charset() or "utf-8")
+        except (UnicodeDecodeError, LookupError):
+            raise BadRequest("bad_body", "form field %r is not UTF-8 text" % (name,))
+    return fields
+
+
+def parse_body(request, max_size):
+    """
+    ``(value, uid or None)`` from a JSON object ``{"value": ...}`` or a form
+    with a ``value`` field.
+    """
+    length = request.getHeader(b"content-length")
+    if length is not None and length.isdigit() and int(length) > max_size:
+        raise PayloadTooLarge(message="the body is over %d bytes (--max-record-size)" % max_size)
+    body = request.content.read(max_size + 1)
+    if len(body) > max_size or getattr(request, "body_too_large", False):
+        raise PayloadTooLarge(message="the body is over %d bytes (--max-record-size)" % max_size)
+    content_type = request.getHeader(b"content-type") or b""
+    media_type = content_type.split(b";", 1)[0].strip().lower()
+    if media_type == b"application/json" or media_type.endswith(b"+json"):
+        try:
+            document = json.loads(body)
+        except ValueError as e:
+            raise BadRequest("invalid_json", "the body is not JSON: %s" % (e,))
+        if not isinstance(document, dict):
+            raise BadRequest("invalid_body", 'a JSON body is an object {"value": ...}')
+        if "value" not in document:
+            raise BadRequest("missing_value", 'the JSON body has no "value"')
+        uid = document.get("uid")
+        if uid is not None and not isinstance(uid, str):
+            raise BadRequest("bad_uid", "uid must be a string")
+        return document["value"], uid
+    if media_type == b"application/x-www-form-urlencoded":
+        try:
+            fields = {
+                k: v[-1]
+                for k, v in parse_qs(
+                    body.decode("utf-8"), keep_blank_values=True, strict_parsing=False
+                ).items()
+            }
+        except UnicodeDecodeError:
+            raise BadRequest("bad_body", "the form is not UTF-8")
+    elif media_type == b"multipart/form-data":
+        fields = parse_multipart(body, content_type)
+    else:
+        raise UnsupportedMediaType(
+            message="send application/json, application/x-www-form-urlencoded "
+            "or multipart/form-data, not %r" % content_type.decode("latin-1")
+        )
+    if "value" not in fields:
+        raise BadRequest("missing_value", "the form has no value field")
+    return fields["value"], fields.get("uid")
+
+
+class BoundedRequest(Request):
+    """
+    A request that stops buffering a body past the site's limit, so a huge
+    upload costs no memory or disk before it is answered 413.  Forms are
+    parsed by the API, not by twisted.web.
+    """
+
+    _parsePOSTFormSubmission = False
+    body_too_large = False
+
+    def handleContentChunk(self, data):
+        if self.body_too_large:
+            return
+        limit = getattr(self.channel.site, "max_body", None)
+        if limit is not None and self.content.tell() + len(data) > limit:
+            self.body_too_large = True
+            return
+        Request.handleContentChunk(self, data)
+
+
+class RecordAPI:
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, node, max_record_size=DEFAULT_MAX_RECORD_SIZE, front=None, lookups=None):
+        self.node = node
+        self.cluster = ClusterAPI(node, lookups)
+        self.max_record_size = max_record_size
+        #: The cache strategy's front (``cache=1``), when the node has dependants.
+        self.front = front
+        self.metrics = node.metrics
+
+    def resource(self):
+        return self.app.resource()
+
+    # -- helpers --------------------------------------------------------
+
+    def _track(self, request, route):
+        start = time.perf_counter()
+        method = request.method.decode("ascii", "replace")
+
+        def done(_):
+            self.metrics.observe_request(route, method, request.code, time.perf_counter() - start)
+
+        request.notifyFinish().addBoth(done)
+
+    @staticmethod
+    def _json(request, code, obj):
+        request.setResponseCode(code)
+        request.responseHeaders.setRawHeaders(b"content-type", [JSON_TYPE])
+        return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+
+    @staticmethod
+    def _record(request, entry):
+        request.responseHeaders.setRawHeaders(b"content-type", [JSON_TYPE])
+        request.responseHeaders.setRawHeaders(b"etag", [('"%s"' % entry.version).encode()])
+        return entry.data
+
+    def _record_or_304(self, request, entry):
+        if_none_match = request.getHeader(b"if-none-match")
+        if if_none_match is not None and etag_matches(if_none_match.decode("latin-1"), entry.version):
+            request.setResponseCode(304)
+            request.responseHeaders.setRawHeaders(b"etag", [('"%s"' % entry.version).encode()])
+            return b""
+        return self._record(request, entry)
+
+    @staticmethod
+    def _if_match(request):
+        value = request.getHeader(b"if-match")
+        return None if value is None else value.decode("latin-1")
+
+    def _bounce(self, request, collection, uid, body=None):
+        if self.front is None:
+            raise BadGateway(message="cache=1 needs dependants: this node has no servers.list peers")
+        return self.front.handle(request, collection, uid, body)
+
+    # -- errors ---------------------------------------------------------
+
+    @app.handle_errors(MinstoreError)
+    def _minstore_error(self, request, failure):
+        return self._json(request, failure.value.code, failure.value.to_json())
+
+    @app.handle_errors(WerkzeugNotFound)
+    def _no_route(self, request, failure):
+        return self._json(request, 404, {"error": "not_found", "message": "no such route"})
+
+    @app.handle_errors(WerkzeugMethodNotAllowed)
+    def _bad_method(self, request, failure):
+        allowed = ", ".join(failure.value.valid_methods or ())
+        if allowed:
+            request.setHeader(b"allow", allowed.encode())
+        return self._json(
+            request, 405, {"error": "method_not_allowed", "message": "allowed: " + allowed}
+        )
+
+    @app.handle_errors(Exception)
+    def _internal_error(self, request, failure):
+        self.log.failure("{method} {path} failed", failure, method=request.method, path=request.path)
+        return self._json(
+            request, 500, {"error": "internal_error", "message": failure.getErrorMessage()}
+        )
+
+    # -- node routes ----------------------------------------------------
+
+    @app.route("/", methods=["GET"])
+    def root(self, request):
+        self._track(request, "root")
+        accept = request.getHeader(b"accept") or b""
+        if b"text/html" in accept:
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            return CONSOLE_HTML
+        return self._json(
+            request,
+            200,
+            {
+                "name": "minstore",
+                "version": __version__,
+                "node_id": self.node.node_id,
+                "collections": self.node.storage.collections(),
+            },
+        )
+
+    @app.route("/_node/health", methods=["GET"])
+    def health(self, request):
+        self._track(request, "health")
+        return self._json(request, 200, {"status": "ok", "node_id": self.node.node_id})
+
+    @app.route("/_node/status", methods=["GET"])
+    def status(self, request):
+        self._track(request, "status")
+        return self._json(request, 200, self.node.status())
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request):
+        self._track(request, "metrics")
+        request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+        return self.metrics.exposition()
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request):
+        self._track(request, "openapi")
+        return self._json(request, 200, openapi_document())
+
+    @app.route("/_cluster/", branch=True)
+    def cluster(self, request):
+        self._track(request, "cluster")
+        return self.cluster.app.resource()
+
+    # -- records --------------------------------------------------------
+
+    @app.route("/<collection>/", methods=["GET"])
+    def list_records(self, request, collection):
+        self._track(request, "collection")
+        args = request.args
+        unknown = set(args) - LIST_PARAMETERS
+        if unknown:
+            raise BadRequest(
+                "bad_parameter",
+                "no secondary index on %s; parameters are limit, after, prefix"
+                % ", ".join(sorted(k.decode("latin-1") for k in unknown)),
+            )
+        limit = _text_arg(args, b"limit") or "100"
+        if not limit.isdigit():
+            raise BadRequest("bad_parameter", "limit: a whole number from 1 to 1000")
+        d = self.node.list(
+            collection,
+            limit=int(limit),
+            after=_text_arg(args, b"after"),
+            prefix=_text_arg(args, b"prefix"),
+        )
+
+        def answer(page):
+            items, next_cursor = page
+            request.responseHeaders.setRawHeaders(b"content-type", [JSON_TYPE])
+            return b'{"items":[' + b",".join(items) + b'],"next":' + json.dumps(next_cursor).encode() + b"}"
+
+        return d.addCallback(answer)
+
+    @app.route("/<collection>/", methods=["POST"])
+    def post_generated(self, request, collection):
+        self._track(request, "collection")
+        value, uid = parse_body(request, self.max_record_size)
+        if uid is None:
+            uid = str(uuid.uuid4())
+        if _flag(request.args, b"cache"):
+            return self._bounce(request, collection, uid, value)
+        return self.node.create(collection, uid, value).addCallback(
+            lambda entry: self._record(request, entry)
+        )
+
+    @app.route("/<collection>/<path:uid>", methods=["GET"])
+    def get_record(self, request, collection, uid):
+        self._track(request, "record")
+        uid = raw_uid(request)
+        args = request.args
+        local = False
+        if args:
+            if _flag(args, b"cache"):
+                return self._bounce(request, collection, uid)
+            local = _flag(args, b"local")
+        entry = self.node.cached(collection, uid)
+        if entry is not None and not entry.deleted:
+            return self._record_or_304(request, entry)
+        return self.node.get(collection, uid, local).addCallback(
+            lambda entry: self._record_or_304(request, entry)
+        )
+
+    @app.route("/<collection>/<path:uid>", methods=["POST"])
+    def post_record(self, request, collection, uid):
+        self._track(request, "record")
+        uid = raw_uid(request)
+        value, body_uid = parse_body(request, self.max_record_size)
+        if body_uid is not None and body_uid != uid:
+            raise BadRequest("uid_mismatch", "the body's uid %r is not the path's %r" % (body_uid, uid))
+        if _flag(request.args, b"cache"):
+            return self._bounce(request, collection, uid, value)
+        return self.node.create(collection, uid, value).addCallback(
+            lambda entry: self._record(request, entry)
+        )
+
+    @app.route("/<collection>/<path:uid>", methods=["PUT"])
+    def put_record(self, request, collection, uid):
+        self._track(request, "record")
+        uid = raw_uid(request)
+        value, body_uid = parse_body(request, self.max_record_size)
+        if body_uid is not None and body_uid != uid:
+            raise BadRequest("uid_mismatch", "the body's uid %r is not the path's %r" % (body_uid, uid))
+        if _flag(request.args, b"cache"):
+            return self._bounce(request, collection, uid, value)
+        return self.node.update(collection, uid, value, self._if_match(request)).addCallback(
+            lambda entry: self._record(request, entry)
+        )
+
+    @app.route("/<collection>/<path:uid>", methods=["DELETE"])
+    def delete_record(self, request, collection, uid):
+        self._track(request, "record")
+        uid = raw_uid(request)
+        if _flag(request.args, b"cache"):
+            return self._bounce(request, collection, uid)
+        d = self.node.delete(
+            collection, uid, self._if_match(request), local=_flag(request.args, b"local")
+        )
+
+        def answer(entry):
+            request.responseHeaders.setRawHeaders(b"content-type", [JSON_TYPE])
+            record = json.loads(entry.data)
+            return json.dumps(
+                {
+                    "deleted": True,
+                    "collection": record["collection"],
+                    "uid": record["uid"],
+                    "version": record["version"],
+                },
+                ensure_ascii=False,
+            ).encode("utf-8")
+
+        return d.addCallback(answer)

@@ -1,0 +1,109 @@
+"""
+How a node talks to other nodes: treq over one shared, persistent
+HTTPConnectionPool, every call with a timeout.
+
+The inter-node routes (served by L{minstore.cluster.routes}):
+
+* ``POST /_cluster/replicas[?bridge=1]``: a body of records or tombstones,
+  one canonical JSON object per line (NDJSON), stored as sent when newer;
+  answers ``{"applied": n, "received": n}``.
+* ``GET /_cluster/lookup/{collection}/{uid}?visited=id,id``: the live record
+  held by that node or, failing that, by any node it can reach that is not
+  in ``visited``; 404 when none has it.
+* ``DELETE /_cluster/lookup/{collection}/{uid}?visited=id,id``: the same
+  walk, deleting on the node that holds the record.
+"""
+
+import json
+from urllib.parse import quote
+
+import treq
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from minstore.errors import error_from_peer
+
+NDJSON = b"application/x-ndjson"
+
+
+class PeerError(Exception):
+    """A peer answered with something other than success."""
+
+    def __init__(self, peer, code, body=b""):
+        Exception.__init__(self, "%s answered %s: %s" % (peer, code, body[:200].decode("utf-8", "replace")))
+        self.peer = peer
+        self.code = code
+        self.body = body
+
+
+def record_path(collection, uid):
+    return "%s/%s" % (quote(collection, safe=""), quote(uid, safe=""))
+
+
+def make_http_client(reactor):
+    """A treq client sharing one persistent connection pool; and the pool."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 8
+    pool.cachedConnectionTimeout = 120
+    return treq.client.HTTPClient(Agent(reactor, pool=pool)), pool
+
+
+class PeerClient:
+    log = Logger()
+
+    def __init__(self, http, node_id, timeout=5.0):
+        """
+        @param http: a treq HTTPClient (or a StubTreq in tests).
+        @param node_id: this node's id, sent so peers can log and avoid loops.
+        """
+        self.http = http
+        self.node_id = node_id
+        self.timeout = timeout
+
+    async def _call(self, method, url, timeout=None, expect=(200,), **kwargs):
+        headers = kwargs.pop("headers", {})
+        headers.setdefault(b"x-minstore-node", [self.node_id.encode()])
+        response = await self.http.request(
+            method, url, headers=headers, timeout=timeout or self.timeout, **kwargs
+        )
+        body = await response.content()
+        if response.code not in expect:
+            raise PeerError(url, response.code, body)
+        return response, body
+
+    async def send_replicas(self, peer, records, bridge=False, timeout=None):
+        """
+        POST records (bytes each, canonical JSON) to a peer; the number it
+        applied.  Fails with PeerError or a connection error.
+        """
+        url = peer + "/_cluster/replicas" + ("?bridge=1" if bridge else "")
+        _, body = await self._call(
+            "POST",
+            url,
+            timeout=timeout,
+            data=b"\n".join(records) + b"\n",
+            headers={b"content-type": [NDJSON]},
+        )
+        return json.loads(body).get("applied", 0)
+
+    async def lookup(self, peer, collection, uid, visited, method="GET", if_match=None, timeout=None):
+        """
+        The record bytes a peer (or a node it reaches) holds, or None when
+        none of them has it.  ``visited`` is the list of node ids already
+        asked.
+        """
+        url = "%s/_cluster/lookup/%s?visited=%s" % (
+            peer,
+            record_path(collection, uid),
+            quote(",".join(visited), safe=","),
+        )
+        try:
+            headers = {b"if-match": [if_match.encode("latin-1")]} if if_match else {}
+            _, body = await self._call(method, url, timeout=timeout, headers=headers)
+        except PeerError as e:
+            if e.code == 404:
+                return None
+            if e.code in (400, 412):
+                raise error_from_peer(e.code, e.body)
+            raise
+        return body

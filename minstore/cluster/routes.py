@@ -1,0 +1,76 @@
+"""The inter-node routes under ``/_cluster/`` (see L{minstore.cluster.peers})."""
+
+import json
+from urllib.parse import unquote_to_bytes
+
+from klein import Klein
+from twisted.internet.defer import ensureDeferred, gatherResults, maybeDeferred
+from twisted.logger import Logger
+
+from minstore.errors import BadRequest, MinstoreError
+
+JSON_TYPE = b"application/json; charset=utf-8"
+
+
+def _json(request, code, obj):
+    request.setResponseCode(code)
+    request.responseHeaders.setRawHeaders(b"content-type", [JSON_TYPE])
+    return json.dumps(obj).encode("utf-8")
+
+
+class ClusterAPI:
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, node, lookups=None):
+        self.node = node
+        self.lookups = lookups
+
+    @app.handle_errors(MinstoreError)
+    def _error(self, request, failure):
+        return _json(request, failure.value.code, failure.value.to_json())
+
+    @app.route("/replicas", methods=["POST"])
+    def replicas(self, request):
+        forward = request.args.get(b"bridge", [b""])[-1] == b"1"
+        lines = [line for line in request.content.read().split(b"\n") if line.strip()]
+        applied = []
+        for line in lines:
+            applied.append(maybeDeferred(self.node.apply_replica, line.strip(), forward=forward))
+
+        def answer(results):
+            return _json(request, 200, {"received": len(lines), "applied": sum(results)})
+
+        def first_error(failure):
+            failure.trap(Exception)
+            return failure.value.subFailure
+
+        d = gatherResults(applied, consumeErrors=True).addCallback(answer)
+        return d.addErrback(first_error)
+
+    @app.route("/lookup/<collection>/<path:uid>", methods=["GET", "DELETE"])
+    def lookup(self, request, collection, uid):
+        if self.lookups is None:
+            raise BadRequest("no_lookups", "this node does not take lookups")
+        try:
+            uid = unquote_to_bytes(request.path.split(b"/", 4)[4]).decode("utf-8")
+        except (IndexError, UnicodeDecodeError):
+            raise BadRequest("bad_uid", "a uid must be valid UTF-8")
+        visited = request.args.get(b"visited", [b""])[-1].decode("utf-8", "replace")
+        visited = [v for v in visited.split(",") if v]
+        if_match = request.getHeader(b"if-match")
+        d = self.lookups.answer(
+            collection,
+            uid,
+            visited,
+            method=request.method.decode("ascii"),
+            if_match=if_match.decode("latin-1") if if_match else None,
+        )
+
+        def answer(data):
+            if data is None:
+                return _json(request, 404, {"error": "not_found", "message": "not held"})
+            request.responseHeaders.setRawHeaders(b"content-type", [JSON_TYPE])
+            return data
+
+        return ensureDeferred(d).addCallback(answer)

@@ -1,0 +1,1 @@
+CONSOLE_HTML = b"<!doctype html><title>minstore</title>"

@@ -1,0 +1,83 @@
+"""
+The errors a node answers with.  Each carries its HTTP status and the
+machine code of the JSON error body (DESIGN section 3).
+"""
+
+
+class MinstoreError(Exception):
+    code = 500
+    error = "internal_error"
+
+    def __init__(self, error=None, message=""):
+        Exception.__init__(self, message)
+        if error is not None:
+            self.error = error
+        self.message = message
+
+    def to_json(self):
+        return {"error": self.error, "message": self.message}
+
+
+class BadRequest(MinstoreError):
+    code = 400
+    error = "bad_request"
+
+
+class RecordExists(MinstoreError):
+    code = 400
+    error = "record_exists"
+
+
+class NotFound(MinstoreError):
+    code = 404
+    error = "not_found"
+
+
+class MethodNotAllowed(MinstoreError):
+    code = 405
+    error = "method_not_allowed"
+
+
+class PreconditionFailed(MinstoreError):
+    code = 412
+    error = "precondition_failed"
+
+
+class PayloadTooLarge(MinstoreError):
+    code = 413
+    error = "payload_too_large"
+
+
+class UnsupportedMediaType(MinstoreError):
+    code = 415
+    error = "unsupported_media_type"
+
+
+class Rejected(BadRequest):
+    """A process refused the record; the message gives its reason."""
+
+    error = "rejected"
+
+
+class BadGateway(MinstoreError):
+    code = 502
+    error = "bad_gateway"
+
+
+class ServiceUnavailable(MinstoreError):
+    code = 503
+    error = "unavailable"
+
+
+def error_from_peer(code, body):
+    """A peer's JSON error, to answer with as it is (a 400 or 412 passes through)."""
+    import json
+
+    try:
+        document = json.loads(body)
+        error, message = document["error"], document.get("message", "")
+    except (ValueError, KeyError, TypeError):
+        error, message = "peer_error", body[:200].decode("utf-8", "replace")
+    e = MinstoreError(error, message)
+    e.code = code
+    return e

@@ -1,0 +1,431 @@
+"""
+The node: what a write, a read, a delete and a listing do, whatever the
+transport.  The HTTP layer (L{minstore.api}) only parses and answers.
+
+Storage is reached only through ``in_thread`` (the service's thread pool in
+a running node, an inline call in unit tests).  Writes to one uid are
+serialised by a per-uid lock; writes to different uids that arrive while a
+storage write is in flight are committed together in the next one (group
+commit), and each is acknowledged only once its batch is durable.
+"""
+
+import base64
+import hashlib
+import json
+import time
+import uuid
+
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from minstore import __version__
+from minstore.errors import (
+    BadRequest,
+    NotFound,
+    PreconditionFailed,
+    RecordExists,
+    ServiceUnavailable,
+)
+from minstore.lru import ByteLRU
+from minstore.metrics import NodeMetrics
+from minstore.process import run_pipeline
+from minstore.records import (
+    HybridLogicalClock,
+    canonical_json,
+    check_collection,
+    check_uid,
+    encode_record,
+    make_record,
+    make_tombstone,
+)
+
+MAX_LIST_LIMIT = 1000
+
+
+def run_inline(f, *args):
+    """Call ``f`` now, as a Deferred: the ``in_thread`` of unit tests."""
+    try:
+        return succeed(f(*args))
+    except BaseException:
+        return fail()
+
+
+class KeyedLock:
+    """One lock per key, existing only while somebody holds it."""
+
+    def __init__(self):
+        self._waiters = {}
+
+    def acquire(self, key):
+        waiters = self._waiters.get(key)
+        if waiters is None:
+            self._waiters[key] = []
+            return succeed(None)
+        d = Deferred()
+        waiters.append(d)
+        return d
+
+    def release(self, key):
+        waiters = self._waiters[key]
+        if waiters:
+            waiters.pop(0).callback(None)
+        else:
+            del self._waiters[key]
+
+    def locked(self, key):
+        return key in self._waiters
+
+    def run(self, key, f, *args):
+        """Deferred result of the coroutine function ``f(*args)``, run under the key's lock."""
+        return ensureDeferred(self._run(key, f, *args))
+
+    async def _run(self, key, f, *args):
+        await self.acquire(key)
+        try:
+            return await f(*args)
+        finally:
+            self.release(key)
+
+
+def etag_matches(header, version):
+    """Whether an If-Match / If-None-Match header value names this version."""
+    for tag in header.split(","):
+        tag = tag.strip()
+        if tag == "*":
+            return True
+        if tag.startswith("W/"):
+            tag = tag[2:]
+        if tag.strip('"') == version:
+            return True
+    return False
+
+
+def encode_cursor(uid):
+    return base64.urlsafe_b64encode(uid.encode("utf-8")).decode("ascii").rstrip("=")
+
+
+def decode_cursor(cursor):
+    try:
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("bad_parameter", "after: not a cursor from a listing's next")
+
+
+class Entry:
+    """A stored record or tombstone as read: its bytes and what the node needs."""
+
+    __slots__ = ("data", "version", "deleted")
+
+    def __init__(self, data, version, deleted):
+        self.data = data
+        self.version = version
+        self.deleted = deleted
+
+    @classmethod
+    def parse(cls, data):
+        record = json.loads(data)
+        return cls(data, record["version"], bool(record.get("deleted")))
+
+
+class Node:
+    log = Logger()
+
+    def __init__(
+        self,
+        storage,
+        processes=(),
+        node_id=None,
+        clock=None,
+        in_thread=run_inline,
+        metrics=None,
+        read_cache_bytes=32 * 1024 * 1024,
+        max_inflight_writes=2,
+        now=time.time,
+    ):
+        self.storage = storage
+        self.processes = list(processes)
+        self.node_id = node_id or uuid.uuid4().hex[:12]
+        self.clock = clock or HybridLogicalClock(self.node_id, now=now)
+        self.in_thread = in_thread
+        self.metrics = metrics or NodeMetrics()
+        self.now = now
+        self.started = now()
+        self.max_inflight_writes = max_inflight_writes
+        #: Called in the writer thread with each batch of ``(collection,
+        #: uid, data, deleted)`` just stored, and the list of the items to
+        #: pass on to peers, before the batch is acknowledged.
+        self.commit_hooks = []
+        #: Called on the reactor thread with the same, once acknowledged.
+        self.commit_listeners = []
+        #: Asks other nodes for what this one misses (set by the cluster);
+        #: has ``get(collection, uid)`` and ``delete(collection, uid, if_match)``.
+        self.remote = None
+        #: Extra sections of ``/_node/status``: name -> callable returning JSON.
+        self.status_sections = {}
+        self._locks = KeyedLock()
+        self._cache = ByteLRU(read_cache_bytes)
+        self._commit_seq = 0
+        self._queue = []
+        self._inflight = 0
+        self._active = 0
+        self._drained = []
+        self.stopping = False
+
+    # -- storage access -------------------------------------------------
+
+    def _storage(self, operation, f, *args):
+        histogram = self.metrics.storage.labels(operation)
+
+        def timed():
+            start = time.perf_counter()
+            try:
+                return f(*args)
+            finally:
+                histogram.observe(time.perf_counter() - start)
+
+        return self.in_thread(timed)
+
+    def open(self):
+        """Open the storage (blocking: called once, before serving)."""
+        self.storage.open()
+        self.metrics.records.set_function(self.storage.count)
+
+    def cached(self, collection, uid):
+        """The L{Entry} of a uid when the read cache has it, else None."""
+        hit = self._cache.get((collection, uid))
+        return hit[1] if hit is not None else None
+
+    def read(self, collection, uid):
+        """Deferred L{Entry} of a record or tombstone held here, or None."""
+        key = (collection, uid)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return succeed(hit[1])
+        seq = self._commit_seq
+
+        def parsed(data):
+            if data is None:
+                return None
+            entry = Entry.parse(data)
+            # A write committed while we read may be newer than what we read.
+            if self._commit_seq == seq:
+                self._cache.put(key, data, entry)
+            return entry
+
+        return self._storage("get", self.storage.get, collection, uid).addCallback(parsed)
+
+    # -- writes ---------------------------------------------------------
+
+    def _commit(self, collection, uid, data, deleted, version, forward=True):
+        d = Deferred()
+        item = (collection, uid, data, deleted)
+        self._queue.append((item, Entry(data, version, deleted), forward, d))
+        self._flush()
+        return d
+
+    def _flush(self):
+        while self._queue and self._inflight < self.max_inflight_writes:
+            batch, self._queue = self._queue, []
+            self._inflight += 1
+            items = [item for item, _, _, _ in batch]
+            forwarded = [item for item, _, forward, _ in batch if forward]
+            self.metrics.batch_size.observe(len(items))
+            d = self._storage("write", self._write_batch, items, forwarded)
+            d.addBoth(self._flushed, batch, items, forwarded)
+
+    def _write_batch(self, items, forwarded):
+        self.storage.write(items)
+        for hook in self.commit_hooks:
+            hook(items, forwarded)
+
+    def _flushed(self, result, batch, items, forwarded):
+        self._inflight -= 1
+        if isinstance(result, Failure):
+            self.log.failure("storage write of {n} records failed", result, n=len(batch))
+            for _, _, _, d in batch:
+                d.errback(result)
+        else:
+            self._commit_seq += 1
+            for (collection, uid, data, _), entry, _, d in batch:
+                self._cache.put((collection, uid), data, entry)
+                d.callback(entry)
+            for listener in self.commit_listeners:
+                try:
+                    listener(items, forwarded)
+                except Exception:
+                    self.log.failure("commit listener failed")
+        self._flush()
+        self._check_drained()
+
+    def _locked(self, key, f, *args):
+        """Run a write under the uid's lock, counted until it has finished."""
+        if self.stopping:
+            raise ServiceUnavailable(message="the node is stopping; retry on another node")
+        self._active += 1
+
+        def finished(result):
+            self._active -= 1
+            self._check_drained()
+            return result
+
+        return self._locks.run(key, f, *args).addBoth(finished)
+
+    def pending(self):
+        """Writes taken and not yet acknowledged."""
+        return self._active + len(self._queue)
+
+    def _check_drained(self):
+        if not self._queue and not self._inflight and not self._active:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
+
+    def drain(self):
+        """A Deferred that fires once every write taken has been stored."""
+        d = Deferred()
+        self._drained.append(d)
+        self._check_drained()
+        return d
+
+    def stop(self):
+        """Refuse new writes and wait for those taken."""
+        self.stopping = True
+        return self.drain()
+
+    async def _new_version(self, collection, uid, value):
+        version = self.clock.now()
+        record = make_record(collection, uid, value, version, self.now())
+        record = await run_pipeline(record, self.processes, self.in_thread)
+        data = encode_record(record)
+        return await self._commit(collection, uid, data, False, version)
+
+    def create(self, collection, uid, value):
+        """POST: store a new record; Deferred L{Entry}."""
+        check_collection(collection)
+        check_uid(uid)
+        return self._locked((collection, uid), self._create, collection, uid, value)
+
+    async def _create(self, collection, uid, value):
+        current = await self.read(collection, uid)
+        if current is not None and not current.deleted:
+            raise RecordExists(message="%s/%s exists already; PUT updates it" % (collection, uid))
+        return await self._new_version(collection, uid, value)
+
+    def update(self, collection, uid, value, if_match=None):
+        """PUT: replace an existing record's value; Deferred L{Entry}."""
+        check_collection(collection)
+        check_uid(uid)
+        return self._locked((collection, uid), self._update, collection, uid, value, if_match)
+
+    async def _update(self, collection, uid, value, if_match):
+        current = await self.read(collection, uid)
+        if current is None or current.deleted:
+            raise NotFound(message="no record %s/%s; POST creates it" % (collection, uid))
+        if if_match is not None and not etag_matches(if_match, current.version):
+            raise PreconditionFailed(
+                message="If-Match %s does not match version %s" % (if_match, current.version)
+            )
+        stored = json.loads(current.data)
+        if stored.get("check_sum") == hashlib.sha256(canonical_json(value)).hexdigest():
+            return current  # unchanged: PUT is idempotent
+        return await self._new_version(collection, uid, value)
+
+    def delete(self, collection, uid, if_match=None, local=False):
+        """DELETE: leave a tombstone; Deferred L{Entry} of the tombstone."""
+        check_collection(collection)
+        check_uid(uid)
+        d = self._locked((collection, uid), self._delete, collection, uid, if_match)
+
+        def missing(failure):
+            failure.trap(NotFound)
+            if local or self.remote is None:
+                return failure
+            return self.remote.delete(collection, uid, if_match)
+
+        return d.addErrback(missing)
+
+    async def _delete(self, collection, uid, if_match):
+        current = await self.read(collection, uid)
+        if current is None or current.deleted:
+            raise NotFound(message="no record %s/%s" % (collection, uid))
+        if if_match is not None and not etag_matches(if_match, current.version):
+            raise PreconditionFailed(
+                message="If-Match %s does not match version %s" % (if_match, current.version)
+            )
+        version = self.clock.now()
+        tombstone = encode_record(make_tombstone(collection, uid, version, self.now()))
+        return await self._commit(collection, uid, tombstone, True, version)
+
+    def apply_replica(self, data, forward=False):
+        """
+        Store a record or tombstone made on another node, as it is, when it
+        is newer than what this node holds; pass it on to this node's peers
+        too when ``forward`` (a bridge).  Deferred bool: applied or not.
+        """
+        try:
+            record = json.loads(data)
+            collection, uid, version = record["collection"], record["uid"], record["version"]
+        except (ValueError, KeyError, TypeError):
+            raise BadRequest("bad_replica", "a replica is a record with collection, uid, version")
+        check_collection(collection)
+        check_uid(uid)
+        self.clock.observe(version)
+        deleted = bool(record.get("deleted"))
+        return self._locked(
+            (collection, uid), self._apply, collection, uid, data, version, deleted, forward
+        )
+
+    async def _apply(self, collection, uid, data, version, deleted, forward):
+        current = await self.read(collection, uid)
+        if current is not None and current.version >= version:
+            return False
+        await self._commit(collection, uid, data, deleted, version, forward)
+        return True
+
+    # -- reads ----------------------------------------------------------
+
+    def get(self, collection, uid, local=False):
+        """Deferred L{Entry} of a live record, looked up on peers when missing."""
+        check_collection(collection)
+        check_uid(uid)
+
+        def found(entry):
+            if entry is not None and not entry.deleted:
+                return entry
+            if local or self.remote is None:
+                raise NotFound(message="no record %s/%s" % (collection, uid))
+            return self.remote.get(collection, uid)
+
+        return self.read(collection, uid).addCallback(found)
+
+    def list(self, collection, limit=100, after=None, prefix=None):
+        """Deferred ``(records as bytes, next cursor or None)``, in uid order."""
+        check_collection(collection)
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise BadRequest("bad_parameter", "limit: from 1 to %d" % (MAX_LIST_LIMIT,))
+        after_uid = decode_cursor(after) if after else None
+
+        def page(items):
+            next_cursor = None
+            if len(items) > limit:
+                items = items[:limit]
+                next_cursor = encode_cursor(json.loads(items[-1])["uid"])
+            return items, next_cursor
+
+        d = self._storage("list", self.storage.list, collection, after_uid, prefix, limit + 1)
+        return d.addCallback(page)
+
+    def status(self):
+        status = {
+            "node_id": self.node_id,
+            "version": __version__,
+            "uptime": round(self.now() - self.started, 3),
+            "records": self.storage.count(),
+            "storage": getattr(self.storage, "name", type(self.storage).__name__),
+            "processes": [getattr(p, "name", type(p).__name__) for p in self.processes],
+            "pending_writes": len(self._queue) + self._inflight,
+        }
+        for name, section in self.status_sections.items():
+            status[name] = section()
+        return status

@@ -1,0 +1,63 @@
+"""``lang``: the ISO 639-1 language of a record's text, or null."""
+
+import threading
+
+from zope.interface import implementer
+
+from minstore.interfaces import IProcess
+
+#: Below this normalised probability the language is undecidable.
+MIN_CONFIDENCE = 0.5
+
+_identifier = None
+_identifier_lock = threading.Lock()
+
+
+def _get_identifier():
+    """The py3langid model, loaded once per process and kept to ISO 639-1."""
+    global _identifier
+    with _identifier_lock:
+        if _identifier is None:
+            from py3langid.langid import _load_identifier
+
+            identifier = _load_identifier(norm_probs=True)
+            identifier.set_languages([l for l in identifier.nb_classes if len(l) == 2])
+            _identifier = identifier
+        return _identifier
+
+
+def text_of(value):
+    """The text of a value: a string, or the strings inside an object or array."""
+    if isinstance(value, str):
+        return value
+    parts = []
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            parts.append(v)
+        elif isinstance(v, dict):
+            stack.extend(reversed(list(v.values())))
+        elif isinstance(v, list):
+            stack.extend(reversed(v))
+    return " ".join(parts)
+
+
+def detect_language(text):
+    if not any(ch.isalpha() for ch in text):
+        return None
+    lang, confidence = _get_identifier().classify(text)
+    return lang if confidence >= MIN_CONFIDENCE else None
+
+
+@implementer(IProcess)
+class LanguageDetection:
+    name = "lang"
+    threaded = True
+
+    def __init__(self, options=None):
+        _get_identifier()
+
+    def __call__(self, record):
+        record["lang"] = detect_language(text_of(record.get("value")))
+        return record

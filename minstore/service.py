@@ -1,0 +1,71 @@
+"""The long-lived parts of a node, as Twisted services."""
+
+from twisted.application.service import Service
+from twisted.internet.defer import maybeDeferred
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+
+class ThreadPoolService(Service):
+    """
+    Starts a thread pool with the node and stops it after ``before_stop``
+    (the node's drain) has fired, so no storage call is cut short.
+    """
+
+    log = Logger()
+
+    def __init__(self, pool, before_stop=None):
+        self.pool = pool
+        self.before_stop = before_stop
+
+    def startService(self):
+        Service.startService(self)
+        self.pool.start()
+
+    def stopService(self):
+        Service.stopService(self)
+        d = maybeDeferred(self.before_stop) if self.before_stop else maybeDeferred(lambda: None)
+
+        def stop(_):
+            self.pool.stop()
+            self.log.info("thread pool stopped")
+
+        return d.addBoth(stop)
+
+
+class NodeService(Service):
+    """Opens the node's storage before the node serves; drains it at stop."""
+
+    log = Logger()
+
+    def __init__(self, node, describe=""):
+        self.node = node
+        self.describe = describe
+
+    def startService(self):
+        Service.startService(self)
+        self.node.open()
+        self.log.info(
+            "minstore node {node_id} started: {describe}; {records} records",
+            node_id=self.node.node_id,
+            describe=self.describe,
+            records=self.node.storage.count(),
+        )
+
+    def stopService(self):
+        Service.stopService(self)
+        self.log.info("stopping: finishing {n} writes in flight", n=self.node.pending())
+        d = self.node.stop()
+
+        def closed(_):
+            self.node.storage.close()
+            self.log.info("storage closed; every acknowledged write is on disk")
+
+        return d.addCallback(closed)
+
+
+class QuietSite(Site):
+    """A Site that writes no access log: per-request logging costs throughput."""
+
+    def log(self, request):
+        pass

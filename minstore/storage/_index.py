@@ -1,0 +1,53 @@
+"""The in-memory key index that both built-in engines keep for listings."""
+
+import bisect
+import threading
+
+
+class KeyIndex:
+    """
+    Which uids of each collection are live, with a sorted view rebuilt only
+    when the set of live uids changes.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._live = {}  # collection -> set of live uids
+        self._sorted = {}  # collection -> sorted list, or absent when stale
+
+    def set(self, collection, uid, live):
+        with self._lock:
+            uids = self._live.setdefault(collection, set())
+            if live and uid not in uids:
+                uids.add(uid)
+                self._sorted.pop(collection, None)
+            elif not live and uid in uids:
+                uids.discard(uid)
+                self._sorted.pop(collection, None)
+
+    def page(self, collection, after, prefix, limit):
+        """Up to ``limit`` live uids after ``after`` starting with ``prefix``."""
+        with self._lock:
+            keys = self._sorted.get(collection)
+            if keys is None:
+                keys = sorted(self._live.get(collection, ()))
+                self._sorted[collection] = keys
+        i = 0 if after is None else bisect.bisect_right(keys, after)
+        if prefix:
+            i = max(i, bisect.bisect_left(keys, prefix))
+        out = []
+        while i < len(keys) and len(out) < limit:
+            uid = keys[i]
+            if prefix and not uid.startswith(prefix):
+                break
+            out.append(uid)
+            i += 1
+        return out
+
+    def count(self):
+        with self._lock:
+            return sum(len(uids) for uids in self._live.values())
+
+    def collections(self):
+        with self._lock:
+            return sorted(c for c, uids in self._live.items() if uids)

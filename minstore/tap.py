@@ -1,0 +1,230 @@
+"""
+``twistd minstore``: the options of a node and the service tree they build.
+"""
+
+import functools
+import ipaddress
+import os
+import sys
+import uuid
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from minstore import __version__
+from minstore.api import DEFAULT_MAX_RECORD_SIZE, BoundedRequest, RecordAPI
+from minstore.cluster.servers import ServerList, ServersFileError, read_servers
+from minstore.node import Node
+from minstore.process import DEFAULT as DEFAULT_PROCESSES
+from minstore.process import available_processes, make_processes
+from minstore.process.schema import SchemaError
+from minstore.records import HybridLogicalClock
+from minstore.service import NodeService, QuietSite, ThreadPoolService
+from minstore.storage import available_engines, make_storage
+
+log = Logger("minstore")
+
+
+def _positive_int(name):
+    def convert(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise usage.UsageError("--%s: %r is not a whole number" % (name, text))
+        if value <= 0:
+            raise usage.UsageError("--%s: must be above 0, not %d" % (name, value))
+        return value
+
+    convert.coerceDoc = "A whole number above 0."
+    return convert
+
+
+def _positive_float(name):
+    def convert(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise usage.UsageError("--%s: %r is not a number" % (name, text))
+        if not value > 0:
+            raise usage.UsageError("--%s: must be above 0, not %s" % (name, text))
+        return value
+
+    convert.coerceDoc = "Seconds, above 0."
+    return convert
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a minstore node: records over HTTP at /{collection}/{uid}, run "
+        "through processes, stored durably and spread to the peers of "
+        "--servers. Every bad option stops the start with one line on "
+        "stderr and exit status 2."
+    )
+    optParameters = [
+        ["port", "p", "8001", "Port number, or Twisted endpoint string (tcp:8001:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem)."],
+        ["servers", "s", None, "The servers.list file of peers (none: a standalone node). Re-read on SIGHUP."],
+        ["data", "d", "./minstore-data", "Data directory, created when missing."],
+        ["storage", None, "files", "Storage engine: files (durable, one file per record) or memory; packages add more."],
+        ["processes", None, DEFAULT_PROCESSES, "Comma-separated processes run on each client write, in order (lang, schema, or one a package adds); empty for none."],
+        ["schemas", None, None, "Directory of {collection}.json JSON Schemas for the schema process."],
+        ["max-record-size", None, DEFAULT_MAX_RECORD_SIZE, "Largest request body accepted, in bytes (larger: 413).", _positive_int("max-record-size")],
+        ["threads", None, 10, "Threads for storage I/O and CPU-heavy processes.", _positive_int("threads")],
+        ["read-cache-size", None, 32 * 1024 * 1024, "Bytes of recently read or written records kept in memory to answer GETs without a disk read.", _positive_int("read-cache-size")],
+        ["access-log", None, None, "Write an access log line per request to this file (default: none, for speed)."],
+    ]
+
+    def opt_version(self):
+        """Print the version and exit."""
+        print("minstore", __version__)
+        sys.exit(0)
+
+    def parseOptions(self, options=None):
+        # twistd prints the whole usage text above an option error; a node
+        # that will not start says why in one line instead.
+        try:
+            usage.Options.parseOptions(self, options)
+        except usage.UsageError as e:
+            sys.stderr.write("minstore: error: %s\n" % (e,))
+            sys.stderr.flush()
+            raise SystemExit(2)
+
+    def postOptions(self):
+        port = self["port"]
+        if port.isdigit():
+            if not 0 < int(port) < 65536:
+                raise usage.UsageError("--port: %s is not a TCP port (1-65535)" % port)
+            port = self["port"] = "tcp:" + port
+        try:
+            from twisted.internet import reactor
+
+            serverFromString(reactor, port)
+        except (ValueError, TypeError, KeyError, OSError) as e:
+            raise usage.UsageError("--port: %r is not a port or endpoint string: %s" % (port, e))
+
+        if self["servers"]:
+            try:
+                self["server_list"] = read_servers(self["servers"])
+            except ServersFileError as e:
+                raise usage.UsageError(str(e))
+        else:
+            self["server_list"] = ServerList()
+
+        data = self["data"]
+        try:
+            os.makedirs(data, exist_ok=True)
+        except OSError as e:
+            raise usage.UsageError("--data: cannot create %s: %s" % (data, e.strerror or e))
+        if not os.access(data, os.W_OK | os.X_OK):
+            raise usage.UsageError("--data: %s is not a writable directory" % data)
+
+        if self["storage"] not in available_engines():
+            raise usage.UsageError(
+                "--storage: no engine %r (known: %s)"
+                % (self["storage"], ", ".join(sorted(available_engines())))
+            )
+
+        if self["schemas"] and not os.path.isdir(self["schemas"]):
+            raise usage.UsageError("--schemas: %s is not a directory" % self["schemas"])
+
+        names = [n.strip() for n in self["processes"].split(",") if n.strip()]
+        known = available_processes()
+        for name in names:
+            if name not in known:
+                raise usage.UsageError(
+                    "--processes: no process %r (known: %s)" % (name, ", ".join(sorted(known)))
+                )
+        try:
+            self["process_list"] = make_processes(names, self)
+        except SchemaError as e:
+            raise usage.UsageError("--schemas: %s" % (e,))
+
+        if self["access-log"]:
+            directory = os.path.dirname(os.path.abspath(self["access-log"]))
+            if not os.access(directory, os.W_OK):
+                raise usage.UsageError("--access-log: cannot write in %s" % directory)
+
+
+def _node_id(data_dir):
+    """This node's id, made once and kept in the data directory."""
+    path = os.path.join(data_dir, "node_id")
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read().strip()
+    node_id = uuid.uuid4().hex[:12]
+    with open(path + ".tmp", "w") as f:
+        f.write(node_id)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    return node_id
+
+
+def listens_beyond_loopback(endpoint):
+    """Whether a server endpoint string accepts connections from other hosts."""
+    for part in endpoint.split(":")[1:]:
+        if part.startswith("interface="):
+            address = part[len("interface="):].replace("\\", "").strip("[]")
+            try:
+                return not ipaddress.ip_address(address).is_loopback
+            except ValueError:
+                return address != "localhost"
+    return not endpoint.startswith("unix:")
+
+
+def makeService(config, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    root = MultiService()
+    data_dir = os.path.abspath(config["data"])
+
+    pool = ThreadPool(minthreads=2, maxthreads=config["threads"], name="minstore-io")
+    node_id = _node_id(data_dir)
+    clock = HybridLogicalClock(node_id, os.path.join(data_dir, "clock"))
+    in_thread = functools.partial(deferToThreadPool, reactor, pool)
+    clock.persist_later = functools.partial(in_thread, clock._persist_now)
+    storage = make_storage(config["storage"], data_dir)
+    node = Node(
+        storage,
+        config["process_list"],
+        node_id=node_id,
+        clock=clock,
+        in_thread=in_thread,
+        read_cache_bytes=config["read-cache-size"],
+    )
+
+    ThreadPoolService(pool, before_stop=node.drain).setServiceParent(root)
+    describe = "storage %s in %s, processes [%s], %d peers%s" % (
+        config["storage"],
+        data_dir,
+        ", ".join(p.name for p in node.processes),
+        len(config["server_list"].peers),
+        " (bridge)" if config["server_list"].bridge else "",
+    )
+    NodeService(node, describe).setServiceParent(root)
+
+    api = RecordAPI(node, max_record_size=config["max-record-size"])
+    if config["access-log"]:
+        from twisted.web.server import Site
+
+        site = Site(api.resource(), logPath=config["access-log"])
+    else:
+        site = QuietSite(api.resource())
+    site.requestFactory = BoundedRequest
+    site.max_body = config["max-record-size"]
+    site.displayTracebacks = False
+    strports.service(config["port"], site, reactor=reactor).setServiceParent(root)
+
+    if listens_beyond_loopback(config["port"]):
+        log.warn(
+            "listening on {port} beyond loopback WITHOUT authentication: any host "
+            "that reaches this port can read and write every record",
+            port=config["port"],
+        )
+    log.info("minstore {version} on {port}", version=__version__, port=config["port"])
+    return root
