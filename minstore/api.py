@@ -13,6 +13,7 @@ from email.policy import HTTP
 from urllib.parse import parse_qs, unquote_to_bytes
 
 from klein import Klein
+from twisted.internet.defer import succeed
 from twisted.logger import Logger
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
@@ -152,8 +153,18 @@ class RecordAPI:
     app = Klein()
     log = Logger()
 
-    def __init__(self, node, max_record_size=DEFAULT_MAX_RECORD_SIZE, front=None, lookups=None):
+    def __init__(
+        self,
+        node,
+        max_record_size=DEFAULT_MAX_RECORD_SIZE,
+        front=None,
+        lookups=None,
+        replication=None,
+        sync_timeout=5.0,
+    ):
         self.node = node
+        self.replication = replication
+        self.sync_timeout = sync_timeout
         self.cluster = ClusterAPI(node, lookups)
         self.max_record_size = max_record_size
         #: The cache strategy's front (``cache=1``), when the node has dependants.
@@ -193,6 +204,25 @@ class RecordAPI:
             request.responseHeaders.setRawHeaders(b"etag", [('"%s"' % entry.version).encode()])
             return b""
         return self._record(request, entry)
+
+    def _written(self, request, collection, uid, d):
+        """Answer a write with its record; with sync=1, once the peers hold it."""
+        if not _flag(request.args, b"sync"):
+            return d.addCallback(lambda entry: self._record(request, entry))
+
+        def wait(entry):
+            if self.replication is None:
+                return succeed((0, 0)).addCallback(answer, entry)
+            waiting = self.replication.wait_stored(collection, uid, entry.version, self.sync_timeout)
+            return waiting.addCallback(answer, entry)
+
+        def answer(counts, entry):
+            stored, expected = counts
+            request.setHeader(b"minstore-replicas-stored", b"%d" % stored)
+            request.setHeader(b"minstore-replicas-expected", b"%d" % expected)
+            return self._record(request, entry)
+
+        return d.addCallback(wait)
 
     @staticmethod
     def _if_match(request):
@@ -314,9 +344,7 @@ class RecordAPI:
             uid = str(uuid.uuid4())
         if _flag(request.args, b"cache"):
             return self._bounce(request, collection, uid, value)
-        return self.node.create(collection, uid, value).addCallback(
-            lambda entry: self._record(request, entry)
-        )
+        return self._written(request, collection, uid, self.node.create(collection, uid, value))
 
     @app.route("/<collection>/<path:uid>", methods=["GET"])
     def get_record(self, request, collection, uid):
@@ -344,9 +372,7 @@ class RecordAPI:
             raise BadRequest("uid_mismatch", "the body's uid %r is not the path's %r" % (body_uid, uid))
         if _flag(request.args, b"cache"):
             return self._bounce(request, collection, uid, value)
-        return self.node.create(collection, uid, value).addCallback(
-            lambda entry: self._record(request, entry)
-        )
+        return self._written(request, collection, uid, self.node.create(collection, uid, value))
 
     @app.route("/<collection>/<path:uid>", methods=["PUT"])
     def put_record(self, request, collection, uid):
@@ -357,9 +383,8 @@ class RecordAPI:
             raise BadRequest("uid_mismatch", "the body's uid %r is not the path's %r" % (body_uid, uid))
         if _flag(request.args, b"cache"):
             return self._bounce(request, collection, uid, value)
-        return self.node.update(collection, uid, value, self._if_match(request)).addCallback(
-            lambda entry: self._record(request, entry)
-        )
+        d = self.node.update(collection, uid, value, self._if_match(request))
+        return self._written(request, collection, uid, d)
 
     @app.route("/<collection>/<path:uid>", methods=["DELETE"])
     def delete_record(self, request, collection, uid):

@@ -152,12 +152,13 @@ class Node:
         self.now = now
         self.started = now()
         self.max_inflight_writes = max_inflight_writes
-        #: Called in the writer thread with each batch of ``(collection,
-        #: uid, data, deleted)`` just stored, and the list of the items to
-        #: pass on to peers, before the batch is acknowledged.
-        self.commit_hooks = []
-        #: Called on the reactor thread with the same, once acknowledged.
-        self.commit_listeners = []
+        #: What follows each stored batch of ``(collection, uid, data,
+        #: deleted)`` items: an observer's ``stored(items, forwarded)`` runs
+        #: in the writer thread before the batch is acknowledged (what it
+        #: returns is its token), ``committed(items, forwarded, token)`` on
+        #: the reactor thread once it is.  ``forwarded`` are the items to
+        #: pass on to peers.
+        self.commit_observers = []
         #: Asks other nodes for what this one misses (set by the cluster);
         #: has ``get(collection, uid)`` and ``delete(collection, uid, if_match)``.
         self.remote = None
@@ -236,8 +237,7 @@ class Node:
 
     def _write_batch(self, items, forwarded):
         self.storage.write(items)
-        for hook in self.commit_hooks:
-            hook(items, forwarded)
+        return [observer.stored(items, forwarded) for observer in self.commit_observers]
 
     def _flushed(self, result, batch, items, forwarded):
         self._inflight -= 1
@@ -250,11 +250,11 @@ class Node:
             for (collection, uid, data, _), entry, _, d in batch:
                 self._cache.put((collection, uid), data, entry)
                 d.callback(entry)
-            for listener in self.commit_listeners:
+            for observer, token in zip(self.commit_observers, result):
                 try:
-                    listener(items, forwarded)
+                    observer.committed(items, forwarded, token)
                 except Exception:
-                    self.log.failure("commit listener failed")
+                    self.log.failure("commit observer failed")
         self._flush()
         self._check_drained()
 

@@ -18,7 +18,12 @@ from twisted.python.threadpool import ThreadPool
 
 from minstore import __version__
 from minstore.api import DEFAULT_MAX_RECORD_SIZE, BoundedRequest, RecordAPI
+from minstore.cluster.changelog import ChangeLog
+from minstore.cluster.lookup import Lookups
+from minstore.cluster.peers import PeerClient, make_http_client
+from minstore.cluster.replication import Replication
 from minstore.cluster.servers import ServerList, ServersFileError, read_servers
+from minstore.cluster.service import ClusterService, PeerHTTPService
 from minstore.node import Node
 from minstore.process import DEFAULT as DEFAULT_PROCESSES
 from minstore.process import available_processes, make_processes
@@ -77,6 +82,10 @@ class Options(usage.Options):
         ["threads", None, 10, "Threads for storage I/O and CPU-heavy processes.", _positive_int("threads")],
         ["read-cache-size", None, 32 * 1024 * 1024, "Bytes of recently read or written records kept in memory to answer GETs without a disk read.", _positive_int("read-cache-size")],
         ["access-log", None, None, "Write an access log line per request to this file (default: none, for speed)."],
+        ["lookup-timeout", None, 2.0, "Seconds a GET or DELETE that misses here waits for the peers' lookups.", _positive_float("lookup-timeout")],
+        ["replication-timeout", None, 5.0, "Seconds one request sending replicas to a peer may take.", _positive_float("replication-timeout")],
+        ["retry-max", None, 30.0, "Longest wait, in seconds, between retries to a peer that is down (back-off doubles from 0.1 s up to it).", _positive_float("retry-max")],
+        ["sync-timeout", None, 5.0, "Seconds a write with sync=1 waits for every peer to store it.", _positive_float("sync-timeout")],
     ]
 
     def opt_version(self):
@@ -208,7 +217,40 @@ def makeService(config, reactor=None):
     )
     NodeService(node, describe).setServiceParent(root)
 
-    api = RecordAPI(node, max_record_size=config["max-record-size"])
+    servers = config["server_list"]
+    http, http_pool = make_http_client(reactor)
+    client = PeerClient(http, node_id, timeout=config["replication-timeout"])
+    replication = Replication(
+        node,
+        ChangeLog(os.path.join(data_dir, "changes")),
+        client,
+        reactor,
+        in_thread,
+        timeout=config["replication-timeout"],
+        retry_cap=config["retry-max"],
+    )
+    cluster = ClusterService(replication, servers, reactor)
+    cluster.setServiceParent(root)
+    PeerHTTPService(http_pool).setServiceParent(root)
+    lookups = Lookups(
+        node, lambda: cluster.servers.peers, client, reactor, timeout=config["lookup-timeout"]
+    )
+    node.remote = lookups
+    node.status_sections["servers"] = lambda: {
+        "file": cluster.servers.path,
+        "bridge": cluster.servers.bridge,
+        "peers": list(cluster.servers.peers),
+    }
+    node.status_sections["peers"] = replication.status
+    node.metrics.registry.register(replication)
+
+    api = RecordAPI(
+        node,
+        max_record_size=config["max-record-size"],
+        lookups=lookups,
+        replication=replication,
+        sync_timeout=config["sync-timeout"],
+    )
     if config["access-log"]:
         from twisted.web.server import Site
 

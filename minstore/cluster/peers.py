@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import treq
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from minstore.errors import error_from_peer
 
@@ -40,9 +40,15 @@ def record_path(collection, uid):
     return "%s/%s" % (quote(collection, safe=""), quote(uid, safe=""))
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    # One "Starting factory" log line per connection to a peer says nothing.
+    noisy = False
+
+
 def make_http_client(reactor):
     """A treq client sharing one persistent connection pool; and the pool."""
     pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = 8
     pool.cachedConnectionTimeout = 120
     return treq.client.HTTPClient(Agent(reactor, pool=pool)), pool

@@ -1,0 +1,178 @@
+"""
+The change log: what this node still has to send to its peers, durable.
+
+Every write a node must pass on (a client's write, or a replica received
+from a bridge) is appended with a sequence number, in the same storage call
+that stores the record and before the write is acknowledged, so neither a
+restart nor ``kill -9`` can lose it.  Each peer has a checkpoint: the
+sequence number up to which it has everything (CouchDB's ``_changes`` and
+replication checkpoints are the model).  Segments wholly below every peer's
+checkpoint are deleted.
+
+Files, under ``DATA/changes/``: ``{first_seq:020d}.log`` segments of lines
+``SEQ RECORD-JSON``, and ``checkpoints.json``.
+"""
+
+import json
+import os
+import threading
+
+from twisted.logger import Logger
+
+SEGMENT_BYTES = 8 * 1024 * 1024
+_sync = getattr(os, "fdatasync", os.fsync)
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Change:
+    """One logged write: its sequence number, key, version and record bytes."""
+
+    __slots__ = ("seq", "key", "version", "data", "time")
+
+    def __init__(self, seq, key, version, data, time):
+        self.seq = seq
+        self.key = key
+        self.version = version
+        self.data = data
+        self.time = time
+
+    @classmethod
+    def from_record(cls, seq, data):
+        record = json.loads(data)
+        return cls(
+            seq,
+            (record["collection"], record["uid"]),
+            record["version"],
+            data,
+            float(record.get("timestamp") or 0.0),
+        )
+
+
+class ChangeLog:
+    """
+    Blocking: ``append`` runs in the node's writer thread, ``open``,
+    ``save_checkpoints`` and ``compact`` in the thread pool or at start.
+    """
+
+    log = Logger()
+
+    def __init__(self, directory, segment_bytes=SEGMENT_BYTES):
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        self.last_seq = 0
+        self._lock = threading.Lock()
+        self._file = None
+        self._file_size = 0
+        self._segments = []  # first seqs, ascending
+
+    def _segment_path(self, first_seq):
+        return os.path.join(self.directory, "%020d.log" % first_seq)
+
+    def open(self):
+        """Read the checkpoints and every change after the lowest one."""
+        if not os.path.isdir(self.directory):
+            os.makedirs(self.directory)
+            _fsync_dir(os.path.dirname(self.directory))
+        self._segments = sorted(
+            int(name[:-4]) for name in os.listdir(self.directory) if name.endswith(".log")
+        )
+        checkpoints = self.read_checkpoints()
+        floor = min(checkpoints.values()) if checkpoints else None
+        changes = []
+        for first in self._segments:
+            with open(self._segment_path(first), "rb") as f:
+                for line in f:
+                    seq, _, data = line.rstrip(b"\n").partition(b" ")
+                    try:
+                        change = Change.from_record(int(seq), data)
+                    except (ValueError, KeyError):
+                        # A torn last line: written, never synced, never acknowledged.
+                        self.log.warn("ignoring a torn change log line in {f}", f=first)
+                        continue
+                    self.last_seq = max(self.last_seq, change.seq)
+                    if floor is None or change.seq > floor:
+                        changes.append(change)
+        return checkpoints, changes
+
+    def append(self, items):
+        """
+        Log ``(collection, uid, data, deleted)`` items durably; the list of
+        their L{Change}s.
+        """
+        changes = []
+        with self._lock:
+            if self._file is None or self._file_size >= self.segment_bytes:
+                self._rotate()
+            lines = []
+            for collection, uid, data, deleted in items:
+                self.last_seq += 1
+                change = Change.from_record(self.last_seq, data)
+                changes.append(change)
+                lines.append(b"%d %s\n" % (change.seq, data))
+            chunk = b"".join(lines)
+            self._file.write(chunk)
+            self._file.flush()
+            _sync(self._file.fileno())
+            self._file_size += len(chunk)
+        return changes
+
+    def _rotate(self):
+        if self._file is not None:
+            self._file.close()
+        first = self.last_seq + 1
+        self._file = open(self._segment_path(first), "ab")
+        self._file_size = 0
+        self._segments.append(first)
+        _fsync_dir(self.directory)
+
+    def close(self):
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    # -- checkpoints ----------------------------------------------------
+
+    def _checkpoint_path(self):
+        return os.path.join(self.directory, "checkpoints.json")
+
+    def read_checkpoints(self):
+        try:
+            with open(self._checkpoint_path(), "rb") as f:
+                return {k: int(v) for k, v in json.loads(f.read()).items()}
+        except FileNotFoundError:
+            return {}
+        except (ValueError, AttributeError):
+            # Cut short by a crash: start over from the log (replicas are idempotent).
+            self.log.warn("unreadable checkpoints.json: resending the whole change log")
+            return {}
+
+    def save_checkpoints(self, checkpoints):
+        """Write ``{peer: seq}`` atomically, then drop segments no peer needs."""
+        path = self._checkpoint_path()
+        with open(path + ".tmp", "wb") as f:
+            f.write(json.dumps(checkpoints, sort_keys=True).encode())
+            f.flush()
+            _sync(f.fileno())
+        os.replace(path + ".tmp", path)
+        self.compact(min(checkpoints.values()) if checkpoints else self.last_seq)
+
+    def compact(self, floor):
+        """Delete the segments whose every change has a seq <= floor."""
+        with self._lock:
+            current = self._segments[-1] if self._file is not None and self._segments else None
+            keep = []
+            for i, first in enumerate(self._segments):
+                next_first = self._segments[i + 1] if i + 1 < len(self._segments) else None
+                if first != current and next_first is not None and next_first - 1 <= floor:
+                    os.unlink(self._segment_path(first))
+                else:
+                    keep.append(first)
+            self._segments = keep
