@@ -153,6 +153,10 @@ class HybridLogicalClock:
                 self._physical, self._logical = wall, 0
             else:
                 self._logical += 1
+                if self._logical > 999_999:
+                    # The counter is 6 digits wide: carry into the milliseconds
+                    # so that comparing the strings still compares the versions.
+                    self._physical, self._logical = self._physical + 1, 0
             self._maybe_reserve()
             return self._format()
 
