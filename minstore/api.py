@@ -13,7 +13,6 @@ from email.policy import HTTP
 from urllib.parse import parse_qs, unquote_to_bytes
 
 from klein import Klein
-from twisted.internet.defer import succeed
 from twisted.logger import Logger
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
@@ -205,14 +204,19 @@ class RecordAPI:
             return b""
         return self._record(request, entry)
 
-    def _written(self, request, collection, uid, d):
-        """Answer a write with its record; with sync=1, once the peers hold it."""
+    def _written(self, request, collection, uid, d, render=None):
+        """
+        Answer a write with ``render(request, entry)`` (the stored record by
+        default); with sync=1, only once the peers hold it or the sync
+        deadline passed, saying how many do in two headers.
+        """
+        render = render or self._record
         if not _flag(request.args, b"sync"):
-            return d.addCallback(lambda entry: self._record(request, entry))
+            return d.addCallback(lambda entry: render(request, entry))
 
         def wait(entry):
             if self.replication is None:
-                return succeed((0, 0)).addCallback(answer, entry)
+                return answer((0, 0), entry)
             waiting = self.replication.wait_stored(collection, uid, entry.version, self.sync_timeout)
             return waiting.addCallback(answer, entry)
 
@@ -220,9 +224,21 @@ class RecordAPI:
             stored, expected = counts
             request.setHeader(b"minstore-replicas-stored", b"%d" % stored)
             request.setHeader(b"minstore-replicas-expected", b"%d" % expected)
-            return self._record(request, entry)
+            return render(request, entry)
 
         return d.addCallback(wait)
+
+    @staticmethod
+    def _deleted(request, entry):
+        request.responseHeaders.setRawHeaders(b"content-type", [JSON_TYPE])
+        record = json.loads(entry.data)
+        body = {
+            "deleted": True,
+            "collection": record["collection"],
+            "uid": record["uid"],
+            "version": record["version"],
+        }
+        return json.dumps(body, ensure_ascii=False).encode("utf-8")
 
     @staticmethod
     def _if_match(request):
@@ -395,18 +411,4 @@ class RecordAPI:
         d = self.node.delete(
             collection, uid, self._if_match(request), local=_flag(request.args, b"local")
         )
-
-        def answer(entry):
-            request.responseHeaders.setRawHeaders(b"content-type", [JSON_TYPE])
-            record = json.loads(entry.data)
-            return json.dumps(
-                {
-                    "deleted": True,
-                    "collection": record["collection"],
-                    "uid": record["uid"],
-                    "version": record["version"],
-                },
-                ensure_ascii=False,
-            ).encode("utf-8")
-
-        return d.addCallback(answer)
+        return self._written(request, collection, uid, d, self._deleted)
