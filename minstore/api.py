@@ -131,11 +131,9 @@ def parse_body(request, max_size):
 class BoundedRequest(Request):
     """
     A request that stops buffering a body past the site's limit, so a huge
-    upload costs no memory or disk before it is answered 413.  Forms are
-    parsed by the API, not by twisted.web.
+    upload costs no memory or disk before it is answered 413.
     """
 
-    _parsePOSTFormSubmission = False
     body_too_large = False
 
     def handleContentChunk(self, data):

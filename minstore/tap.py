@@ -258,6 +258,9 @@ def makeService(config, reactor=None):
     else:
         site = QuietSite(api.resource())
     site.requestFactory = BoundedRequest
+    # The API parses forms itself; twisted.web's own parsing of every POST
+    # body's Content-Type (through the email package) costs ~0.4 ms a request.
+    site._parsePOSTFormSubmission = False
     site.max_body = config["max-record-size"]
     site.displayTracebacks = False
     strports.service(config["port"], site, reactor=reactor).setServiceParent(root)

@@ -1,10 +1,19 @@
 """
-The ``files`` engine: one file per record under ``DATA/records/COLLECTION/``.
+The ``files`` engine: one file per record under ``DATA/records/COLLECTION/``,
+made durable through a write-ahead log.
 
-Every write goes to a temporary file that is synced, renamed over the record's
-file, and followed by a sync of the directory, so a crash leaves either the
-old or the new record and an acknowledged write survives ``kill -9`` and a
-power cut.  A batch shares the directory syncs.
+A batch of writes is appended to ``DATA/records.wal`` and synced once (group
+commit: one fdatasync for every write that arrived together), then each
+record is written to a temporary file and renamed over the record's file, so
+a reader sees either the old or the new record, never a mix.  The record
+files themselves are synced in bulk at a checkpoint (when the log passes
+``checkpoint_bytes``, and at close), after which the log is emptied.  After
+a crash, ``open`` replays the log: every acknowledged write survives
+``kill -9`` and a power cut, and each record is wholly old or wholly new.
+
+Syncing each record file, its rename and its directory costs three syncs per
+write (about 3 ms each on the disks we measured); the log makes it one sync
+per batch.
 
 File names are derived from uids so that no uid can leave the collection's
 directory or collide with another uid: bytes outside ``[A-Za-z0-9_-]`` are
@@ -59,17 +68,25 @@ def _fsync_dir(path):
 class FileStorage:
     name = "files"
 
+    #: Bytes of log after which the record files are synced and the log emptied.
+    checkpoint_bytes = 16 * 1024 * 1024
+
     def __init__(self, data_dir):
-        self.root = os.path.join(os.path.abspath(data_dir), "records")
+        data_dir = os.path.abspath(data_dir)
+        self.root = os.path.join(data_dir, "records")
+        self.wal_path = os.path.join(data_dir, "records.wal")
         self._index = KeyIndex()
         self._tmp_counter = itertools.count()
-        self._dirs_lock = threading.Lock()
+        self._lock = threading.Lock()
         self._dirs = set()
+        self._wal = None
+        self._wal_bytes = 0
 
     def open(self):
         if not os.path.isdir(self.root):
             os.makedirs(self.root)
             _fsync_dir(os.path.dirname(self.root))
+        self._replay()
         for collection in os.listdir(self.root):
             directory = os.path.join(self.root, collection)
             if not os.path.isdir(directory):
@@ -78,15 +95,38 @@ class FileStorage:
             for name in os.listdir(directory):
                 path = os.path.join(directory, name)
                 if name.startswith(_TMP_PREFIX):
-                    # A write that never reached its rename: never acknowledged.
+                    # A write that never reached its rename (the log has it).
                     os.unlink(path)
                     continue
                 with open(path, "rb") as f:
                     record = json.loads(f.read())
                 self._index.set(collection, record["uid"], not record.get("deleted"))
+        self._wal = open(self.wal_path, "ab")
+
+    def _replay(self):
+        """Apply what the log holds: writes acknowledged since the last checkpoint."""
+        try:
+            with open(self.wal_path, "rb") as f:
+                log = f.read()
+        except FileNotFoundError:
+            return
+        for line in log.split(b"\n"):
+            parts = line.split(b"\t", 3)
+            if len(parts) != 4 or not parts[3].endswith(b"}"):
+                continue  # the torn tail of a batch never synced, never acknowledged
+            deleted, collection, filename, data = parts
+            self._apply(collection.decode("utf-8"), filename.decode("utf-8"), data)
+        self._checkpoint_files()
+        with open(self.wal_path, "wb") as f:
+            f.flush()
+            os.fsync(f.fileno())
 
     def close(self):
-        pass
+        with self._lock:
+            if self._wal is not None:
+                self._checkpoint()
+                self._wal.close()
+                self._wal = None
 
     def _path(self, collection, uid):
         return os.path.join(self.root, collection, uid_to_filename(uid))
@@ -94,11 +134,8 @@ class FileStorage:
     def _directory(self, collection):
         directory = os.path.join(self.root, collection)
         if collection not in self._dirs:
-            with self._dirs_lock:
-                if collection not in self._dirs:
-                    os.makedirs(directory, exist_ok=True)
-                    _fsync_dir(self.root)
-                    self._dirs.add(collection)
+            os.makedirs(directory, exist_ok=True)
+            self._dirs.add(collection)
         return directory
 
     def get(self, collection, uid):
@@ -108,28 +145,51 @@ class FileStorage:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
+    def _apply(self, collection, filename, data):
+        """Write one record file: a temporary file renamed over it."""
+        directory = self._directory(collection)
+        tmp = os.path.join(directory, "%s%d" % (_TMP_PREFIX, next(self._tmp_counter)))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, os.path.join(directory, filename))
+
     def write(self, batch):
-        renames = []
-        directories = set()
-        for collection, uid, data, deleted in batch:
-            directory = self._directory(collection)
-            tmp = os.path.join(directory, "%s%d" % (_TMP_PREFIX, next(self._tmp_counter)))
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                _sync(fd)
-            finally:
-                os.close(fd)
-            renames.append((tmp, os.path.join(directory, uid_to_filename(uid))))
-            directories.add(directory)
-        for tmp, final in renames:
-            os.replace(tmp, final)
-        for directory in directories:
-            _fsync_dir(directory)
+        chunk = b"".join(
+            b"%d\t%s\t%s\t%s\n"
+            % (int(deleted), collection.encode("utf-8"), uid_to_filename(uid).encode("ascii"), data)
+            for collection, uid, data, deleted in batch
+        )
+        with self._lock:
+            self._wal.write(chunk)
+            self._wal.flush()
+            _sync(self._wal.fileno())
+            # Durable from here on: the files below can be rebuilt from the log.
+            for collection, uid, data, deleted in batch:
+                self._apply(collection, uid_to_filename(uid), data)
+            self._wal_bytes += len(chunk)
+            if self._wal_bytes >= self.checkpoint_bytes:
+                self._checkpoint()
         for collection, uid, data, deleted in batch:
             self._index.set(collection, uid, not deleted)
+
+    def _checkpoint_files(self):
+        # One sync of the file system makes every record file and rename
+        # written so far durable, far cheaper than a sync per file.
+        os.sync()
+
+    def _checkpoint(self):
+        """Sync the record files, then empty the log (called under the lock)."""
+        self._checkpoint_files()
+        self._wal.truncate(0)
+        self._wal.seek(0)
+        self._wal.flush()
+        os.fsync(self._wal.fileno())
+        self._wal_bytes = 0
 
     def list(self, collection, after, prefix, limit):
         out = []
