@@ -395,7 +395,17 @@ class Node:
                 return entry
             if local or self.remote is None:
                 raise NotFound(message="no record %s/%s" % (collection, uid))
-            return self.remote.get(collection, uid)
+            d = self.remote.get(collection, uid)
+            if entry is not None:
+                # Deleted here: a peer's copy counts only if written after the delete
+                # (one made before is a replica the tombstone has not reached yet).
+                d.addCallback(newer_than, entry)
+            return d
+
+        def newer_than(remote, tombstone):
+            if remote.version <= tombstone.version:
+                raise NotFound(message="no record %s/%s (deleted)" % (collection, uid))
+            return remote
 
         return self.read(collection, uid).addCallback(found)
 
