@@ -1,0 +1,657 @@
+"""
+The cache strategy of DESIGN section 4: with ``cache=1`` a node is a
+*front*.  It stores nothing itself; it bounces the request to its
+dependants (the peers of its ``servers.list``), keeps the valid answer in a
+memory cache bounded in bytes, and answers with the dependant's status and
+body.
+
+* GET: a fresh entry (younger than ``ttl`` seconds) is served without
+  asking anybody.  Otherwise every dependant is asked in parallel for its
+  own copy (``local=1``), with ``If-None-Match`` when a stale entry is held;
+  the first 200 (or 304, which renews the stale entry) wins.  404 only when
+  every dependant that answered said 404; a 404 is never cached.  When no
+  dependant answers, a stale entry is served with a ``Warning: 111`` header
+  for at most ``stale_if_error`` seconds past its freshness, else 502.
+  Concurrent misses of one uid share one round of requests.
+* POST and PUT: the first dependant that answers (in ``servers.list``
+  order) processes and stores the write; the record it stored is then sent
+  as a replica (``POST /_cluster/replicas``) to every other dependant, and
+  those are awaited before answering, so that every dependant holds the
+  same record, version and processed fields included.  A dependant that
+  cannot take its replica gets it later (in memory, with back-off).
+* DELETE: sent to every dependant (``local=1``); 200 when any deleted.  A
+  dependant that did not answer gets the tombstone later.
+* 400, 404 and 412 from a dependant pass through unchanged.  No answer
+  from any dependant within ``timeout`` seconds: 502 with a JSON error.
+
+Cache hits are answered on the reactor thread with no Deferred at all;
+L{FrontResource} serves them before the Klein app is even entered.
+"""
+
+import json
+import time
+from collections import OrderedDict
+from urllib.parse import unquote_to_bytes
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+
+from minstore.cluster.peers import record_path
+from minstore.cluster.replication import backoff_delay
+from minstore.errors import BadGateway, MethodNotAllowed
+from minstore.lru import ByteLRU
+from minstore.node import etag_matches
+from minstore.records import (
+    check_collection,
+    check_uid,
+    encode_record,
+    make_tombstone,
+    version_timestamp,
+)
+
+JSON_TYPE = b"application/json; charset=utf-8"
+DEFAULT_SIZE = 64 * 1024 * 1024
+DEFAULT_TTL = 60.0
+DEFAULT_TIMEOUT = 5.0
+#: Every status a dependant may answer with: the front judges them itself.
+_ANY_STATUS = range(100, 600)
+#: What a stale entry is served with when no dependant could revalidate it.
+STALE_WARNING = b'111 minstore "Revalidation Failed"'
+
+
+def _flag(args, name):
+    values = args.get(name)
+    return bool(values) and values[-1].lower() in (b"1", b"true", b"yes")
+
+
+class Meta:
+    """What the cache keeps beside a record's bytes."""
+
+    __slots__ = ("etag", "version", "expires")
+
+    def __init__(self, etag, version, expires):
+        self.etag = etag
+        self.version = version
+        self.expires = expires
+
+
+class Answer:
+    """A dependant's answer: status, the headers that matter, body."""
+
+    __slots__ = ("peer", "code", "etag", "content_type", "body")
+
+    def __init__(self, peer, code, etag, content_type, body):
+        self.peer = peer
+        self.code = code
+        self.etag = etag
+        self.content_type = content_type
+        self.body = body
+
+    @property
+    def version(self):
+        return self.etag.decode("latin-1").strip('"') if self.etag else None
+
+
+class _Fetch:
+    """One round of GETs to the dependants, shared by concurrent misses."""
+
+    __slots__ = ("waiters", "invalidated")
+
+    def __init__(self):
+        self.waiters = []
+        self.invalidated = False
+
+
+def _first(deferreds, wins):
+    """
+    A Deferred firing with ``(winner, outcomes)``: the first L{Answer} whose
+    code is in ``wins`` as soon as there is one, else ``(None, outcomes)``
+    once every Deferred has fired, ``outcomes`` being an L{Answer} or a
+    Failure each.  Failures are consumed.
+    """
+    result = Deferred()
+    outcomes = [None] * len(deferreds)
+    left = [len(deferreds)]
+
+    def done(outcome, i):
+        outcomes[i] = outcome
+        left[0] -= 1
+        if not result.called:
+            if isinstance(outcome, Answer) and outcome.code in wins:
+                result.callback((outcome, outcomes))
+            elif left[0] == 0:
+                result.callback((None, outcomes))
+        return None
+
+    if not deferreds:
+        result.callback((None, outcomes))
+    for i, d in enumerate(deferreds):
+        d.addBoth(done, i)
+    return result
+
+
+def _answered(outcomes):
+    """The answers that count: no failure, no 5xx."""
+    return [o for o in outcomes if isinstance(o, Answer) and o.code < 500]
+
+
+def _why(peers, outcomes):
+    reasons = []
+    for peer, o in zip(peers, outcomes):
+        if isinstance(o, Answer):
+            reasons.append("%s answered %d" % (peer, o.code))
+        elif o is not None:
+            reasons.append("%s: %s" % (peer, o.getErrorMessage()))
+    return "; ".join(reasons)
+
+
+class CacheFront:
+    log = Logger()
+
+    def __init__(
+        self,
+        client,
+        dependants,
+        clock,
+        size=DEFAULT_SIZE,
+        ttl=DEFAULT_TTL,
+        timeout=DEFAULT_TIMEOUT,
+        stale_if_error=0.0,
+        retry_base=0.5,
+        retry_cap=30.0,
+    ):
+        """
+        @param client: a L{minstore.cluster.peers.PeerClient}.
+        @param dependants: a callable returning the current dependant base
+            URLs (``servers.list`` is re-read on SIGHUP).
+        @param clock: an IReactorTime, for freshness and deadlines.
+        @param size: bytes of records the cache holds at most.
+        @param ttl: seconds an entry is served without asking a dependant.
+        @param timeout: seconds a dependant has to answer one request.
+        @param stale_if_error: seconds past its freshness that a stale entry
+            may still be served while no dependant answers (0: never).
+        """
+        self.client = client
+        self.dependants = dependants
+        self.clock = clock
+        self.ttl = ttl
+        self.timeout = timeout
+        self.stale_if_error = stale_if_error
+        self.retry_base = retry_base
+        self.retry_cap = retry_cap
+        self.lru = ByteLRU(size)
+        self.hits = 0
+        self.misses = 0
+        self.revalidations = 0
+        self.not_modified = 0
+        self.stale_served = 0
+        self.errors = 0
+        self._fetches = {}  # key -> _Fetch
+        self._backlog = {}  # peer -> OrderedDict(key -> (version, data))
+        self._retries = {}  # peer -> [attempt, IDelayedCall or None, sending]
+        self._stopped = False
+        self.metrics = None
+
+    # -- wiring -----------------------------------------------------------
+
+    def attach(self, node):
+        """Show the cache in the node's ``/_node/status`` and ``/metrics``."""
+        self.metrics = node.metrics
+        node.status_sections["cache"] = self.status
+        node.metrics.registry.register(_CacheCollector(self))
+
+    def resource(self, inner):
+        """The site's root: cache hits answered here, the rest by ``inner``."""
+        return FrontResource(self, inner, self.metrics)
+
+    def stop(self):
+        """Cancel the pending replica retries (the node is stopping)."""
+        self._stopped = True
+        for state in self._retries.values():
+            if state[1] is not None and state[1].active():
+                state[1].cancel()
+            state[1] = None
+        pending = sum(len(b) for b in self._backlog.values())
+        if pending:
+            self.log.warn(
+                "stopping with {n} replicas not delivered to dependants", n=pending
+            )
+
+    # -- requests ---------------------------------------------------------
+
+    def handle(self, request, collection, uid, value=None):
+        """
+        Answer a ``cache=1`` request: bytes (a cache hit), or a Deferred of
+        bytes.  ``value`` is the parsed value of a POST or PUT.
+        """
+        method = request.method
+        key = (collection, uid)
+        if method == b"GET" or method == b"HEAD":
+            hit = self.lru.get(key)
+            if hit is not None and self.clock.seconds() < hit[1].expires:
+                self.hits += 1
+                return self._serve(request, hit[0], hit[1])
+            check_collection(collection)
+            check_uid(uid)
+            return self._get(request, key, hit)
+        check_collection(collection)
+        check_uid(uid)
+        if method == b"POST" or method == b"PUT":
+            return ensureDeferred(self._write(request, key, value))
+        if method == b"DELETE":
+            return ensureDeferred(self._delete(request, key))
+        raise MethodNotAllowed(message="cache=1 serves GET, POST, PUT and DELETE")
+
+    def serve_hit(self, request):
+        """
+        The body of a GET answered by a fresh entry (headers and status set),
+        or None when the cache cannot answer it alone.
+        """
+        try:
+            _, collection, uid = request.path.split(b"/", 2)
+            key = (collection.decode("ascii"), unquote_to_bytes(uid).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return None
+        hit = self.lru.get(key)
+        if hit is None or self.clock.seconds() >= hit[1].expires:
+            return None
+        self.hits += 1
+        return self._serve(request, hit[0], hit[1])
+
+    @staticmethod
+    def _serve(request, data, meta):
+        headers = request.responseHeaders
+        headers.setRawHeaders(b"content-type", [JSON_TYPE])
+        headers.setRawHeaders(b"etag", [meta.etag])
+        if_none_match = request.getHeader(b"if-none-match")
+        if if_none_match is not None and etag_matches(if_none_match.decode("latin-1"), meta.version):
+            request.setResponseCode(304)
+            return b""
+        return data
+
+    @staticmethod
+    def _pass(request, answer):
+        """Answer with a dependant's status and body, unchanged."""
+        request.setResponseCode(answer.code)
+        request.responseHeaders.setRawHeaders(b"content-type", [answer.content_type or JSON_TYPE])
+        if answer.etag:
+            request.responseHeaders.setRawHeaders(b"etag", [answer.etag])
+        return answer.body
+
+    def _peers(self):
+        peers = list(self.dependants())
+        if not peers:
+            self.errors += 1
+            raise BadGateway(message="cache=1 needs dependants: this node's servers.list lists no peer")
+        return peers
+
+    def _call(self, peer, method, path, headers=None, data=None):
+        """Deferred L{Answer} of one request to a dependant; fails when it does not answer."""
+        kwargs = {"headers": dict(headers or {})}
+        if data is not None:
+            kwargs["data"] = data
+        d = ensureDeferred(
+            self.client._call(
+                method, peer + path, timeout=self.timeout, expect=_ANY_STATUS, **kwargs
+            )
+        )
+        d.addTimeout(self.timeout, self.clock)
+
+        def answer(result):
+            response, body = result
+            headers = response.headers
+            return Answer(
+                peer,
+                response.code,
+                (headers.getRawHeaders(b"etag") or [None])[0],
+                (headers.getRawHeaders(b"content-type") or [None])[0],
+                body,
+            )
+
+        return d.addCallback(answer)
+
+    def _forget(self, key):
+        """A write or delete went through: drop the entry and what is being fetched."""
+        self.lru.pop(key)
+        fetch = self._fetches.get(key)
+        if fetch is not None:
+            fetch.invalidated = True
+
+    def _keep(self, key, answer):
+        if answer.etag:
+            meta = Meta(answer.etag, answer.version, self.clock.seconds() + self.ttl)
+            self.lru.put(key, answer.body, meta)
+
+    # -- GET ----------------------------------------------------------------
+
+    def _get(self, request, key, stale):
+        fetch = self._fetches.get(key)
+        if fetch is None:
+            fetch = self._fetches[key] = _Fetch()
+            if stale is None:
+                self.misses += 1
+            else:
+                self.revalidations += 1
+            d = ensureDeferred(self._fetch(key, stale, fetch))
+
+            def finished(result):
+                del self._fetches[key]
+                for waiter in fetch.waiters:
+                    if isinstance(result, Failure):
+                        waiter.errback(result)
+                    else:
+                        waiter.callback(result)
+                return result
+
+            d.addBoth(finished)
+        else:
+            d = Deferred()
+            fetch.waiters.append(d)
+        return d.addCallback(self._answer_get, request)
+
+    async def _fetch(self, key, stale, fetch):
+        """
+        Ask every dependant; ``(data, meta, warning)`` to serve, or an
+        L{Answer} to pass through.
+        """
+        collection, uid = key
+        path = "/%s?local=1" % (record_path(collection, uid),)
+        headers = {}
+        if stale is not None:
+            headers[b"if-none-match"] = [stale[1].etag]
+        peers = self._peers()
+        calls = [self._call(peer, "GET", path, headers) for peer in peers]
+        winner, outcomes = await _first(calls, (200, 304))
+        if winner is not None and winner.code == 200 and winner.etag:
+            if not fetch.invalidated:
+                self._keep(key, winner)
+            return winner.body, Meta(winner.etag, winner.version, 0), None
+        if winner is not None and winner.code == 304 and stale is not None:
+            self.not_modified += 1
+            data, meta = stale
+            if not fetch.invalidated:
+                self.lru.put(key, data, Meta(meta.etag, meta.version, self.clock.seconds() + self.ttl))
+            return data, meta, None
+        if winner is not None:
+            return winner
+        answered = _answered(outcomes)
+        for answer in answered:
+            if answer.code != 404:
+                return answer
+        if answered:
+            # Every dependant that answered misses it: gone, not cached.
+            if not fetch.invalidated:
+                self.lru.pop(key)
+            return answered[0]
+        if stale is not None and self.clock.seconds() < stale[1].expires + self.stale_if_error:
+            self.stale_served += 1
+            return stale[0], stale[1], STALE_WARNING
+        self.errors += 1
+        raise BadGateway(
+            message="no dependant answered within %gs: %s" % (self.timeout, _why(peers, outcomes))
+        )
+
+    def _answer_get(self, result, request):
+        if isinstance(result, Answer):
+            return self._pass(request, result)
+        data, meta, warning = result
+        if warning is not None:
+            request.responseHeaders.setRawHeaders(b"warning", [warning])
+        return self._serve(request, data, meta)
+
+    # -- POST and PUT -------------------------------------------------------
+
+    async def _write(self, request, key, value):
+        collection, uid = key
+        method = request.method.decode("ascii")
+        path = "/" + record_path(collection, uid)
+        headers = {b"content-type": [b"application/json"]}
+        if_match = request.getHeader(b"if-match")
+        if if_match is not None and method == "PUT":
+            headers[b"if-match"] = [if_match]
+        body = json.dumps({"value": value}, ensure_ascii=False).encode("utf-8")
+        peers = self._peers()
+        outcomes = []
+        emitter = None
+        for peer in peers:
+            try:
+                answer = await self._call(peer, method, path, headers, body)
+            except Exception as e:
+                self.log.info("{peer} did not take a {method}: {e}", peer=peer, method=method, e=e)
+                outcomes.append(_Reason(e))
+                continue
+            outcomes.append(answer)
+            if answer.code < 500:
+                emitter = answer
+                break
+        if emitter is None:
+            self.errors += 1
+            raise BadGateway(
+                message="no dependant answered within %gs: %s" % (self.timeout, _why(peers, outcomes))
+            )
+        if emitter.code != 200:
+            if emitter.code in (404, 412):
+                self._forget(key)
+            return self._pass(request, emitter)
+        others = [p for p in peers if p != emitter.peer]
+        stored = await self._replicate(others, key, emitter.version, emitter.body)
+        self._forget(key)
+        self._keep(key, emitter)
+        request.responseHeaders.setRawHeaders(b"minstore-replicas-stored", [b"%d" % stored])
+        request.responseHeaders.setRawHeaders(b"minstore-replicas-expected", [b"%d" % len(others)])
+        return self._pass(request, emitter)
+
+    def _send(self, peer, records):
+        d = ensureDeferred(self.client.send_replicas(peer, records, timeout=self.timeout))
+        return d.addTimeout(self.timeout, self.clock)
+
+    async def _replicate(self, peers, key, version, data):
+        """Send a record to dependants; how many took it now (the rest get it later)."""
+        calls = [self._send(peer, [data]) for peer in peers]
+        _, outcomes = await _first(calls, ())
+        stored = 0
+        for peer, outcome in zip(peers, outcomes):
+            if not isinstance(outcome, Failure):
+                stored += 1
+            else:
+                self.log.info(
+                    "{peer} did not take the replica of {key}: {e}; retrying later",
+                    peer=peer,
+                    key="/".join(key),
+                    e=outcome.getErrorMessage(),
+                )
+                self._defer_replica(peer, key, version, data)
+        return stored
+
+    # -- DELETE -------------------------------------------------------------
+
+    async def _delete(self, request, key):
+        collection, uid = key
+        path = "/%s?local=1" % (record_path(collection, uid),)
+        headers = {}
+        if_match = request.getHeader(b"if-match")
+        if if_match is not None:
+            headers[b"if-match"] = [if_match]
+        peers = self._peers()
+        self._forget(key)
+        _, outcomes = await _first([self._call(p, "DELETE", path, headers) for p in peers], ())
+        self._forget(key)
+        answered = _answered(outcomes)
+        deleted = [a for a in answered if a.code == 200]
+        if deleted:
+            try:
+                version = json.loads(deleted[0].body)["version"]
+                tombstone = encode_record(
+                    make_tombstone(collection, uid, version, version_timestamp(version))
+                )
+            except (ValueError, KeyError, TypeError, IndexError):
+                tombstone = None
+            if tombstone is not None:
+                silent = [p for p, o in zip(peers, outcomes) if not isinstance(o, Answer) or o.code >= 500]
+                for peer in silent:
+                    self._defer_replica(peer, key, version, tombstone)
+            return self._pass(request, deleted[0])
+        for code in (412, 400):
+            for answer in answered:
+                if answer.code == code:
+                    return self._pass(request, answer)
+        for answer in answered:
+            if answer.code != 404:
+                return self._pass(request, answer)
+        if answered:
+            return self._pass(request, answered[0])
+        self.errors += 1
+        raise BadGateway(
+            message="no dependant answered within %gs: %s" % (self.timeout, _why(peers, outcomes))
+        )
+
+    # -- replicas that could not be delivered -------------------------------
+
+    def _defer_replica(self, peer, key, version, data):
+        pending = self._backlog.setdefault(peer, OrderedDict())
+        held = pending.get(key)
+        if held is None or (held[0] or "") < (version or ""):
+            pending.pop(key, None)
+            pending[key] = (version, data)
+        self._schedule(peer)
+
+    def _schedule(self, peer):
+        state = self._retries.setdefault(peer, [0, None, False])
+        if self._stopped or state[1] is not None or state[2]:
+            return
+        state[0] += 1
+        delay = backoff_delay(state[0], self.retry_base, self.retry_cap)
+        state[1] = self.clock.callLater(delay, self._retry, peer)
+
+    def _retry(self, peer):
+        state = self._retries[peer]
+        state[1] = None
+        pending = self._backlog.get(peer)
+        if peer not in self.dependants() or not pending:
+            self._backlog.pop(peer, None)
+            self._retries.pop(peer, None)
+            return
+        batch = list(pending.items())
+        state[2] = True
+
+        def sent(_):
+            state[2] = False
+            state[0] = 0
+            for key, held in batch:
+                if pending.get(key) is held:
+                    del pending[key]
+            self.log.info("{peer} took {n} replicas it had missed", peer=peer, n=len(batch))
+            if pending:
+                self._schedule(peer)
+            else:
+                self._backlog.pop(peer, None)
+                self._retries.pop(peer, None)
+
+        def failed(failure):
+            state[2] = False
+            self._schedule(peer)
+
+        self._send(peer, [data for _, (_, data) in batch]).addCallbacks(sent, failed)
+
+    # -- status and metrics ---------------------------------------------------
+
+    def status(self):
+        return {
+            "dependants": list(self.dependants()),
+            "entries": len(self.lru),
+            "bytes": self.lru.bytes,
+            "max_bytes": self.lru.max_bytes,
+            "ttl": self.ttl,
+            "hits": self.hits,
+            "misses": self.misses,
+            "revalidations": self.revalidations,
+            "not_modified": self.not_modified,
+            "stale_served": self.stale_served,
+            "evictions": self.lru.evictions,
+            "errors": self.errors,
+            "replica_backlog": {peer: len(p) for peer, p in self._backlog.items() if p},
+        }
+
+
+class _Reason:
+    """A failure to answer, kept beside the answers for the 502 message."""
+
+    def __init__(self, exception):
+        self.exception = exception
+
+    def getErrorMessage(self):
+        return str(self.exception) or type(self.exception).__name__
+
+
+class _CacheCollector:
+    """Prometheus collector of the front's counters (plain ints on the hot path)."""
+
+    def __init__(self, front):
+        self.front = front
+
+    def collect(self):
+        front = self.front
+        yield GaugeMetricFamily("minstore_cache_entries", "Records held by the cache front.", value=len(front.lru))
+        yield GaugeMetricFamily("minstore_cache_bytes", "Bytes of records held by the cache front.", value=front.lru.bytes)
+        yield GaugeMetricFamily("minstore_cache_max_bytes", "The cache front's bound (--cache-size).", value=front.lru.max_bytes)
+        counters = [
+            ("hits", "GETs answered from a fresh cache entry, asking no dependant.", front.hits),
+            ("misses", "GETs of a uid not in the cache, asked of the dependants.", front.misses),
+            ("revalidations", "Stale entries revalidated with If-None-Match.", front.revalidations),
+            ("not_modified", "Revalidations answered 304, renewing the entry.", front.not_modified),
+            ("stale_served", "Stale entries served because no dependant answered.", front.stale_served),
+            ("evictions", "Entries evicted to stay within --cache-size.", front.lru.evictions),
+            ("errors", "Requests answered 502: no dependant answered.", front.errors),
+        ]
+        for name, text, value in counters:
+            yield CounterMetricFamily("minstore_cache_" + name, text, value=value)
+        yield GaugeMetricFamily(
+            "minstore_cache_replica_backlog",
+            "Replicas the front could not deliver to a dependant yet.",
+            value=sum(len(p) for p in front._backlog.values()),
+        )
+
+
+class FrontResource(Resource):
+    """
+    The root resource of a node with a cache front: a GET with ``cache=1``
+    that a fresh entry answers is served here, without routing or Deferreds;
+    anything else goes to the Klein app.
+    """
+
+    isLeaf = True
+
+    def __init__(self, front, inner, metrics=None):
+        Resource.__init__(self)
+        self.front = front
+        self.inner = inner
+        self.metrics = metrics
+
+    def render(self, request):
+        if request.method == b"GET":
+            args = request.args
+            if args and _flag(args, b"cache"):
+                start = time.perf_counter()
+                body = self.front.serve_hit(request)
+                if body is not None:
+                    if self.metrics is not None:
+                        self.metrics.observe_request(
+                            "record", "GET", request.code, time.perf_counter() - start
+                        )
+                    return body
+        return self.inner.render(request)
+
+
+class FrontService(Service):
+    """Stops the front's replica retries when the node stops."""
+
+    def __init__(self, front):
+        self.front = front
+
+    def stopService(self):
+        Service.stopService(self)
+        self.front.stop()
