@@ -65,8 +65,9 @@ from twisted.web.client import Agent, HTTPConnectionPool
 #: come first on the children's PYTHONPATH.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: How long a node may take to answer ``GET /_node/health`` after spawning.
-START_TIMEOUT = 15.0
+#: How long a node may take to answer ``GET /_node/health`` after spawning
+#: (about 1 s on an idle machine; generous for loaded CI runners).
+START_TIMEOUT = 30.0
 #: How long a SIGTERMed node may take to exit before it is SIGKILLed.
 STOP_TIMEOUT = 15.0
 
