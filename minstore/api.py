@@ -30,6 +30,7 @@ from minstore.errors import (
 )
 from minstore.node import etag_matches
 from minstore.openapi import openapi_document
+from minstore.records import canonical_json
 
 JSON_TYPE = b"application/json; charset=utf-8"
 DEFAULT_MAX_RECORD_SIZE = 1024 * 1024
@@ -102,6 +103,10 @@ def parse_body(request, max_size):
             raise BadRequest("invalid_body", 'a JSON body is an object {"value": ...}')
         if "value" not in document:
             raise BadRequest("missing_value", 'the JSON body has no "value"')
+        try:
+            canonical_json(document["value"])  # NaN, Infinity or a lone surrogate
+        except ValueError as e:
+            raise BadRequest("invalid_json", "the value is not JSON: %s" % (e,))
         uid = document.get("uid")
         if uid is not None and not isinstance(uid, str):
             raise BadRequest("bad_uid", "uid must be a string")
