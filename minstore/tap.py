@@ -18,6 +18,8 @@ from twisted.python.threadpool import ThreadPool
 
 from minstore import __version__
 from minstore.api import DEFAULT_MAX_RECORD_SIZE, BoundedRequest, RecordAPI
+from minstore.cache import DEFAULT_SIZE as DEFAULT_CACHE_SIZE
+from minstore.cache import CacheFront, FrontService
 from minstore.cluster.changelog import ChangeLog
 from minstore.cluster.lookup import Lookups
 from minstore.cluster.peers import PeerClient, make_http_client
@@ -63,6 +65,20 @@ def _positive_float(name):
     return convert
 
 
+def _seconds(name):
+    def convert(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise usage.UsageError("--%s: %r is not a number" % (name, text))
+        if not value >= 0:
+            raise usage.UsageError("--%s: must be 0 or more, not %s" % (name, text))
+        return value
+
+    convert.coerceDoc = "Seconds, 0 or more."
+    return convert
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -86,6 +102,10 @@ class Options(usage.Options):
         ["replication-timeout", None, 5.0, "Seconds one request sending replicas to a peer may take.", _positive_float("replication-timeout")],
         ["retry-max", None, 30.0, "Longest wait, in seconds, between retries to a peer that is down (back-off doubles from 0.1 s up to it).", _positive_float("retry-max")],
         ["sync-timeout", None, 5.0, "Seconds a write with sync=1 waits for every peer to store it.", _positive_float("sync-timeout")],
+        ["cache-size", None, DEFAULT_CACHE_SIZE, "cache=1 (this node as a front to the dependants of --servers): bytes of records the front's LRU cache holds, counted as their stored JSON.", _positive_int("cache-size")],
+        ["cache-ttl", None, 60.0, "cache=1: seconds a cached record is served without asking a dependant; then it is revalidated with If-None-Match.", _seconds("cache-ttl")],
+        ["cache-timeout", None, 5.0, "cache=1: seconds a dependant has to answer the front; when none answers, 502.", _positive_float("cache-timeout")],
+        ["cache-stale-if-error", None, 0.0, "cache=1: seconds past its freshness that a stale record is still served (with a Warning header) while no dependant answers; 0: never.", _seconds("cache-stale-if-error")],
     ]
 
     def opt_version(self):
@@ -244,19 +264,33 @@ def makeService(config, reactor=None):
     node.status_sections["peers"] = replication.status
     node.metrics.registry.register(replication)
 
+    front = CacheFront(
+        client,
+        lambda: cluster.servers.peers,
+        reactor,
+        size=config["cache-size"],
+        ttl=config["cache-ttl"],
+        timeout=config["cache-timeout"],
+        stale_if_error=config["cache-stale-if-error"],
+    )
+    front.attach(node)
+    FrontService(front).setServiceParent(root)
     api = RecordAPI(
         node,
         max_record_size=config["max-record-size"],
+        front=front,
         lookups=lookups,
         replication=replication,
         sync_timeout=config["sync-timeout"],
     )
+    # Cache hits (GET with cache=1) are answered before the Klein app.
+    resource = front.resource(api.resource())
     if config["access-log"]:
         from twisted.web.server import Site
 
-        site = Site(api.resource(), logPath=config["access-log"])
+        site = Site(resource, logPath=config["access-log"])
     else:
-        site = QuietSite(api.resource())
+        site = QuietSite(resource)
     site.requestFactory = BoundedRequest
     # The API parses forms itself; twisted.web's own parsing of every POST
     # body's Content-Type (through the email package) costs ~0.4 ms a request.
