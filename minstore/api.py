@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
+from werkzeug.routing import RequestRedirect
 
 from minstore import __version__
 from minstore.cluster.routes import ClusterAPI
@@ -271,6 +272,16 @@ class RecordAPI:
         return self._json(
             request, 405, {"error": "method_not_allowed", "message": "allowed: " + allowed}
         )
+
+    @app.handle_errors(RequestRedirect)
+    def _redirect(self, request, failure):
+        # /books -> /books/: werkzeug's redirect, with the query string kept.
+        location = failure.value.new_url
+        query = request.uri.partition(b"?")[2]
+        if query:
+            location += "?" + query.decode("latin-1")
+        request.setHeader(b"location", location.encode("utf-8"))
+        return self._json(request, 308, {"error": "moved", "message": "see " + location})
 
     @app.handle_errors(Exception)
     def _internal_error(self, request, failure):
