@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
-from werkzeug.routing import RequestRedirect
+from werkzeug.routing import PathConverter, RequestRedirect
 
 from minstore import __version__
 from minstore.cluster.routes import ClusterAPI
@@ -152,8 +152,19 @@ class BoundedRequest(Request):
         Request.handleContentChunk(self, data)
 
 
+class UidConverter(PathConverter):
+    """
+    The rest of the path, whatever it holds: unlike ``path``, it may start
+    with ``/`` or hold ``//`` (a uid of ``/x`` arrives as ``/books//x``).
+    """
+
+    regex = ".+"
+    part_isolating = False
+
+
 class RecordAPI:
     app = Klein()
+    app.url_map.converters["uid"] = UidConverter
     log = Logger()
 
     def __init__(
@@ -376,7 +387,7 @@ class RecordAPI:
             return self._bounce(request, collection, uid, value)
         return self._written(request, collection, uid, self.node.create(collection, uid, value))
 
-    @app.route("/<collection>/<path:uid>", methods=["GET"])
+    @app.route("/<collection>/<uid:uid>", methods=["GET"])
     def get_record(self, request, collection, uid):
         self._track(request, "record")
         uid = raw_uid(request)
@@ -393,7 +404,7 @@ class RecordAPI:
             lambda entry: self._record_or_304(request, entry)
         )
 
-    @app.route("/<collection>/<path:uid>", methods=["POST"])
+    @app.route("/<collection>/<uid:uid>", methods=["POST"])
     def post_record(self, request, collection, uid):
         self._track(request, "record")
         uid = raw_uid(request)
@@ -404,7 +415,7 @@ class RecordAPI:
             return self._bounce(request, collection, uid, value)
         return self._written(request, collection, uid, self.node.create(collection, uid, value))
 
-    @app.route("/<collection>/<path:uid>", methods=["PUT"])
+    @app.route("/<collection>/<uid:uid>", methods=["PUT"])
     def put_record(self, request, collection, uid):
         self._track(request, "record")
         uid = raw_uid(request)
@@ -416,7 +427,7 @@ class RecordAPI:
         d = self.node.update(collection, uid, value, self._if_match(request))
         return self._written(request, collection, uid, d)
 
-    @app.route("/<collection>/<path:uid>", methods=["DELETE"])
+    @app.route("/<collection>/<uid:uid>", methods=["DELETE"])
     def delete_record(self, request, collection, uid):
         self._track(request, "record")
         uid = raw_uid(request)
