@@ -13,6 +13,7 @@ from email.policy import HTTP
 from urllib.parse import parse_qs, unquote_to_bytes
 
 from klein import Klein
+from klein.resource import KleinResource
 from twisted.logger import Logger
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
@@ -186,7 +187,7 @@ class RecordAPI:
         self.metrics = node.metrics
 
     def resource(self):
-        return self.app.resource()
+        return _Resource(self.app)
 
     # -- helpers --------------------------------------------------------
 
@@ -437,3 +438,16 @@ class RecordAPI:
             collection, uid, self._if_match(request), local=_flag(request.args, b"local")
         )
         return self._written(request, collection, uid, d, self._deleted)
+
+
+class _Resource(KleinResource):
+    """The app's resource: a path that is not UTF-8 gets a JSON 400, not Klein's plain text."""
+
+    def render(self, request):
+        try:
+            b"/".join(request.postpath).decode("utf-8")
+        except UnicodeDecodeError:
+            return RecordAPI._json(
+                request, 400, {"error": "bad_path", "message": "the path is not percent-encoded UTF-8"}
+            )
+        return KleinResource.render(self, request)
