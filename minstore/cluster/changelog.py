@@ -127,9 +127,13 @@ class ChangeLog:
         if self._file is not None:
             self._file.close()
         first = self.last_seq + 1
-        self._file = open(self._segment_path(first), "ab")
+        # A segment by that name holds no whole change (else last_seq would
+        # be past it), only a torn first write: start it afresh, so that the
+        # next line is not glued onto the torn bytes and lost on reopen.
+        self._file = open(self._segment_path(first), "wb")
         self._file_size = 0
-        self._segments.append(first)
+        if first not in self._segments:
+            self._segments.append(first)
         _fsync_dir(self.directory)
 
     def close(self):
