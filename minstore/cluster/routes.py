@@ -6,6 +6,7 @@ from urllib.parse import unquote_to_bytes
 from klein import Klein
 from twisted.internet.defer import ensureDeferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from minstore.errors import BadRequest, MinstoreError
 
@@ -29,6 +30,16 @@ class ClusterAPI:
     @app.handle_errors(MinstoreError)
     def _error(self, request, failure):
         return _json(request, failure.value.code, failure.value.to_json())
+
+    @app.handle_errors(NotFound)
+    def _no_route(self, request, failure):
+        return _json(request, 404, {"error": "not_found", "message": "no such route"})
+
+    @app.handle_errors(MethodNotAllowed)
+    def _bad_method(self, request, failure):
+        allowed = ", ".join(failure.value.valid_methods or ())
+        request.setHeader(b"allow", allowed.encode())
+        return _json(request, 405, {"error": "method_not_allowed", "message": "allowed: " + allowed})
 
     @app.route("/replicas", methods=["POST"])
     def replicas(self, request):
