@@ -1,0 +1,392 @@
+"""
+Processes: language detection, JSON Schema validation, the pipeline that
+chains them, and processes added by a third-party package.
+"""
+
+import importlib
+import json
+import os
+import sys
+import textwrap
+
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, succeed
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from minstore.api import RecordAPI
+from minstore.errors import Rejected
+from minstore.interfaces import IProcess
+from minstore.node import Node
+from minstore.process import BUILTIN, DEFAULT, available_processes, make_processes, run_pipeline
+from minstore.process.lang import LanguageDetection, detect_language, text_of
+from minstore.process.schema import SchemaError, SchemaValidation, SchemaViolation, json_path, load_schemas
+from minstore.records import make_record
+from minstore.storage.memory import MemoryStorage
+
+ENGLISH = "The quick brown fox jumps over the lazy dog while the children are playing in the garden."
+FRENCH = "Le renard brun rapide saute par-dessus le chien paresseux pendant que les enfants jouent dans le jardin."
+GERMAN = "Der schnelle braune Fuchs springt \u00fcber den faulen Hund, w\u00e4hrend die Kinder im Garten spielen."
+
+BOOKS_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "year": {"type": "integer"},
+        "authors": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["title"],
+}
+
+
+def record(value, collection="books", uid="u"):
+    return make_record(collection, uid, value, "0000000000001-000000-n", 1.0)
+
+
+class Client:
+    """A node with the given processes behind the HTTP API, in memory."""
+
+    def __init__(self, testcase, processes):
+        self.testcase = testcase
+        self.node = Node(MemoryStorage(), processes, node_id="n1")
+        self.node.open()
+        self.http = StubTreq(RecordAPI(self.node).resource())
+
+    def request(self, method, path, **kwargs):
+        d = self.http.request(method, "http://node.test" + path, **kwargs)
+        self.http.flush()
+        response = self.testcase.successResultOf(d)
+        body = self.testcase.successResultOf(response.content())
+        return response.code, json.loads(body)
+
+
+class LanguageTests(SynchronousTestCase):
+    def setUp(self):
+        self.lang = LanguageDetection({})
+
+    def test_interface(self):
+        """lang is an IProcess named lang, run in the thread pool."""
+        self.assertTrue(verifyObject(IProcess, self.lang))
+        self.assertEqual(self.lang.name, "lang")
+        self.assertTrue(self.lang.threaded)
+
+    def test_languages(self):
+        """English, French and German sentences are detected as en, fr and de."""
+        for text, code in [(ENGLISH, "en"), (FRENCH, "fr"), (GERMAN, "de")]:
+            self.assertEqual(self.lang(record(text))["lang"], code, text)
+
+    def test_undecidable(self):
+        """Digits, an empty string, punctuation or a value with no text give null."""
+        for value in ["12345", "", "   ", "?!... 42", 12345, None, True, [], {}, [1, 2.5]]:
+            self.assertIsNone(self.lang(record(value))["lang"], repr(value))
+            self.assertIn("lang", self.lang(record(value)))
+
+    def test_text_inside_objects(self):
+        """The strings inside an object or array value are what is detected."""
+        value = {"title": "Le Petit Prince", "year": 1943, "body": [FRENCH, {"more": FRENCH}]}
+        self.assertEqual(self.lang(record(value))["lang"], "fr")
+        value = {"n": 1, "text": {"deep": [GERMAN]}}
+        self.assertEqual(self.lang(record(value))["lang"], "de")
+
+    def test_text_of(self):
+        """text_of joins the strings of a value in document order, skipping other types."""
+        self.assertEqual(text_of({"a": "one", "b": [2, "two", {"c": "three"}], "d": None}), "one two three")
+        self.assertEqual(text_of("plain"), "plain")
+        self.assertEqual(text_of(7), "")
+
+    def test_record_otherwise_unchanged(self):
+        """lang adds its field and leaves the rest of the record as it was."""
+        original = record(ENGLISH)
+        result = self.lang(dict(original))
+        self.assertEqual(result, dict(original, lang="en"))
+
+    def test_detect_language(self):
+        """detect_language gives an ISO 639-1 code (two letters), or None."""
+        self.assertEqual(detect_language(ENGLISH), "en")
+        self.assertIsNone(detect_language("1234 5678"))
+
+    def test_through_the_api(self):
+        """A record POSTed to a node running lang carries the language."""
+        client = Client(self, [self.lang])
+        code, document = client.request("POST", "/notes/a", json={"value": {"text": GERMAN}})
+        self.assertEqual((code, document["lang"]), (200, "de"))
+        code, document = client.request("POST", "/notes/b", json={"value": 12345})
+        self.assertEqual(code, 200)
+        self.assertIsNone(document["lang"])
+        self.assertIsNone(client.request("GET", "/notes/b")[1]["lang"])
+
+
+class SchemaTests(SynchronousTestCase):
+    def setUp(self):
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+        self.write("books.json", json.dumps(BOOKS_SCHEMA))
+        self.write("README.txt", "not a schema, ignored")
+
+    def write(self, name, text):
+        with open(os.path.join(self.directory, name), "w") as f:
+            f.write(text)
+
+    def test_interface(self):
+        """schema is an IProcess named schema, run on the reactor thread."""
+        process = SchemaValidation({"schemas": self.directory})
+        self.assertTrue(verifyObject(IProcess, process))
+        self.assertEqual(process.name, "schema")
+        self.assertFalse(process.threaded)
+        self.assertEqual(sorted(process.validators), ["books"])
+
+    def test_match_accepted(self):
+        """A value matching its collection's schema passes unchanged."""
+        process = SchemaValidation({"schemas": self.directory})
+        original = record({"title": "Dune", "year": 1965, "authors": ["Herbert"]})
+        self.assertEqual(process(dict(original)), original)
+
+    def test_mismatch_names_path(self):
+        """A mismatch raises schema_violation (a 400) naming the JSON path."""
+        process = SchemaValidation({"schemas": self.directory})
+        e = self.assertRaises(SchemaViolation, process, record({"title": "Dune", "year": "1965"}))
+        self.assertEqual((e.code, e.error), (400, "schema_violation"))
+        self.assertIn("$.year", e.message)
+        self.assertIn("'books'", e.message)
+        e = self.assertRaises(SchemaViolation, process, record({"title": "Dune", "authors": ["a", 2]}))
+        self.assertIn("$.authors[1]", e.message)
+        e = self.assertRaises(SchemaViolation, process, record({"year": 1965}))
+        self.assertIn(" $: ", e.message)
+        self.assertIn("'title' is a required property", e.message)
+        e = self.assertRaises(SchemaViolation, process, record("just text"))
+        self.assertIn(" $: ", e.message)
+
+    def test_collection_without_schema(self):
+        """Collections without a schema file take any value."""
+        process = SchemaValidation({"schemas": self.directory})
+        for value in ["text", 1, None, {"year": "x"}]:
+            self.assertEqual(process(record(value, collection="films"))["value"], value)
+
+    def test_no_schemas_option(self):
+        """Without --schemas, every value passes."""
+        for options in [None, {}, {"schemas": None}]:
+            process = SchemaValidation(options)
+            self.assertEqual(process.validators, {})
+            self.assertEqual(process(record({"year": "x"}))["value"], {"year": "x"})
+
+    def test_json_path(self):
+        """json_path writes keys with dots and indexes in brackets."""
+        self.assertEqual(json_path([]), "$")
+        self.assertEqual(json_path(["a", 0, "b", 12]), "$.a[0].b[12]")
+
+    def test_through_the_api(self):
+        """Through the API, a mismatch is 400 schema_violation and nothing is stored; a match is 200."""
+        client = Client(self, [SchemaValidation({"schemas": self.directory})])
+        code, document = client.request("POST", "/books/a", json={"value": {"title": "Dune", "year": "soon"}})
+        self.assertEqual((code, document["error"]), (400, "schema_violation"))
+        self.assertEqual(sorted(document), ["error", "message"])
+        self.assertIn("$.year", document["message"])
+        self.assertEqual(client.request("GET", "/books/a")[0], 404)
+        code, document = client.request("POST", "/books/a", json={"value": {"title": "Dune", "year": 1965}})
+        self.assertEqual((code, document["value"]["year"]), (200, 1965))
+        code, document = client.request("PUT", "/books/a", json={"value": {"title": 7}})
+        self.assertEqual((code, document["error"]), (400, "schema_violation"))
+        self.assertIn("$.title", document["message"])
+        self.assertEqual(client.request("GET", "/books/a")[1]["value"], {"title": "Dune", "year": 1965})
+        code, document = client.request("POST", "/films/a", json={"value": {"year": "soon"}})
+        self.assertEqual(code, 200)
+
+    def test_load_invalid_json(self):
+        """A schema file that is not JSON raises SchemaError naming the file."""
+        self.write("films.json", "{not json")
+        e = self.assertRaises(SchemaError, load_schemas, self.directory)
+        self.assertIn(os.path.join(self.directory, "films.json"), str(e))
+        self.assertIn("not a JSON document", str(e))
+
+    def test_load_invalid_schema(self):
+        """A JSON file that is not a valid JSON Schema raises SchemaError naming the file."""
+        self.write("films.json", json.dumps({"type": 12}))
+        e = self.assertRaises(SchemaError, load_schemas, self.directory)
+        self.assertIn(os.path.join(self.directory, "films.json"), str(e))
+        self.assertIn("not a valid JSON Schema", str(e))
+
+    def test_load_schemas(self):
+        """load_schemas maps each {collection}.json to a validator; no directory gives none."""
+        self.write("films.json", json.dumps({"type": "array"}))
+        validators = load_schemas(self.directory)
+        self.assertEqual(sorted(validators), ["books", "films"])
+        self.assertTrue(validators["films"].is_valid([]))
+        self.assertFalse(validators["films"].is_valid({}))
+        self.assertEqual(load_schemas(None), {})
+        self.assertEqual(load_schemas(""), {})
+
+
+class Tag:
+    """A process that appends its tag to the record's trace."""
+
+    threaded = False
+
+    def __init__(self, tag, threaded=False, deferred=None):
+        self.name = tag
+        self.tag = tag
+        self.threaded = threaded
+        self.deferred = deferred
+
+    def __call__(self, record):
+        record.setdefault("trace", []).append(self.tag)
+        if self.deferred is not None:
+            return self.deferred.addCallback(lambda _: record)
+        return record
+
+
+def refuse_inline(f, *args):
+    raise AssertionError("in_thread called for a process that is not threaded")
+
+
+class PipelineTests(SynchronousTestCase):
+    def test_order(self):
+        """Processes run in the order given, each on the previous one's output."""
+        result = self.successResultOf(
+            run_pipeline(record(1), [Tag("a"), Tag("b"), Tag("c")], refuse_inline)
+        )
+        self.assertEqual(result["trace"], ["a", "b", "c"])
+
+    def test_no_processes(self):
+        """With no process the record comes out as it went in."""
+        original = record({"x": 1})
+        self.assertEqual(self.successResultOf(run_pipeline(dict(original), [], refuse_inline)), original)
+
+    def test_deferred_process(self):
+        """A process returning a Deferred holds the chain until it fires."""
+        gate = Deferred()
+        d = run_pipeline(record(1), [Tag("a"), Tag("slow", deferred=gate), Tag("c")], refuse_inline)
+        self.assertNoResult(d)
+        gate.callback(None)
+        self.assertEqual(self.successResultOf(d)["trace"], ["a", "slow", "c"])
+
+    def test_threaded_process_through_in_thread(self):
+        """Threaded processes are called through in_thread; the others are called directly."""
+        calls = []
+
+        def in_thread(f, *args):
+            calls.append((f, args))
+            return succeed(f(*args))
+
+        heavy = Tag("heavy", threaded=True)
+        light = Tag("light")
+        result = self.successResultOf(run_pipeline(record(1), [light, heavy, light], in_thread))
+        self.assertEqual(result["trace"], ["light", "heavy", "light"])
+        self.assertEqual([f for f, _ in calls], [heavy])
+        self.assertIs(calls[0][1][0], result)
+
+    def test_threaded_waits_for_thread(self):
+        """The chain waits for the thread pool's answer before the next process."""
+        pending = []
+
+        def in_thread(f, *args):
+            d = Deferred()
+            pending.append((f, args, d))
+            return d
+
+        d = run_pipeline(record(1), [Tag("heavy", threaded=True), Tag("after")], in_thread)
+        self.assertNoResult(d)
+        f, args, thread_d = pending.pop()
+        thread_d.callback(f(*args))
+        self.assertEqual(self.successResultOf(d)["trace"], ["heavy", "after"])
+
+    def test_rejection_stops_chain(self):
+        """A process that raises Rejected fails the pipeline; later processes do not run."""
+        after = Tag("after")
+
+        def reject(record):
+            raise Rejected("rejected", "no thanks")
+
+        failure = self.failureResultOf(run_pipeline(record(1), [Tag("a"), reject, after], refuse_inline), Rejected)
+        self.assertEqual((failure.value.code, failure.value.message), (400, "no thanks"))
+
+
+class RegistryTests(SynchronousTestCase):
+    def test_builtins(self):
+        """lang and schema are the built-in processes, both run by default."""
+        self.assertEqual(BUILTIN, {"lang": LanguageDetection, "schema": SchemaValidation})
+        self.assertEqual(DEFAULT, "lang,schema")
+        processes = make_processes(["schema", "lang"], {})
+        self.assertEqual([p.name for p in processes], ["schema", "lang"])
+
+    def test_unknown(self):
+        """An unknown process name raises KeyError naming it."""
+        e = self.assertRaises(KeyError, make_processes, ["lang", "nosuch"], {})
+        self.assertEqual(e.args, ("nosuch",))
+
+
+FANCYPROC = '''
+"""A third-party minstore process: upper-cases string values."""
+
+from zope.interface import implementer
+
+from minstore.interfaces import IProcess
+
+
+@implementer(IProcess)
+class Shout:
+    name = "shout"
+    threaded = False
+
+    def __init__(self, options):
+        self.options = options
+
+    def __call__(self, record):
+        if isinstance(record["value"], str):
+            record["value"] = record["value"].upper() + self.options.get("suffix", "")
+        record["shouted"] = True
+        return record
+'''
+
+
+class ThirdPartyTests(SynchronousTestCase):
+    """A package adds a process through the minstore.processes entry point group."""
+
+    def setUp(self):
+        site = os.path.abspath(self.mktemp())
+        info = os.path.join(site, "fancyproc-1.0.dist-info")
+        os.makedirs(info)
+        with open(os.path.join(site, "fancyproc.py"), "w") as f:
+            f.write(textwrap.dedent(FANCYPROC))
+        with open(os.path.join(info, "METADATA"), "w") as f:
+            f.write("Metadata-Version: 2.1\nName: fancyproc\nVersion: 1.0\n")
+        with open(os.path.join(info, "entry_points.txt"), "w") as f:
+            f.write("[minstore.processes]\nshout = fancyproc:Shout\n")
+        sys.path.insert(0, site)
+        importlib.invalidate_caches()
+
+        def cleanup():
+            sys.path.remove(site)
+            sys.modules.pop("fancyproc", None)
+            importlib.invalidate_caches()
+
+        self.addCleanup(cleanup)
+
+    def test_registered(self):
+        """The package's process is known by name without any change to minstore."""
+        self.assertIn("shout", available_processes())
+        self.assertNotIn("shout", BUILTIN)
+        [process] = make_processes(["shout"], {"suffix": "!"})
+        self.assertEqual(type(process).__module__, "fancyproc")
+        self.assertTrue(verifyObject(IProcess, process))
+        self.assertEqual(process.options, {"suffix": "!"})
+
+    def test_record_transformed(self):
+        """A record POSTed to a node running the package's process is transformed by it."""
+        processes = make_processes(["schema", "shout"], {"suffix": "!"})
+        client = Client(self, processes)
+        code, document = client.request("POST", "/notes/a", json={"value": "hello"})
+        self.assertEqual(code, 200)
+        self.assertEqual((document["value"], document["shouted"]), ("HELLO!", True))
+        self.assertEqual(client.request("GET", "/notes/a")[1], document)
+
+    def test_gone_after_cleanup(self):
+        """Without the package on sys.path, the process is unknown again."""
+        site = sys.path[0]
+        sys.path.remove(site)
+        importlib.invalidate_caches()
+        try:
+            self.assertNotIn("shout", available_processes())
+            self.assertRaises(KeyError, make_processes, ["shout"], {})
+        finally:
+            sys.path.insert(0, site)
+            importlib.invalidate_caches()
