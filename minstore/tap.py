@@ -5,6 +5,7 @@
 import functools
 import ipaddress
 import os
+import re
 import sys
 import uuid
 
@@ -196,7 +197,8 @@ def _node_id(data_dir):
 
 def listens_beyond_loopback(endpoint):
     """Whether a server endpoint string accepts connections from other hosts."""
-    for part in endpoint.split(":")[1:]:
+    # Split on the colons that are not escaped: tcp6:8001:interface=\:\:1
+    for part in re.split(r"(?<!\\):", endpoint)[1:]:
         if part.startswith("interface="):
             address = part[len("interface="):].replace("\\", "").strip("[]")
             try:
