@@ -1,0 +1,245 @@
+"""
+``twistd minstore`` options: each bad one stops the start with exit status 2
+and one line on stderr; good ones build the node's service tree.
+"""
+
+import io
+import json
+import os
+import sys
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from minstore.api import BoundedRequest
+from minstore.node import Node
+from minstore.process.lang import LanguageDetection
+from minstore.process.schema import SchemaValidation
+from minstore.service import NodeService, ThreadPoolService
+from minstore.storage.files import FileStorage
+from minstore.storage.memory import MemoryStorage
+from minstore.tap import Options, listens_beyond_loopback, makeService
+
+
+class OptionsTestCase(SynchronousTestCase):
+    def setUp(self):
+        self.stderr = io.StringIO()
+        self.patch(sys, "stderr", self.stderr)
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.data = os.path.join(self.dir, "data")
+
+    def file(self, name, text):
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def parse(self, *args, processes=""):
+        """Parsed options; a fast default of no processes unless the test names some."""
+        argv = ["--data", self.data]
+        if processes is not None:
+            argv += ["--processes", processes]
+        options = Options()
+        options.parseOptions(argv + list(args))
+        return options
+
+    def assertBad(self, *args, processes="", includes=()):
+        """The options stop the start: exit status 2, one line on stderr naming the problem."""
+        e = self.assertRaises(SystemExit, self.parse, *args, processes=processes)
+        self.assertEqual(e.code, 2)
+        text = self.stderr.getvalue()
+        self.assertTrue(text.endswith("\n"), repr(text))
+        self.assertEqual(text.count("\n"), 1, repr(text))
+        self.assertTrue(text.startswith("minstore: error: "), repr(text))
+        for fragment in includes:
+            self.assertIn(fragment, text)
+        self.stderr.seek(0)
+        self.stderr.truncate()
+        return text
+
+
+class BadOptionTests(OptionsTestCase):
+    def test_bad_port(self):
+        """A port that is neither 1-65535 nor an endpoint string is refused."""
+        self.assertBad("--port", "abc", includes=["--port", "'abc'"])
+        self.assertBad("--port", "99999", includes=["--port", "99999"])
+        self.assertBad("--port", "0", includes=["--port", "0"])
+        self.assertBad("--port", "65536", includes=["65536"])
+        self.assertBad("--port", "tcp:notaport", includes=["--port", "tcp:notaport"])
+
+    def test_missing_servers_file(self):
+        """A --servers file that does not exist is refused, naming it."""
+        missing = os.path.join(self.dir, "nope.list")
+        self.assertBad("--servers", missing, includes=[missing])
+
+    def test_servers_file_bad_line(self):
+        """A servers.list line that is not a peer URL is refused naming file:LINE."""
+        path = self.file("servers.list", "# peers\n\nhttp://127.0.0.1:8002\nftp://example.com\n")
+        self.assertBad("--servers", path, includes=["%s:4" % path, "ftp://example.com"])
+
+    def test_servers_file_star_not_first(self):
+        """A '*' after a peer is refused naming file:LINE."""
+        path = self.file("servers.list", "http://127.0.0.1:8002\n*\n")
+        self.assertBad("--servers", path, includes=["%s:2" % path, "*"])
+
+    def test_servers_file_not_utf8(self):
+        """A servers.list that is not UTF-8 text is refused naming the file."""
+        path = os.path.join(self.dir, "servers.list")
+        with open(path, "wb") as f:
+            f.write(b"http://h\xff:1\n")
+        self.assertBad("--servers", path, includes=[path])
+
+    def test_unknown_storage(self):
+        """An unknown --storage engine is refused, naming it and the known ones."""
+        self.assertBad("--storage", "nope", includes=["--storage", "'nope'", "files", "memory"])
+
+    def test_unknown_process(self):
+        """An unknown --processes name is refused, naming it and the known ones."""
+        self.assertBad(processes="lang,nope", includes=["--processes", "'nope'", "lang", "schema"])
+
+    def test_schemas_not_a_directory(self):
+        """--schemas that is not a directory is refused."""
+        missing = os.path.join(self.dir, "no-schemas")
+        self.assertBad("--schemas", missing, processes="schema", includes=["--schemas", missing])
+        a_file = self.file("schema.json", "{}")
+        self.assertBad("--schemas", a_file, processes="schema", includes=["--schemas", a_file])
+
+    def test_schema_bad_json(self):
+        """A schema file that is not JSON is refused naming the file."""
+        schemas = os.path.join(self.dir, "schemas")
+        os.makedirs(schemas)
+        with open(os.path.join(schemas, "books.json"), "w") as f:
+            f.write('{"type": "object",\n')
+        self.assertBad(
+            "--schemas", schemas, processes="schema",
+            includes=["--schemas", os.path.join(schemas, "books.json"), "not a JSON document"],
+        )
+
+    def test_schema_invalid(self):
+        """A schema file that is not a valid JSON Schema is refused naming the file."""
+        schemas = os.path.join(self.dir, "schemas")
+        os.makedirs(schemas)
+        with open(os.path.join(schemas, "books.json"), "w") as f:
+            json.dump({"type": "nonsense"}, f)
+        self.assertBad("--schemas", schemas, processes="schema", includes=[os.path.join(schemas, "books.json")])
+
+    def test_bad_max_record_size(self):
+        """--max-record-size must be a whole number above 0."""
+        self.assertBad("--max-record-size", "0", includes=["--max-record-size", "0"])
+        self.assertBad("--max-record-size", "-5", includes=["--max-record-size", "-5"])
+        self.assertBad("--max-record-size", "x", includes=["--max-record-size", "'x'"])
+        self.assertBad("--max-record-size", "1.5", includes=["--max-record-size"])
+
+    def test_bad_threads(self):
+        """--threads must be a whole number above 0."""
+        self.assertBad("--threads", "0", includes=["--threads"])
+
+    def test_data_not_a_directory(self):
+        """--data naming a file is refused."""
+        a_file = self.file("plain", "")
+        e = self.assertRaises(SystemExit, Options().parseOptions, ["--data", a_file, "--processes", ""])
+        self.assertEqual(e.code, 2)
+        self.assertEqual(self.stderr.getvalue().count("\n"), 1)
+        self.assertIn("--data", self.stderr.getvalue())
+
+    def test_unknown_option(self):
+        """An option minstore does not have is refused in one line."""
+        self.assertBad("--colour", "red", includes=["colour"])
+
+
+class GoodOptionTests(OptionsTestCase):
+    def test_port_number(self):
+        """A port number becomes a tcp endpoint string; the default is 8001."""
+        self.assertEqual(self.parse("--port", "8001")["port"], "tcp:8001")
+        self.assertEqual(self.parse("--port", "1")["port"], "tcp:1")
+        self.assertEqual(self.parse()["port"], "tcp:8001")
+        self.assertEqual(self.stderr.getvalue(), "")
+
+    def test_endpoint_string(self):
+        """An endpoint string is kept as it is."""
+        port = "tcp:8001:interface=127.0.0.1"
+        self.assertEqual(self.parse("--port", port)["port"], port)
+
+    def test_defaults(self):
+        """Without options: files storage, lang and schema, 1 MiB bodies, no peers."""
+        options = self.parse(processes=None)
+        self.assertEqual(options["storage"], "files")
+        self.assertEqual(options["max-record-size"], 1024 * 1024)
+        self.assertEqual(
+            [type(p) for p in options["process_list"]], [LanguageDetection, SchemaValidation]
+        )
+        self.assertEqual(options["server_list"].peers, ())
+        self.assertFalse(options["server_list"].bridge)
+        self.assertTrue(os.path.isdir(self.data))
+
+    def test_servers_and_sizes(self):
+        """A servers.list, sizes and processes are parsed into their values."""
+        path = self.file("servers.list", "*\n# two peers\nhttp://127.0.0.1:8002/\nhttps://example.com\n")
+        options = self.parse(
+            "--servers", path, "--max-record-size", "100", "--storage", "memory", processes="schema"
+        )
+        self.assertEqual(options["server_list"].peers, ("http://127.0.0.1:8002", "https://example.com:443"))
+        self.assertTrue(options["server_list"].bridge)
+        self.assertEqual(options["max-record-size"], 100)
+        self.assertEqual([p.name for p in options["process_list"]], ["schema"])
+
+
+class MakeServiceTests(OptionsTestCase):
+    def test_service_tree(self):
+        """
+        makeService wires, without starting, a MultiService holding the
+        thread pool, the node and the HTTP server on the --port endpoint.
+        """
+        options = self.parse("--port", "tcp:0:interface=127.0.0.1", "--max-record-size", "500")
+        reactor = MemoryReactorClock()
+        root = makeService(options, reactor=reactor)
+        self.assertIsInstance(root, MultiService)
+        self.assertFalse(root.running)
+        children = list(root)
+        pools = [s for s in children if isinstance(s, ThreadPoolService)]
+        nodes = [s for s in children if isinstance(s, NodeService)]
+        https = [s for s in children if isinstance(s, StreamServerEndpointService)]
+        self.assertEqual((len(pools), len(nodes), len(https)), (1, 1, 1))
+        self.assertFalse(pools[0].pool.started)
+        self.assertEqual(pools[0].pool.max, 10)
+        node = nodes[0].node
+        self.assertIsInstance(node, Node)
+        self.assertIsInstance(node.storage, FileStorage)
+        self.assertEqual(node.storage.root, os.path.join(self.data, "records"))
+        self.assertEqual(node.processes, [])
+        site = https[0].factory
+        self.assertIs(site.requestFactory, BoundedRequest)
+        self.assertEqual(site.max_body, 500)
+        self.assertFalse(https[0].running)
+        self.assertEqual(reactor.tcpServers, [])  # nothing listens before the service starts
+        # The thread pool stops after the other services (it is started first).
+        self.assertLess(children.index(pools[0]), children.index(nodes[0]))
+        self.assertLess(children.index(nodes[0]), children.index(https[0]))
+
+    def test_node_id_kept(self):
+        """A node keeps its id across service builds over the same data directory."""
+        options = self.parse("--storage", "memory")
+        first = [s for s in makeService(options, reactor=MemoryReactorClock()) if isinstance(s, NodeService)][0]
+        second = [s for s in makeService(options, reactor=MemoryReactorClock()) if isinstance(s, NodeService)][0]
+        self.assertIsInstance(first.node.storage, MemoryStorage)
+        self.assertEqual(first.node.node_id, second.node.node_id)
+        with open(os.path.join(self.data, "node_id")) as f:
+            self.assertEqual(f.read(), first.node.node_id)
+
+
+class LoopbackTests(SynchronousTestCase):
+    def test_beyond_loopback(self):
+        """Endpoints on every interface or a public address listen beyond loopback."""
+        for endpoint in ["tcp:8001", "tcp:8001:interface=0.0.0.0", "tcp:8001:interface=10.0.0.5",
+                         "tcp6:8001", "tcp6:8001:interface=\\:\\:", "ssl:8443:privateKey=k.pem"]:
+            self.assertTrue(listens_beyond_loopback(endpoint), endpoint)
+
+    def test_loopback_only(self):
+        """Endpoints bound to a loopback address or a unix socket do not."""
+        for endpoint in ["tcp:8001:interface=127.0.0.1", "tcp6:8001:interface=\\:\\:1",
+                         "tcp:8001:interface=localhost", "tcp:8001:interface=127.0.0.2",
+                         "ssl:8443:privateKey=k.pem:interface=127.0.0.1", "unix:/tmp/minstore.sock"]:
+            self.assertFalse(listens_beyond_loopback(endpoint), endpoint)
