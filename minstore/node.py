@@ -247,14 +247,17 @@ class Node:
                 d.errback(result)
         else:
             self._commit_seq += 1
-            for (collection, uid, data, _), entry, _, d in batch:
+            for (collection, uid, data, _), entry, _, _ in batch:
                 self._cache.put((collection, uid), data, entry)
-                d.callback(entry)
+            # Observers first: a sync=1 write that waits for its replicas
+            # must find them pending when its acknowledgement fires.
             for observer, token in zip(self.commit_observers, result):
                 try:
                     observer.committed(items, forwarded, token)
                 except Exception:
                     self.log.failure("commit observer failed")
+            for _, entry, _, d in batch:
+                d.callback(entry)
         self._flush()
         self._check_drained()
 
