@@ -6,10 +6,12 @@ memory cache bounded in bytes, and answers with the dependant's status and
 body.
 
 * GET: a fresh entry (younger than ``ttl`` seconds) is served without
-  asking anybody.  Otherwise every dependant is asked in parallel for its
-  own copy (``local=1``), with ``If-None-Match`` when a stale entry is held;
-  the first 200 (or 304, which renews the stale entry) wins.  404 only when
-  every dependant that answered said 404; a 404 is never cached.  When no
+  asking anybody.  Otherwise the dependants are asked for their own copy
+  (``local=1``), with ``If-None-Match`` when a stale entry is held: one
+  first (in turn, to spread the load), all the others as soon as it misses,
+  fails or is slower than ``hedge`` seconds; the first 200 (or 304, which
+  renews the stale entry) wins.  404 only when every dependant that
+  answered said 404; a 404 is never cached.  When no
   dependant answers, a stale entry is served with a ``Warning: 111`` header
   for at most ``stale_if_error`` seconds past its freshness, else 502.
   Concurrent misses of one uid share one round of requests.
@@ -163,6 +165,7 @@ class CacheFront:
         stale_if_error=0.0,
         retry_base=0.5,
         retry_cap=30.0,
+        hedge=0.05,
     ):
         """
         @param client: a L{minstore.cluster.peers.PeerClient}.
@@ -174,6 +177,8 @@ class CacheFront:
         @param timeout: seconds a dependant has to answer one request.
         @param stale_if_error: seconds past its freshness that a stale entry
             may still be served while no dependant answers (0: never).
+        @param hedge: seconds a GET waits for the first dependant asked
+            before asking the others too.
         """
         self.client = client
         self.dependants = dependants
@@ -183,6 +188,8 @@ class CacheFront:
         self.stale_if_error = stale_if_error
         self.retry_base = retry_base
         self.retry_cap = retry_cap
+        self.hedge = hedge
+        self._turn = -1
         self.lru = ByteLRU(size)
         self.hits = 0
         self.misses = 0
@@ -364,8 +371,9 @@ class CacheFront:
         if stale is not None:
             headers[b"if-none-match"] = [stale[1].etag]
         peers = self._peers()
-        calls = [self._call(peer, "GET", path, headers) for peer in peers]
-        winner, outcomes = await _first(calls, (200, 304))
+        self._turn = (self._turn + 1) % len(peers)
+        peers = peers[self._turn:] + peers[: self._turn]
+        winner, outcomes = await self._hedged(peers, path, headers)
         if winner is not None and winner.code == 200 and winner.etag:
             if not fetch.invalidated:
                 self._keep(key, winner)
@@ -394,6 +402,48 @@ class CacheFront:
         raise BadGateway(
             message="no dependant answered within %gs: %s" % (self.timeout, _why(peers, outcomes))
         )
+
+    def _hedged(self, peers, path, headers):
+        """
+        GET from the first dependant alone; from the others too as soon as
+        it has answered anything but 200 or 304, failed, or taken longer
+        than ``hedge`` seconds.  Deferred ``(winner, outcomes)`` as L{_first}.
+        """
+        result = Deferred()
+        outcomes = [None] * len(peers)
+        left = [len(peers)]
+        hedge = [None]
+
+        def ask(i):
+            self._call(peers[i], "GET", path, headers).addBoth(done, i)
+
+        def ask_the_others():
+            if hedge[0] is not None:
+                if hedge[0].active():
+                    hedge[0].cancel()
+                for i in range(1, len(peers)):
+                    ask(i)
+                hedge[0] = None
+
+        def done(outcome, i):
+            outcomes[i] = outcome
+            left[0] -= 1
+            if result.called:
+                return None
+            if isinstance(outcome, Answer) and outcome.code in (200, 304):
+                if hedge[0] is not None and hedge[0].active():
+                    hedge[0].cancel()
+                result.callback((outcome, outcomes))
+            elif left[0] == 0:
+                result.callback((None, outcomes))
+            elif i == 0:
+                ask_the_others()
+            return None
+
+        if len(peers) > 1:
+            hedge[0] = self.clock.callLater(self.hedge, ask_the_others)
+        ask(0)
+        return result
 
     def _answer_get(self, result, request):
         if isinstance(result, Answer):
