@@ -197,9 +197,12 @@ class Replication:
         """Open the change log (blocking, at start) and resume every peer."""
         checkpoints, changes = self.changelog.open()
         self.servers = servers
+        # No checkpoint at all (none saved before a crash, or an unreadable
+        # file): every change in the log may still be owed, resend it all.
+        new_peer = self.changelog.last_seq if checkpoints else 0
         for url in servers.peers:
             # A peer seen for the first time gets the writes from now on.
-            replicator = PeerReplicator(url, self, checkpoints.get(url, self.changelog.last_seq))
+            replicator = PeerReplicator(url, self, checkpoints.get(url, new_peer))
             for change in changes:
                 replicator.add(change)
             self.peers[url] = replicator
