@@ -1,0 +1,943 @@
+"""
+Spreading (DESIGN section 4) in memory: mirroring to every peer, bridge
+forwarding, coalescing, ordering by version, tombstones, back-off with
+jitter, durable checkpoints, ``sync=1``, status and metrics, re-reading
+servers.list.
+
+Each node is a real L{Node} over L{MemoryStorage} behind its real
+L{RecordAPI}, reached by its peers through L{tests.fakes.FakeNetwork}
+(a StubTreq per host); time is a L{Clock}.
+"""
+
+import json
+import os
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from minstore.api import RecordAPI
+from minstore.cluster.changelog import ChangeLog
+from minstore.cluster.lookup import Lookups
+from minstore.cluster.peers import PeerClient
+from minstore.cluster.replication import DOWN_AFTER, Replication, backoff_delay
+from minstore.cluster.servers import ServerList
+from minstore.cluster.service import ClusterService
+from minstore.node import Node, run_inline
+from minstore.records import encode_record, make_record, make_tombstone
+from minstore.storage.memory import MemoryStorage
+from tests.fakes import FakeNetwork
+
+T0 = 1_700_000_000.0
+JSON = {b"content-type": [b"application/json"]}
+
+
+def url(name):
+    return "http://%s:8001" % (name,)
+
+
+def version(ms, node="z", logical=0):
+    """A version string ``ms`` milliseconds after T0."""
+    return "%013d-%06d-%s" % (int(T0 * 1000) + ms, logical, node)
+
+
+def replica(uid, ms, value="v", collection="c", node="z"):
+    """The bytes of a record made elsewhere, with a chosen version."""
+    return encode_record(make_record(collection, uid, value, version(ms, node), T0 + ms / 1000.0))
+
+
+def tombstone(uid, ms, collection="c", node="z"):
+    return encode_record(make_tombstone(collection, uid, version(ms, node), T0 + ms / 1000.0))
+
+
+class Cluster:
+    """Nodes named by a short string, on one FakeNetwork and one Clock."""
+
+    def __init__(self, test):
+        self.test = test
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.net = FakeNetwork()
+        self.members = {}
+
+    def add(self, name, peers=(), bridge=False, directory=None, storage=None, processes=(), **kwargs):
+        member = Member(self, name, peers, bridge, directory, storage, processes, **kwargs)
+        self.members[name] = member
+        return member
+
+    def replica_posts(self, name):
+        """URLs of the replica batches sent to a node (failed ones included)."""
+        return [u for u in self.net.requests_to(url(name), "POST") if "/_cluster/replicas" in u]
+
+    def all_replica_posts(self):
+        return [u for m, u in self.net.requests if m == "POST" and "/_cluster/replicas" in u]
+
+    def advance(self, seconds):
+        self.clock.advance(seconds)
+        self.net.flush()
+
+
+class Member:
+    def __init__(self, cluster, name, peers, bridge, directory, storage, processes, in_thread=run_inline, **kwargs):
+        test = cluster.test
+        self.cluster = cluster
+        self.name = name
+        self.url = url(name)
+        self.node = Node(
+            storage if storage is not None else MemoryStorage(),
+            processes,
+            node_id=name,
+            now=cluster.clock.seconds,
+            in_thread=in_thread,
+        )
+        self.directory = directory or test.mktemp()
+        self.changelog = ChangeLog(self.directory)
+        self.client = PeerClient(cluster.net, name)
+        options = dict(timeout=5.0, retry_base=1.0, retry_cap=8.0, rng=lambda: 1.0)
+        options.update(kwargs)
+        self.replication = Replication(
+            self.node, self.changelog, self.client, cluster.clock, in_thread, **options
+        )
+        self.servers = ServerList([url(p) for p in peers], bridge)
+        self.lookups = Lookups(self.node, lambda: self.servers.peers, self.client, cluster.clock)
+        self.node.remote = self.lookups
+        self.api = RecordAPI(
+            self.node, lookups=self.lookups, replication=self.replication, sync_timeout=5.0
+        )
+        self.http = cluster.net.add(self.url, self.api.resource())
+        #: Every replica this node was sent, with whether it was applied.
+        self.received = []
+        apply_replica = self.node.apply_replica
+
+        def recording(data, forward=False):
+            d = apply_replica(data, forward=forward)
+            d.addCallback(lambda applied: self.received.append((data, forward, applied)) or applied)
+            return d
+
+        self.node.apply_replica = recording
+        self.replication.start(self.servers)
+        test.addCleanup(self.replication.stop)
+
+    def stored(self, uid, collection="c"):
+        return self.node.storage.get(collection, uid)
+
+    def write(self, uid, value, collection="c"):
+        """Create or update through the node; the stored bytes."""
+        test = self.cluster.test
+        current = self.stored(uid, collection)
+        if current is None or json.loads(current).get("deleted"):
+            d = self.node.create(collection, uid, value)
+        else:
+            d = self.node.update(collection, uid, value)
+        return test.successResultOf(d).data
+
+    def delete(self, uid, collection="c"):
+        return self.cluster.test.successResultOf(self.node.delete(collection, uid)).data
+
+    def request(self, method, path, body=None, headers=None):
+        """A request through this node's RecordAPI: (response, body bytes)."""
+        test = self.cluster.test
+        kwargs = {}
+        if body is not None:
+            kwargs["data"] = json.dumps(body).encode()
+            kwargs["headers"] = JSON
+        if headers:
+            kwargs.setdefault("headers", {}).update(headers)
+        d = self.http.request(method, self.url + path, **kwargs)
+        self.http.flush()
+        response = test.successResultOf(d)
+        return response, test.successResultOf(response.content())
+
+    def received_uids(self):
+        return [json.loads(data)["uid"] for data, _, _ in self.received]
+
+
+class LaterThread:
+    """
+    An ``in_thread`` like a thread pool's: the work is done at once, but its
+    result reaches the reactor only on a later turn (``clock.advance(0)``),
+    as through ``callFromThread``.
+    """
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def __call__(self, f, *args):
+        d = Deferred()
+        try:
+            result = f(*args)
+        except BaseException:
+            self.clock.callLater(0, d.errback, Failure())
+        else:
+            self.clock.callLater(0, d.callback, result)
+        return d
+
+
+def stamp(name):
+    """A process that marks the record with the name of the node that ran it."""
+
+    def process(record):
+        record = dict(record)
+        record["stamped_by"] = name
+        return record
+
+    return process
+
+
+class BackoffDelayTests(SynchronousTestCase):
+    def test_bounds(self):
+        """
+        Retry n waits between half and all of base * 2^(n-1), capped: rng 0
+        gives the lower bound, rng 1 the upper, 0.5 three quarters.
+        """
+        for n in range(1, 15):
+            full = min(30.0, 0.25 * 2 ** (n - 1))
+            self.assertEqual(backoff_delay(n, 0.25, 30.0, lambda: 0.0), full / 2)
+            self.assertEqual(backoff_delay(n, 0.25, 30.0, lambda: 1.0), full)
+            self.assertEqual(backoff_delay(n, 0.25, 30.0, lambda: 0.5), full * 0.75)
+        self.assertEqual(backoff_delay(1, 0.25, 30.0, lambda: 1.0), 0.25)
+        self.assertEqual(backoff_delay(4, 0.25, 30.0, lambda: 1.0), 2.0)
+        self.assertEqual(backoff_delay(20, 0.25, 30.0, lambda: 1.0), 30.0)
+        self.assertEqual(backoff_delay(20, 0.25, 30.0, lambda: 0.0), 15.0)
+
+
+class FlakyClient:
+    """A PeerClient stand-in: refuses while ``failing``, else stores nothing and says so."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.failing = True
+        self.calls = []  # (time, peer, records)
+        self.delivered = []
+
+    async def send_replicas(self, peer, records, bridge=False, timeout=None):
+        self.calls.append((self.clock.seconds(), peer, list(records)))
+        if self.failing:
+            raise ConnectionRefusedError("%s is down" % peer)
+        self.delivered.extend(records)
+        return len(records)
+
+
+class RetryScheduleTests(SynchronousTestCase):
+    def make(self, rng, base=1.0, cap=8.0):
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.node = Node(MemoryStorage(), node_id="a", now=self.clock.seconds)
+        self.client = FlakyClient(self.clock)
+        self.replication = Replication(
+            self.node,
+            ChangeLog(self.mktemp()),
+            self.client,
+            self.clock,
+            run_inline,
+            retry_base=base,
+            retry_cap=cap,
+            rng=rng,
+        )
+        self.replication.start(ServerList([url("b")]))
+        self.addCleanup(self.replication.stop)
+        return self.replication.peers[url("b")]
+
+    def call_times(self):
+        return [t - T0 for t, _, _ in self.client.calls]
+
+    def test_schedule_doubles_to_the_cap(self):
+        """
+        A peer that always fails is retried after base, then doubling
+        delays up to the cap (rng 1: no jitter taken off); it is "retrying"
+        until DOWN_AFTER failures in a row, then "down", with last_error set.
+        """
+        peer = self.make(lambda: 1.0, base=1.0, cap=8.0)
+        self.successResultOf(self.node.create("c", "x", 1))
+        self.assertEqual(self.call_times(), [0.0])
+        self.assertEqual(peer.state, "retrying")
+        self.assertIn("ConnectionRefusedError", peer.last_error)
+
+        expected = [0.0]
+        states = []
+        for delay in (1.0, 2.0, 4.0, 8.0, 8.0, 8.0):
+            self.clock.advance(delay - 0.001)
+            self.assertEqual(self.call_times(), expected, "retried before %s s" % delay)
+            self.clock.advance(0.001)
+            expected.append(expected[-1] + delay)
+            self.assertEqual(self.call_times(), expected)
+            states.append(peer.state)
+        self.assertEqual(DOWN_AFTER, 5)
+        self.assertEqual(states, ["retrying", "retrying", "retrying", "down", "down", "down"])
+        self.assertEqual(peer.failures, 7)
+        self.assertEqual(peer.errors, 7)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+    def test_jitter_takes_off_up_to_half(self):
+        """With rng 0 every wait is half of the doubling delay."""
+        self.make(lambda: 0.0, base=1.0, cap=8.0)
+        self.successResultOf(self.node.create("c", "x", 1))
+        for _ in range(6):
+            self.clock.advance(0.25)
+        self.assertEqual(self.call_times(), [0.0, 0.5, 1.5])
+        self.clock.pump([0.5] * 20)
+        self.assertEqual(self.call_times(), [0.0, 0.5, 1.5, 3.5, 7.5, 11.5])
+
+    def test_back_up_delivers_everything(self):
+        """
+        Once the failing peer answers again, everything written meanwhile
+        is delivered (the newest version of each uid), it is "up" with a
+        backlog of 0, failures reset, and its checkpoint is the last seq.
+        """
+        peer = self.make(lambda: 1.0)
+        self.successResultOf(self.node.create("c", "x", 1))
+        for _ in range(DOWN_AFTER + 1):
+            self.clock.advance(8.0)
+        self.assertEqual(peer.state, "down")
+        self.successResultOf(self.node.create("c", "y", 2))
+        self.successResultOf(self.node.update("c", "x", 3))
+        self.assertEqual(len(peer.pending), 2)
+        calls = len(self.client.calls)
+
+        self.client.failing = False
+        self.clock.advance(8.0)
+        self.assertEqual(len(self.client.calls), calls + 1)
+        self.assertEqual(peer.state, "up")
+        self.assertEqual(peer.failures, 0)
+        self.assertEqual(len(peer.pending), 0)
+        self.assertEqual(peer.checkpoint, self.replication.changelog.last_seq)
+        self.assertEqual(peer.checkpoint, 3)
+        self.assertEqual(peer.last_success, self.clock.seconds())
+        self.assertEqual(
+            sorted(self.client.delivered),
+            sorted([self.node.storage.get("c", "x"), self.node.storage.get("c", "y")]),
+        )
+        self.assertEqual(self.replication.changelog.read_checkpoints(), {url("b"): 3})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_cancels_the_retry(self):
+        """stop() cancels a pending retry: no call is left on the clock, none is sent after."""
+        self.make(lambda: 1.0)
+        self.successResultOf(self.node.create("c", "x", 1))
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.replication.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(100)
+        self.assertEqual(len(self.client.calls), 1)
+
+
+class MirrorTests(SynchronousTestCase):
+    def setUp(self):
+        self.cluster = Cluster(self)
+        self.b = self.cluster.add("b", processes=[stamp("b")])
+        self.c = self.cluster.add("c", processes=[stamp("c")])
+        self.a = self.cluster.add("a", peers=["b", "c"], processes=[stamp("a")])
+
+    def test_create_reaches_every_peer(self):
+        """
+        A record created on the emitter is stored byte for byte on both
+        receivers, as processed by the emitter (the receivers do not run
+        their own processes).
+        """
+        data = self.a.write("x", {"title": "héllo"})
+        self.assertEqual(json.loads(data)["stamped_by"], "a")
+        self.assertEqual(self.b.stored("x"), data)
+        self.assertEqual(self.c.stored("x"), data)
+        self.assertEqual(len(self.cluster.all_replica_posts()), 2)
+
+    def test_api_writes_reach_every_peer(self):
+        """POST, PUT and DELETE through the emitter's RecordAPI reach both receivers; a deleted record is 404 there."""
+        response, body = self.a.request("POST", "/c/x", {"value": "one"})
+        self.assertEqual(response.code, 200)
+        for receiver in (self.b, self.c):
+            self.assertEqual(receiver.stored("x"), body)
+
+        response, body = self.a.request("PUT", "/c/x", {"value": "two"})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(body)["value"], "two")
+        for receiver in (self.b, self.c):
+            self.assertEqual(receiver.stored("x"), body)
+            response, got = receiver.request("GET", "/c/x")
+            self.assertEqual((response.code, got), (200, body))
+
+        response, _ = self.a.request("DELETE", "/c/x")
+        self.assertEqual(response.code, 200)
+        for receiver in (self.b, self.c):
+            self.assertEqual(receiver.stored("x"), self.a.stored("x"))
+            self.assertTrue(json.loads(receiver.stored("x"))["deleted"])
+            response, _ = receiver.request("GET", "/c/x")
+            self.assertEqual(response.code, 404)
+
+    def test_receiver_does_not_pass_on(self):
+        """Without bridge=1 a receiver stores the replica and sends it nowhere."""
+        d = self.cluster.add("d")
+        self.b.replication.reconfigure(ServerList([url("d")]))
+        self.a.write("x", 1)
+        self.assertEqual(d.stored("x"), None)
+        self.assertEqual(self.cluster.replica_posts("d"), [])
+        self.assertEqual([forward for _, forward, _ in self.b.received], [False])
+        # Nothing was logged for b's peers either.
+        self.assertEqual(self.b.changelog.last_seq, 0)
+
+    def test_coalescing_while_down(self):
+        """
+        While a peer is failing, ten updates of one uid leave it a backlog of
+        one; back up, it receives only the newest version, in one request.
+        """
+        self.cluster.net.down(self.c.url)
+        for n in range(10):
+            data = self.a.write("x", n)
+        peer_c = self.a.replication.peers[self.c.url]
+        self.assertEqual(len(peer_c.pending), 1)
+        self.assertEqual(self.a.replication.status()[1]["backlog"], 1)
+        self.assertEqual(len(self.b.received), 10)
+        failed = len(self.cluster.replica_posts("c"))
+
+        self.cluster.net.up(self.c.url)
+        self.cluster.advance(8.0)
+        self.assertEqual(len(self.cluster.replica_posts("c")), failed + 1)
+        self.assertEqual(self.c.received, [(data, False, True)])
+        self.assertEqual(self.c.stored("x"), data)
+        self.assertEqual(json.loads(data)["value"], 9)
+
+    def test_order_per_uid(self):
+        """
+        Each receiver gets the versions of a uid in increasing order, each
+        applied, whether delivered at once or after a failure.
+        """
+        self.cluster.net.down(self.c.url)
+        for n in range(5):
+            self.a.write("x", n)
+            self.a.write("y", n)
+            if n == 2:
+                self.cluster.net.up(self.c.url)
+                self.cluster.advance(8.0)
+                self.cluster.net.down(self.c.url)
+        self.cluster.net.up(self.c.url)
+        self.cluster.advance(8.0)
+        for receiver in (self.b, self.c):
+            for uid in ("x", "y"):
+                versions = [
+                    json.loads(data)["version"]
+                    for data, _, _ in receiver.received
+                    if json.loads(data)["uid"] == uid
+                ]
+                self.assertEqual(versions, sorted(versions))
+                self.assertEqual(len(set(versions)), len(versions))
+                self.assertEqual(receiver.stored(uid), self.a.stored(uid))
+            self.assertTrue(all(applied for _, _, applied in receiver.received))
+        self.assertEqual(len(self.b.received), 10)
+        self.assertLess(len(self.c.received), 10)
+
+    def test_status(self):
+        """status() lists each peer: url, state, backlog and the age of its oldest undelivered write."""
+        self.cluster.net.down(self.c.url)
+        self.a.write("x", 1)
+        self.cluster.advance(0.5)
+        self.a.write("y", 1)
+        self.cluster.advance(2.0)
+        status = {s["url"]: s for s in self.a.replication.status()}
+        self.assertEqual(list(status), [self.b.url, self.c.url])
+        self.assertEqual(
+            {k: status[self.b.url][k] for k in ("state", "backlog", "oldest_undelivered_age")},
+            {"state": "up", "backlog": 0, "oldest_undelivered_age": 0.0},
+        )
+        self.assertEqual(
+            {k: status[self.c.url][k] for k in ("state", "backlog", "oldest_undelivered_age")},
+            {"state": "retrying", "backlog": 2, "oldest_undelivered_age": 2.5},
+        )
+        self.assertEqual(status[self.b.url]["sent"], 2)
+        self.assertIn("ConnectionRefusedError", status[self.c.url]["last_error"])
+
+    def test_collect(self):
+        """collect() yields the backlog and the lag in seconds of each peer, and whether it is up."""
+        self.cluster.net.down(self.c.url)
+        self.a.write("x", 1)
+        self.cluster.advance(3.0)
+        families = {f.name: f for f in self.a.replication.collect()}
+        self.assertIn("minstore_replication_backlog", families)
+        self.assertIn("minstore_replication_lag_seconds", families)
+
+        def samples(name):
+            return {s.labels["peer"]: s.value for s in families[name].samples}
+
+        self.assertEqual(samples("minstore_replication_backlog"), {self.b.url: 0, self.c.url: 1})
+        self.assertEqual(samples("minstore_replication_lag_seconds"), {self.b.url: 0.0, self.c.url: 3.0})
+        self.assertEqual(samples("minstore_replication_peer_up"), {self.b.url: 1, self.c.url: 0})
+
+
+class VersionOrderTests(SynchronousTestCase):
+    def setUp(self):
+        self.cluster = Cluster(self)
+        self.node = self.cluster.add("r").node
+
+    def apply(self, data):
+        return self.successResultOf(self.node.apply_replica(data))
+
+    def test_older_version_not_applied(self):
+        """A replica older than (or as old as) the stored version is not applied: False, record unchanged."""
+        new, old = replica("x", 20, "new"), replica("x", 10, "old")
+        self.assertTrue(self.apply(new))
+        self.assertFalse(self.apply(old))
+        self.assertFalse(self.apply(new))
+        self.assertEqual(self.node.storage.get("c", "x"), new)
+
+    def test_newer_version_applied(self):
+        """A newer replica replaces the stored record as it is."""
+        self.assertTrue(self.apply(replica("x", 10, "old")))
+        self.assertTrue(self.apply(replica("x", 20, "new")))
+        self.assertEqual(self.node.storage.get("c", "x"), replica("x", 20, "new"))
+
+    def test_tombstone_wins_over_old_replica(self):
+        """
+        After a delete (a tombstone), an older replica of the record does not
+        bring it back: not applied, and GET is 404.
+        """
+        self.assertTrue(self.apply(replica("x", 10)))
+        self.assertTrue(self.apply(tombstone("x", 20)))
+        self.assertFalse(self.apply(replica("x", 15)))
+        self.assertEqual(self.node.storage.get("c", "x"), tombstone("x", 20))
+        self.failureResultOf(self.node.get("c", "x", local=True))
+        self.assertTrue(self.apply(replica("x", 30, "again")))
+        self.assertEqual(self.successResultOf(self.node.get("c", "x")).data, replica("x", 30, "again"))
+
+    def test_tombstone_arriving_first(self):
+        """A tombstone for a uid never seen is kept, so the older record arriving after it is refused."""
+        self.assertTrue(self.apply(tombstone("x", 20)))
+        self.assertFalse(self.apply(replica("x", 10)))
+        self.assertEqual(self.node.storage.get("c", "x"), tombstone("x", 20))
+
+    def test_local_write_after_replica_is_newer(self):
+        """A node's next write of a uid sorts after a replica it received (even from a clock ahead)."""
+        self.assertTrue(self.apply(replica("x", 5000, "theirs")))
+        mine = self.successResultOf(self.node.update("c", "x", "mine"))
+        self.assertGreater(mine.version, version(5000))
+
+    def test_replicas_route(self):
+        """POST /_cluster/replicas takes NDJSON and answers how many were received and applied."""
+        member = self.cluster.members["r"]
+        body = b"\n".join([replica("x", 20), replica("x", 10), replica("y", 10), b""])
+        d = member.http.post(
+            member.url + "/_cluster/replicas", data=body, headers={b"content-type": [b"application/x-ndjson"]}
+        )
+        member.http.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(
+            json.loads(self.successResultOf(response.content())), {"received": 3, "applied": 2}
+        )
+        self.assertEqual(self.node.storage.get("c", "x"), replica("x", 20))
+
+    def test_bad_replica_is_400(self):
+        """A replica that is not a record is refused with 400, and the sender sees a PeerError."""
+        member = self.cluster.members["r"]
+        d = member.http.post(member.url + "/_cluster/replicas", data=b'{"nope": 1}\n')
+        member.http.flush()
+        self.assertEqual(self.successResultOf(d).code, 400)
+
+
+class ConvergenceTests(SynchronousTestCase):
+    def test_concurrent_writes_converge(self):
+        """
+        Two nodes that write the same uid while cut off from each other end
+        with the same record, the one with the higher version, whichever
+        replica arrives first.
+        """
+        cluster = Cluster(self)
+        a = cluster.add("a", peers=["b"])
+        b = cluster.add("b", peers=["a"])
+        cluster.net.down(a.url)
+        cluster.net.down(b.url)
+        older_x = a.write("x", "a first")
+        older_y = b.write("y", "b first")
+        cluster.advance(0.01)
+        newer_x = b.write("x", "b later")
+        newer_y = a.write("y", "a later")
+        self.assertLess(json.loads(older_x)["version"], json.loads(newer_x)["version"])
+        cluster.net.up(a.url)
+        cluster.net.up(b.url)
+        cluster.advance(8.0)
+        for node in (a, b):
+            self.assertEqual(node.stored("x"), newer_x)
+            self.assertEqual(node.stored("y"), newer_y)
+        # Each refused the older replica it was sent.
+        self.assertIn((older_x, False, False), b.received)
+        self.assertIn((older_y, False, False), a.received)
+        for node in (a, b):
+            self.assertEqual([s["backlog"] for s in node.replication.status()], [0])
+
+
+class BridgeTests(SynchronousTestCase):
+    def setUp(self):
+        self.cluster = Cluster(self)
+
+    def test_bridge_chain(self):
+        """
+        A bridge sends bridge=1; a receiver of bridge=1 stores and passes the
+        record on, with bridge=1 only when it is a bridge itself; a receiver
+        without bridge=1 passes nothing on.
+        """
+        e = self.cluster.add("e")
+        d = self.cluster.add("d", peers=["e"])
+        c = self.cluster.add("c", peers=["d"])
+        b = self.cluster.add("b", peers=["c"], bridge=True)
+        a = self.cluster.add("a", peers=["b"], bridge=True)
+        data = a.write("x", "through")
+        self.assertEqual(
+            self.cluster.all_replica_posts(),
+            [
+                url("b") + "/_cluster/replicas?bridge=1",
+                url("c") + "/_cluster/replicas?bridge=1",
+                url("d") + "/_cluster/replicas",
+            ],
+        )
+        for node in (b, c, d):
+            self.assertEqual(node.stored("x"), data)
+        self.assertEqual(e.stored("x"), None)
+        self.assertEqual([f for _, f, _ in b.received + c.received + d.received], [True, True, False])
+
+    def test_bridge_receiver_not_bridge(self):
+        """A receiver of bridge=1 whose own list has no '*' forwards without bridge=1."""
+        c = self.cluster.add("c")
+        b = self.cluster.add("b", peers=["c"])
+        a = self.cluster.add("a", peers=["b"], bridge=True)
+        data = a.write("x", 1)
+        self.assertEqual(
+            self.cluster.all_replica_posts(),
+            [url("b") + "/_cluster/replicas?bridge=1", url("c") + "/_cluster/replicas"],
+        )
+        self.assertEqual(c.stored("x"), data)
+        self.assertEqual(b.stored("x"), data)
+
+    def test_cycle_ends(self):
+        """
+        A->B->A, both bridges: a write makes two replica requests and stops
+        (the replica back at A is not newer), leaving the same record on
+        both; an update and a delete do the same.
+        """
+        b = self.cluster.add("b", peers=["a"], bridge=True)
+        a = self.cluster.add("a", peers=["b"], bridge=True)
+        data = a.write("x", 1)
+        self.cluster.advance(60)
+        self.assertEqual(len(self.cluster.all_replica_posts()), 2)
+        self.assertEqual(a.stored("x"), data)
+        self.assertEqual(b.stored("x"), data)
+        self.assertEqual(a.received, [(data, True, False)])
+
+        data = b.write("x", 2)
+        self.assertEqual(len(self.cluster.all_replica_posts()), 4)
+        b.delete("x")
+        self.cluster.advance(60)
+        self.assertEqual(len(self.cluster.all_replica_posts()), 6)
+        self.assertEqual(a.stored("x"), b.stored("x"))
+        self.assertTrue(json.loads(a.stored("x"))["deleted"])
+        for node in (a, b):
+            self.assertEqual([s["backlog"] for s in node.replication.status()], [0])
+
+    def test_three_node_cycle_ends(self):
+        """A->B->C->A, all bridges: one write makes three replica requests and every node holds it."""
+        c = self.cluster.add("c", peers=["a"], bridge=True)
+        b = self.cluster.add("b", peers=["c"], bridge=True)
+        a = self.cluster.add("a", peers=["b"], bridge=True)
+        data = a.write("x", 1)
+        self.cluster.advance(60)
+        self.assertEqual(len(self.cluster.all_replica_posts()), 3)
+        for node in (a, b, c):
+            self.assertEqual(node.stored("x"), data)
+
+
+class CheckpointTests(SynchronousTestCase):
+    def setUp(self):
+        self.cluster = Cluster(self)
+        self.b = self.cluster.add("b")
+        self.c = self.cluster.add("c")
+        self.directory = self.mktemp()
+        self.storage = MemoryStorage()
+        self.a = self.cluster.add("a", peers=["b", "c"], directory=self.directory, storage=self.storage)
+
+    def restart_a(self, save=False):
+        """Stop a (saving checkpoints like ClusterService when ``save``) and start it again over the same data."""
+        if save:
+            checkpoints = {u: r.checkpoint for u, r in self.a.replication.peers.items()}
+        self.a.replication.stop()
+        if save:
+            self.a.changelog.save_checkpoints(checkpoints)
+        for member in (self.b, self.c):
+            del member.received[:]
+        self.a = self.cluster.add("a", peers=["b", "c"], directory=self.directory, storage=self.storage)
+
+    def test_restart_resends_only_unacknowledged(self):
+        """
+        After a restart over the same change log, each peer is sent what it
+        had not acknowledged, and nothing it had.
+        """
+        self.cluster.net.down(self.c.url)
+        x, y = self.a.write("x", 1), self.a.write("y", 1)
+        self.cluster.net.down(self.b.url)
+        z = self.a.write("z", 1)
+        self.assertEqual(self.a.changelog.read_checkpoints(), {self.b.url: 2, self.c.url: 0})
+
+        self.cluster.net.up(self.b.url)
+        self.cluster.net.up(self.c.url)
+        self.restart_a()
+        self.assertEqual([d for d, _, _ in self.b.received], [z])
+        self.assertEqual(sorted(d for d, _, _ in self.c.received), sorted([x, y, z]))
+        self.assertEqual(self.a.changelog.read_checkpoints(), {self.b.url: 3, self.c.url: 3})
+
+        # And once everything is acknowledged, a restart sends nothing.
+        self.restart_a(save=True)
+        self.assertEqual((self.b.received, self.c.received), ([], []))
+
+    def test_restart_before_any_delivery(self):
+        """
+        Writes logged before any peer ever acknowledged anything (so no
+        checkpoint was ever saved), then a crash: the restarted node still
+        sends them.
+        """
+        self.cluster.net.down(self.b.url)
+        self.cluster.net.down(self.c.url)
+        x = self.a.write("x", 1)
+        self.assertFalse(os.path.exists(os.path.join(self.directory, "checkpoints.json")))
+        self.cluster.net.up(self.b.url)
+        self.cluster.net.up(self.c.url)
+        self.restart_a()
+        self.assertEqual([d for d, _, _ in self.b.received], [x])
+        self.assertEqual([d for d, _, _ in self.c.received], [x])
+
+    def test_restart_with_unreadable_checkpoints(self):
+        """A checkpoints.json cut short by a crash means resending the whole log, not losing it."""
+        self.cluster.net.down(self.c.url)
+        x = self.a.write("x", 1)
+        with open(os.path.join(self.directory, "checkpoints.json"), "wb") as f:
+            f.write(b'{"http://b:8001": 1, "http://c:80')
+        self.cluster.net.up(self.c.url)
+        self.restart_a()
+        self.assertEqual([d for d, _, _ in self.c.received], [x])
+        self.assertEqual([d for d, _, _ in self.b.received], [x])
+
+    def test_new_peer_at_restart_gets_only_later_writes(self):
+        """A peer first listed at a restart is not sent the log's older writes, only those made after."""
+        self.a.write("x", 1)
+        d = self.cluster.add("d")
+        self.a.replication.stop()
+        self.a = self.cluster.add("a", peers=["b", "c", "d"], directory=self.directory, storage=self.storage)
+        self.assertEqual(d.received, [])
+        y = self.a.write("y", 1)
+        self.assertEqual([data for data, _, _ in d.received], [y])
+
+
+class SyncTests(SynchronousTestCase):
+    def setUp(self):
+        self.cluster = Cluster(self)
+        self.b = self.cluster.add("b")
+        self.c = self.cluster.add("c")
+        self.a = self.cluster.add("a", peers=["b", "c"])
+
+    def post_sync(self, uid, value):
+        d = self.a.http.post(
+            self.a.url + "/c/%s?sync=1" % uid, data=json.dumps({"value": value}).encode(), headers=JSON
+        )
+        self.a.http.flush()
+        return d
+
+    def test_sync_all_stored(self):
+        """POST ?sync=1 answers once both peers stored the record: stored 2 of 2."""
+        response = self.successResultOf(self.post_sync("x", 1))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"minstore-replicas-stored"), [b"2"])
+        self.assertEqual(response.headers.getRawHeaders(b"minstore-replicas-expected"), [b"2"])
+        body = self.successResultOf(response.content())
+        self.assertEqual(self.b.stored("x"), body)
+        self.assertEqual(self.c.stored("x"), body)
+
+    def test_sync_peer_down_times_out(self):
+        """
+        With one peer down, POST ?sync=1 waits for the sync timeout, then
+        answers 200 with stored 1 of 2.
+        """
+        self.cluster.net.down(self.c.url)
+        d = self.post_sync("x", 1)
+        self.assertNoResult(d)
+        self.cluster.advance(4.9)
+        self.assertNoResult(d)
+        self.cluster.advance(0.1)
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"minstore-replicas-stored"), [b"1"])
+        self.assertEqual(response.headers.getRawHeaders(b"minstore-replicas-expected"), [b"2"])
+
+    def test_sync_with_storage_in_a_thread(self):
+        """
+        With storage writes finishing on a later reactor turn (a thread
+        pool), POST ?sync=1 with one peer down still waits for the timeout
+        and says stored 1 of 2, and with both peers up says 2 of 2 only
+        once both hold the record.
+        """
+        later = LaterThread(self.cluster.clock)
+        a = self.cluster.add("a2", peers=["b", "c"], in_thread=later)
+        self.cluster.net.down(self.c.url)
+        d = a.http.post(a.url + "/c/x?sync=1", data=b'{"value": 1}', headers=JSON)
+        for _ in range(10):
+            self.cluster.advance(0)
+        self.assertNoResult(d)
+        self.cluster.advance(5.0)
+        response = self.successResultOf(d)
+        self.assertEqual(response.headers.getRawHeaders(b"minstore-replicas-stored"), [b"1"])
+        self.assertEqual(response.headers.getRawHeaders(b"minstore-replicas-expected"), [b"2"])
+
+        self.cluster.net.up(self.c.url)
+        self.cluster.advance(30.0)
+        d = a.http.post(a.url + "/c/y?sync=1", data=b'{"value": 1}', headers=JSON)
+        for _ in range(10):
+            self.cluster.advance(0)
+        response = self.successResultOf(d)
+        self.assertEqual(response.headers.getRawHeaders(b"minstore-replicas-stored"), [b"2"])
+        body = self.successResultOf(response.content())
+        self.assertEqual(self.b.stored("y"), body)
+        self.assertEqual(self.c.stored("y"), body)
+
+    def test_sync_waits_for_late_peer(self):
+        """A sync write fires as soon as the late peer stores it, before the timeout."""
+        self.cluster.net.down(self.c.url)
+        entry = self.successResultOf(self.a.node.create("c", "x", 1))
+        d = self.a.replication.wait_stored("c", "x", entry.version, 5.0)
+        self.assertNoResult(d)
+        self.cluster.net.up(self.c.url)
+        self.cluster.advance(1.0)
+        self.assertEqual(self.successResultOf(d), (2, 2))
+        self.assertEqual(self.c.stored("x"), entry.data)
+
+    def test_sync_newer_version_counts(self):
+        """A peer that stored a newer version of the uid counts as holding the one waited for."""
+        self.cluster.net.down(self.c.url)
+        first = self.successResultOf(self.a.node.create("c", "x", 1))
+        d = self.a.replication.wait_stored("c", "x", first.version, 5.0)
+        self.a.write("x", 2)
+        self.cluster.net.up(self.c.url)
+        self.cluster.advance(1.0)
+        self.assertEqual(self.successResultOf(d), (2, 2))
+
+    def test_sync_delete(self):
+        """DELETE ?sync=1 answers with the replica counts once the tombstone is on both peers."""
+        self.a.write("x", 1)
+        d = self.a.http.delete(self.a.url + "/c/x?sync=1")
+        self.a.http.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"minstore-replicas-stored"), [b"2"])
+        self.assertTrue(json.loads(self.b.stored("x"))["deleted"])
+
+    def test_sync_without_peers(self):
+        """A node with no peers answers sync=1 at once: stored 0 of 0."""
+        lone = self.cluster.add("lone")
+        d = lone.http.post(lone.url + "/c/x?sync=1", data=b'{"value": 1}', headers=JSON)
+        lone.http.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.headers.getRawHeaders(b"minstore-replicas-expected"), [b"0"])
+
+
+class ReconfigureTests(SynchronousTestCase):
+    def setUp(self):
+        self.cluster = Cluster(self)
+        self.b = self.cluster.add("b")
+        self.c = self.cluster.add("c")
+        self.a = self.cluster.add("a", peers=["b"])
+
+    def test_added_peer_gets_later_writes(self):
+        """A peer added by reconfigure receives the writes made after, not those before."""
+        self.a.write("x", 1)
+        change = self.a.replication.reconfigure(ServerList([self.b.url, self.c.url]))
+        self.assertEqual(change["added"], [self.c.url])
+        self.assertEqual(change["removed"], [])
+        self.assertEqual(self.c.received, [])
+        y = self.a.write("y", 1)
+        self.assertEqual([d for d, _, _ in self.c.received], [y])
+        self.assertEqual(self.b.received_uids(), ["x", "y"])
+        self.assertEqual(
+            self.a.changelog.read_checkpoints(), {self.b.url: 2, self.c.url: 2}
+        )
+
+    def test_removed_peer_stops(self):
+        """A removed peer gets nothing more, its retry is cancelled and its checkpoint dropped."""
+        self.cluster.net.down(self.b.url)
+        self.a.write("x", 1)
+        self.assertEqual(len(self.cluster.clock.getDelayedCalls()), 1)
+        change = self.a.replication.reconfigure(ServerList([self.c.url]))
+        self.assertEqual((change["added"], change["removed"]), ([self.c.url], [self.b.url]))
+        self.assertEqual(self.cluster.clock.getDelayedCalls(), [])
+        self.cluster.net.up(self.b.url)
+        self.a.write("y", 1)
+        self.cluster.advance(100)
+        self.assertEqual(self.b.received, [])
+        self.assertEqual(self.c.received_uids(), ["y"])
+        self.assertEqual(list(self.a.replication.peers), [self.c.url])
+        self.assertEqual(self.a.changelog.read_checkpoints(), {self.c.url: 2})
+
+    def test_bridge_change_reported(self):
+        """reconfigure says whether the bridge flag changed, and replicas carry bridge=1 from then on."""
+        change = self.a.replication.reconfigure(ServerList([self.b.url], bridge=True))
+        self.assertEqual((change["added"], change["removed"]), ([], []))
+        self.assertTrue(change["bridge"])
+        self.assertTrue(change["bridge_changed"])
+        self.a.write("x", 1)
+        self.assertEqual(self.cluster.all_replica_posts(), [self.b.url + "/_cluster/replicas?bridge=1"])
+
+
+class ClusterServiceTests(SynchronousTestCase):
+    def setUp(self):
+        self.cluster = Cluster(self)
+        self.b = self.cluster.add("b")
+        self.c = self.cluster.add("c")
+        self.path = self.mktemp()
+        self.write_servers("http://b:8001\n")
+        from minstore.cluster.servers import read_servers
+
+        self.a = self.cluster.add("a", peers=["b"])
+        self.a.servers = read_servers(self.path)
+        self.service = ClusterService(self.a.replication, self.a.servers, self.cluster.clock)
+        self.events = []
+        self.service.log = Logger(observer=self.events.append)
+
+    def write_servers(self, text):
+        with open(self.path, "w") as f:
+            f.write(text)
+
+    def test_reload_applies_changes(self):
+        """reload() applies a changed servers.list and reports the added and removed peers."""
+        self.write_servers("# peers\n*\nhttp://c:8001\n")
+        change = self.service.reload()
+        self.assertEqual(change["added"], [self.c.url])
+        self.assertEqual(change["removed"], [self.b.url])
+        self.assertTrue(change["bridge"])
+        self.assertEqual(self.service.servers.peers, (self.c.url,))
+        self.assertEqual(list(self.a.replication.peers), [self.c.url])
+        self.a.write("x", 1)
+        self.assertEqual(self.cluster.all_replica_posts(), [self.c.url + "/_cluster/replicas?bridge=1"])
+        self.assertEqual(self.b.received, [])
+        [event] = self.events
+        self.assertEqual(event["log_level"].name, "info")
+
+    def test_reload_bad_file_keeps_old_list(self):
+        """A bad servers.list is logged (naming file and line) and the old peers are kept."""
+        self.write_servers("http://c:8001\nnot a url\n")
+        self.assertIsNone(self.service.reload())
+        self.assertEqual(self.service.servers.peers, (self.b.url,))
+        self.assertEqual(list(self.a.replication.peers), [self.b.url])
+        [event] = self.events
+        self.assertEqual(event["log_level"].name, "error")
+        self.assertIn("%s:2" % self.path, event["error"])
+        self.a.write("x", 1)
+        self.assertEqual(self.b.received_uids(), ["x"])
+
+    def test_reload_missing_file_keeps_old_list(self):
+        """A servers.list that disappeared is logged and the old peers are kept."""
+        os.remove(self.path)
+        self.assertIsNone(self.service.reload())
+        self.assertEqual(list(self.a.replication.peers), [self.b.url])
+        self.assertEqual(self.events[0]["log_level"].name, "error")
+
+    def test_stop_saves_checkpoints(self):
+        """stopService saves every peer's checkpoint and stops retrying."""
+        self.cluster.net.down(self.b.url)
+        self.a.write("x", 1)
+        self.successResultOf(self.service.stopService())
+        self.assertEqual(self.a.changelog.read_checkpoints(), {self.b.url: 0})
+        self.assertEqual(self.cluster.clock.getDelayedCalls(), [])
