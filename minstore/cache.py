@@ -298,7 +298,8 @@ class CacheFront:
 
     def _call(self, peer, method, path, headers=None, data=None):
         """Deferred L{Answer} of one request to a dependant; fails when it does not answer."""
-        kwargs = {"headers": dict(headers or {})}
+        # A dependant's redirect is its answer, not something to follow.
+        kwargs = {"headers": dict(headers or {}), "allow_redirects": False}
         if data is not None:
             kwargs["data"] = data
         d = ensureDeferred(
