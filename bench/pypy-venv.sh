@@ -1,0 +1,64 @@
+#!/bin/sh
+# Make a PyPy virtualenv with minstore (from this checkout) and everything it
+# needs, for `bench/run.py --python VENV/bin/python` or `--compare-pypy`.
+#
+#   sh bench/pypy-venv.sh [VENV]        (default: /tmp/pypy-venv)
+#
+# Needs Debian's pypy3 and pypy3-venv (apt-get install pypy3 pypy3-venv).
+# Every dependency of minstore installs from a wheel on PyPy 3.9 (Debian 12's
+# pypy3 7.3.11), no compiler needed: numpy 2.0.2 and rpds-py 0.27.1 have pp39
+# wheels, cryptography 43.0.3 (via pyOpenSSL, for treq) too; prometheus_client,
+# klein, treq, Twisted 25.5 are pure Python.  pip picks the newest release
+# whose requires-python admits 3.9.  One catch: py3langid (see below).
+set -eu
+
+VENV=${1:-/tmp/pypy-venv}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+PYPY=${PYPY:-pypy3}
+
+if ! command -v "$PYPY" >/dev/null 2>&1; then
+    echo "pypy-venv.sh: no $PYPY on PATH (apt-get install pypy3 pypy3-venv)" >&2
+    exit 1
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYPY" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
+# --only-binary for the compiled dependencies: fail loudly rather than start a
+# long source build; drop it (PYPY_ALLOW_BUILD=1) to allow building them.
+if [ "${PYPY_ALLOW_BUILD:-0}" = 1 ]; then
+    BINARY=""
+else
+    BINARY="--only-binary=numpy,rpds-py,cffi,cryptography"
+fi
+# shellcheck disable=SC2086
+"$VENV/bin/python" -m pip install $BINARY "$HERE"
+
+# py3langid 0.4 needs Python >= 3.10, so on PyPy 3.9 pip takes py3langid 0.3.0,
+# which lacks py3langid.langid._load_identifier, the (private) function that
+# minstore/process/lang.py calls: every node start then fails with an
+# ImportError.  Until lang.py falls back to the 0.3 API
+# (LanguageIdentifier.from_pickled_model(MODEL_FILE, norm_probs=True)), put
+# py3langid 0.4.0 in this venv regardless of its requires-python: it is pure
+# Python over numpy and runs on PyPy 3.9 (checked with numpy 2.0.2).
+if ! "$VENV/bin/python" -c "from py3langid.langid import _load_identifier" 2>/dev/null; then
+    echo "pypy-venv.sh: py3langid $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("py3langid"))') has no _load_identifier (minstore's lang process needs it);" \
+         "installing py3langid 0.4.0 with --ignore-requires-python" >&2
+    "$VENV/bin/python" -m pip install --quiet --no-deps --ignore-requires-python "py3langid==0.4.0"
+fi
+
+# Smoke test: every import the node makes, and the lang model loads.
+"$VENV/bin/python" - <<'EOF'
+import platform
+from importlib.metadata import version
+import numpy, jsonschema, rpds, prometheus_client, klein, treq, twisted
+from minstore.process.lang import detect_language
+assert detect_language("the quick brown fox jumps over the lazy dog") == "en"
+print("%s %s: %s: imports ok, lang ok" % (
+    platform.python_implementation(), platform.python_version(),
+    ", ".join("%s %s" % (n, version(n)) for n in (
+        "numpy", "py3langid", "jsonschema", "rpds-py", "prometheus_client",
+        "klein", "treq", "Twisted"))))
+EOF
+echo "PyPy venv ready: $VENV/bin/python"

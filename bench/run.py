@@ -1,0 +1,594 @@
+#!/usr/bin/env python3
+"""
+Benchmark a minstore node against a bare Klein app (bench/bare_klein.py).
+
+Starts a real node from this checkout (fresh temporary data directory) and
+the bare app on free loopback ports, waits until both answer, seeds records,
+then, for each operation and each server, runs ``wrk -t2 -c32 --latency``
+once as a warm-up and once measured:
+
+  get   GET /bench/seed-1 (an existing record)
+  post  POST /bench/{unique uid} of a new ~200-byte JSON record
+  put   PUT /bench/seed-{i} with a new ~200-byte value, rotating over the seeds
+
+and prints requests/s, p50 and p99 of both servers and the ratio node/bare.
+Every process it starts is stopped at the end, whatever happens.  All
+traffic goes to 127.0.0.1.  Standard library only, plus ``wrk`` on PATH.
+
+    python3 bench/run.py                               # CPython (this interpreter)
+    python3 bench/run.py --python /tmp/pypy-venv/bin/python
+    python3 bench/run.py --compare-pypy                # both, one table
+    python3 bench/run.py --json out.json --duration 15
+"""
+
+import argparse
+import concurrent.futures
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+COLLECTION = "bench"
+OPERATIONS = ("get", "post", "put")
+DEFAULT_PYPY = "/tmp/pypy-venv/bin/python"
+
+#: About 200 bytes of English, so the ``lang`` process does real work.
+TEXT = (
+    "The quick brown fox jumps over the lazy dog while a patient engineer "
+    "measures how many small records per second a replicated store keeps "
+    "durable on a modest machine with two cores and one disk"
+)
+
+# A new record per request: uids unique per run (prefix), thread and request.
+POST_LUA = r"""
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("id", threads)
+end
+function init(args)
+  prefix = args[1] or "r"
+  text = args[2] or "x"
+  counter = 0
+  wrk.headers["Content-Type"] = "application/json"
+end
+function request()
+  counter = counter + 1
+  local uid = prefix .. "-" .. id .. "-" .. counter
+  local body = '{"value": "' .. text .. " " .. uid .. '"}'
+  return wrk.format("POST", "/%(collection)s/" .. uid, nil, body)
+end
+"""
+
+# A changed value for an existing record, rotating over the seeded uids; each
+# thread starts at its own offset.
+PUT_LUA = r"""
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("id", threads)
+end
+function init(args)
+  prefix = args[1] or "r"
+  text = args[2] or "x"
+  seeds = tonumber(args[3] or "1000")
+  counter = 0
+  pos = ((id - 1) * 7919) %% seeds
+  wrk.headers["Content-Type"] = "application/json"
+end
+function request()
+  counter = counter + 1
+  pos = pos %% seeds + 1
+  local uid = "seed-" .. pos
+  local body = '{"value": "' .. text .. " " .. prefix .. "-" .. id .. "-" .. counter .. '"}'
+  return wrk.format("PUT", "/%(collection)s/" .. uid, nil, body)
+end
+"""
+
+
+class BenchError(Exception):
+    pass
+
+
+# -- processes ------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A child process in its own session, stopped with SIGTERM then SIGKILL."""
+
+    def __init__(self, name, argv, port, log_path, env=None, cwd=None):
+        self.name = name
+        self.argv = argv
+        self.port = port
+        self.log_path = log_path
+        self.env = env
+        self.cwd = cwd
+        self.proc = None
+
+    def start(self):
+        log = open(self.log_path, "wb")
+        try:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        return self
+
+    def log_tail(self, lines=20):
+        try:
+            with open(self.log_path, "rb") as f:
+                return b"\n".join(f.read().splitlines()[-lines:]).decode("utf-8", "replace")
+        except OSError:
+            return "(no log)"
+
+    def wait_ready(self, path, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(
+                    "%s exited (status %s) before answering:\n%s"
+                    % (self.name, self.proc.returncode, self.log_tail())
+                )
+            try:
+                status, _ = request("127.0.0.1", self.port, "GET", path, timeout=2)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise BenchError("%s did not answer within %ds:\n%s" % (self.name, timeout, self.log_tail()))
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace=20.0):
+        """Stop the process (and anything it started); True when it was running."""
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        return True
+
+
+def request(host, port, method, path, body=None, headers=None, timeout=10, conn=None):
+    own = conn is None
+    if own:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        if own:
+            conn.close()
+
+
+def seed(port, count, workers=8):
+    """POST seed-1 .. seed-COUNT, with a few connections in parallel."""
+
+    def part(indexes):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            for i in indexes:
+                body = json.dumps({"value": "%s seed %d" % (TEXT, i)})
+                status, data = request(
+                    None, None, "POST", "/%s/seed-%d" % (COLLECTION, i), body,
+                    {"Content-Type": "application/json"}, conn=conn,
+                )
+                if status != 200 and not (status == 400 and b"record_exists" in data):
+                    raise BenchError("seeding seed-%d: %d %r" % (i, status, data[:200]))
+        finally:
+            conn.close()
+
+    indexes = list(range(1, count + 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for f in [pool.submit(part, indexes[k::workers]) for k in range(workers)]:
+            f.result()
+
+
+def batch_stats(port):
+    """(sum, count) of the node's write batch size histogram, or None."""
+    try:
+        status, text = request("127.0.0.1", port, "GET", "/metrics")
+    except OSError:
+        return None
+    if status != 200:
+        return None
+    found = {}
+    for line in text.decode("utf-8", "replace").splitlines():
+        for key in ("sum", "count"):
+            if line.startswith("minstore_write_batch_size_%s " % key):
+                found[key] = float(line.split()[1])
+    if len(found) != 2:
+        return None
+    return found["sum"], found["count"]
+
+
+# -- wrk ------------------------------------------------------------------
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
+
+
+def _to_ms(text):
+    m = re.match(r"([\d.]+)(us|ms|s|m|h)$", text)
+    if not m:
+        raise BenchError("cannot read a wrk duration %r" % text)
+    return float(m.group(1)) * _UNITS_MS[m.group(2)]
+
+
+def parse_wrk(output):
+    """requests/s, p50/p75/p90/p99 (ms), request count, non-2xx/3xx, socket errors."""
+    result = {"non_2xx": 0, "socket_errors": 0}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if not m:
+        raise BenchError("no Requests/sec in wrk output:\n%s" % output)
+    result["rps"] = float(m.group(1))
+    for pct in ("50", "75", "90", "99"):
+        m = re.search(r"^\s+%s(?:\.0+)?%%\s+([\d.]+\w+)" % pct, output, re.M)
+        if m:
+            result["p" + pct] = _to_ms(m.group(1))
+    m = re.search(r"(\d+) requests in ([\d.]+\w+)", output)
+    if m:
+        result["requests"] = int(m.group(1))
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    if m:
+        result["non_2xx"] = int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    if m:
+        result["socket_errors"] = sum(int(x) for x in m.groups())
+    return result
+
+
+def run_wrk(args, port, operation, duration, tag, lua_dir):
+    url = "http://127.0.0.1:%d" % port
+    argv = [
+        "wrk",
+        "-t%d" % args.threads,
+        "-c%d" % args.connections,
+        "-d%ds" % duration,
+        "--timeout", "10s",
+        "--latency",
+    ]
+    if operation == "get":
+        argv.append(url + "/%s/seed-1" % COLLECTION)
+    else:
+        script = os.path.join(lua_dir, operation + ".lua")
+        argv += ["-s", script, url, "--", tag, TEXT]
+        if operation == "put":
+            argv.append(str(args.seed))
+    proc = subprocess.run(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=duration + 60
+    )
+    output = proc.stdout.decode("utf-8", "replace")
+    if proc.returncode != 0:
+        raise BenchError("wrk failed (%d):\n%s" % (proc.returncode, output))
+    return parse_wrk(output), output
+
+
+# -- one interpreter ------------------------------------------------------
+
+
+def interpreter_info(python):
+    code = (
+        "import platform,sys;print(platform.python_implementation()+' '"
+        "+platform.python_version()+(' (PyPy '+'.'.join(map(str,sys.pypy_version_info[:3]))+')'"
+        " if hasattr(sys,'pypy_version_info') else ''))"
+    )
+    out = subprocess.run([python, "-c", code], stdout=subprocess.PIPE, timeout=60, check=True)
+    return out.stdout.decode().strip()
+
+
+def bench_interpreter(args, python, log):
+    """Run every operation against a node and the bare app under ``python``."""
+    info = interpreter_info(python)
+    log("== %s (%s)" % (info, python))
+    work = tempfile.mkdtemp(prefix="minstore-bench-")
+    lua_dir = os.path.join(work, "lua")
+    os.mkdir(lua_dir)
+    for name, text in (("post", POST_LUA), ("put", PUT_LUA)):
+        with open(os.path.join(lua_dir, name + ".lua"), "w") as f:
+            f.write(text % {"collection": COLLECTION})
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("PYTHONSTARTUP", None)
+
+    node_argv = [python, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
+    if args.profile:
+        node_argv += ["--profile", os.path.abspath(args.profile), "--profiler", "cprofile", "--savestats"]
+    node_argv += [
+        "minstore",
+        "--port", "tcp:%d:interface=127.0.0.1" % 0,  # replaced below
+        "--data", os.path.join(work, "data"),
+        "--storage", args.storage,
+    ]
+    if args.processes is not None:
+        node_argv.append("--processes=" + args.processes)
+
+    targets = [t for t in ("node", "bare") if t in args.targets]
+    servers = {}
+    results = {"interpreter": info, "python": python, "operations": {}}
+    try:
+        if "node" in targets:
+            port = free_port()
+            node_argv[node_argv.index("tcp:0:interface=127.0.0.1")] = "tcp:%d:interface=127.0.0.1" % port
+            servers["node"] = Server("node", node_argv, port, os.path.join(work, "node.log"), env, REPO)
+        if "bare" in targets:
+            port = free_port()
+            servers["bare"] = Server(
+                "bare klein",
+                [python, os.path.join(HERE, "bare_klein.py"), str(port)],
+                port, os.path.join(work, "bare.log"), env, REPO,
+            )
+        for server in servers.values():
+            server.start()
+        for name, server in servers.items():
+            server.wait_ready("/_node/health")
+            log("   %s up on 127.0.0.1:%d" % (server.name, server.port))
+        if "node" in servers:
+            t0 = time.monotonic()
+            seed(servers["node"].port, args.seed)
+            log("   seeded %d records in %.1fs" % (args.seed, time.monotonic() - t0))
+
+        for op in args.ops:
+            row = results["operations"].setdefault(op, {})
+            for name in targets:
+                server = servers[name]
+                before = batch_stats(server.port) if name == "node" else None
+                if args.warmup > 0:
+                    run_wrk(args, server.port, op, args.warmup, "w%s" % int(time.time()), lua_dir)
+                if name == "node":
+                    before = batch_stats(server.port)
+                figures, output = run_wrk(args, server.port, op, args.duration, "m%s" % int(time.time()), lua_dir)
+                if not server.alive():
+                    raise BenchError("%s died during %s:\n%s" % (server.name, op, server.log_tail()))
+                if name == "node" and op != "get" and before:
+                    after = batch_stats(server.port)
+                    if after and after[1] > before[1]:
+                        figures["avg_batch"] = (after[0] - before[0]) / (after[1] - before[1])
+                row[name] = figures
+                if args.verbose:
+                    log(output)
+                log(
+                    "   %-4s %-4s %9.0f req/s  p50 %7.2f ms  p99 %8.2f ms%s%s"
+                    % (
+                        op, name, figures["rps"], figures.get("p50", float("nan")),
+                        figures.get("p99", float("nan")),
+                        "  non-2xx %d" % figures["non_2xx"] if figures["non_2xx"] else "",
+                        "  avg batch %.1f" % figures["avg_batch"] if "avg_batch" in figures else "",
+                    )
+                )
+                if figures["non_2xx"] or figures["socket_errors"]:
+                    log("   WARNING: %d non-2xx answers, %d socket errors (see --verbose)"
+                        % (figures["non_2xx"], figures["socket_errors"]))
+            if "node" in row and "bare" in row and row["bare"]["rps"]:
+                row["ratio"] = row["node"]["rps"] / row["bare"]["rps"]
+    finally:
+        for server in servers.values():
+            try:
+                server.stop()
+            except Exception as e:  # keep stopping the others
+                log("   could not stop %s: %s" % (server.name, e))
+        if args.keep:
+            log("   kept %s" % work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.profile and "node" in servers:
+        log("   node profile (cProfile stats): %s" % os.path.abspath(args.profile))
+    return results
+
+
+# -- output ---------------------------------------------------------------
+
+
+def _fmt_rps(row, name):
+    f = row.get(name)
+    return "%.0f" % f["rps"] if f else "-"
+
+
+def _fmt_lat(row, name):
+    f = row.get(name)
+    if not f:
+        return "-"
+    return "%s / %s" % (_ms(f.get("p50")), _ms(f.get("p99")))
+
+
+def _ms(v):
+    if v is None:
+        return "?"
+    return "%.2f ms" % v if v < 10 else "%.1f ms" % v if v < 100 else "%.0f ms" % v
+
+
+def _label(op, storage):
+    return {"get": "GET existing", "post": "POST new (%s)" % storage, "put": "PUT existing (%s)" % storage}[op]
+
+
+def table(runs, storage):
+    """A Markdown table: one column group per interpreter."""
+    lines = []
+    if len(runs) == 1:
+        run = runs[0]
+        lines.append("| operation | node req/s | node p50 / p99 | bare req/s | bare p50 / p99 | node/bare |")
+        lines.append("|---|---:|---:|---:|---:|---:|")
+        for op, row in run["operations"].items():
+            lines.append(
+                "| %s | %s | %s | %s | %s | %s |"
+                % (
+                    _label(op, storage), _fmt_rps(row, "node"), _fmt_lat(row, "node"),
+                    _fmt_rps(row, "bare"), _fmt_lat(row, "bare"),
+                    "%.2f" % row["ratio"] if "ratio" in row else "-",
+                )
+            )
+        return "\n".join(lines)
+    names = [r["interpreter"].split(" (")[0] for r in runs]
+    head = "| operation |"
+    rule = "|---|"
+    for name in names:
+        head += " %s node req/s | node p50 / p99 | bare req/s | bare p50 / p99 | node/bare |" % name
+        rule += "---:|---:|---:|---:|---:|"
+    if len(runs) == 2:
+        head += " node %s/%s |" % (names[1].split()[0], names[0].split()[0])
+        rule += "---:|"
+    lines += [head, rule]
+    for op in runs[0]["operations"]:
+        line = "| %s |" % _label(op, storage)
+        for run in runs:
+            row = run["operations"].get(op, {})
+            line += " %s | %s | %s | %s | %s |" % (
+                _fmt_rps(row, "node"), _fmt_lat(row, "node"), _fmt_rps(row, "bare"),
+                _fmt_lat(row, "bare"), "%.2f" % row["ratio"] if "ratio" in row else "-",
+            )
+        if len(runs) == 2:
+            a = runs[0]["operations"].get(op, {}).get("node")
+            b = runs[1]["operations"].get(op, {}).get("node")
+            line += " %s |" % ("%.2fx" % (b["rps"] / a["rps"]) if a and b and a["rps"] else "-")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# -- main -----------------------------------------------------------------
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=int, default=10, help="seconds of each measured wrk run (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="seconds of the wrk warm-up before each (default 3; 0: none)")
+    p.add_argument("--python", default=sys.executable, help="interpreter running the node and the bare app (default: this one)")
+    p.add_argument("--compare-pypy", nargs="?", const=DEFAULT_PYPY, metavar="PYPY",
+                   help="also run everything under PyPy (default %s, made by bench/pypy-venv.sh) and print both side by side" % DEFAULT_PYPY)
+    p.add_argument("--storage", choices=("files", "memory"), default="files", help="the node's storage engine (default files)")
+    p.add_argument("--processes", default=None, help="the node's --processes (default: the node's own default, lang,schema; '' for none)")
+    p.add_argument("--ops", default=",".join(OPERATIONS), help="operations to run, of get,post,put (default all)")
+    p.add_argument("--targets", default="node,bare", help="servers to measure, of node,bare (default both)")
+    p.add_argument("--threads", type=int, default=2, help="wrk -t (default 2)")
+    p.add_argument("--connections", type=int, default=32, help="wrk -c (default 32)")
+    p.add_argument("--seed", type=int, default=1000, help="records seeded before the runs; PUT rotates over them (default 1000)")
+    p.add_argument("--json", metavar="FILE", help="write the figures to this JSON file")
+    p.add_argument("--profile", metavar="FILE", help="run the node under cProfile (twistd --profiler cprofile --savestats) and write its stats here; the figures then carry the profiler's cost")
+    p.add_argument("--wait-idle", type=int, default=0, metavar="SECONDS",
+                   help="before starting, wait up to this long for the 1-minute load average to fall below 0.5 (the machine is shared)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (data, logs, Lua scripts)")
+    p.add_argument("--verbose", action="store_true", help="print wrk's whole output")
+    args = p.parse_args(argv)
+    args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    for op in args.ops:
+        if op not in OPERATIONS:
+            p.error("--ops: no operation %r (get, post, put)" % op)
+    for t in args.targets:
+        if t not in ("node", "bare"):
+            p.error("--targets: %r is not node or bare" % t)
+    if args.duration <= 0 or args.warmup < 0:
+        p.error("--duration must be above 0 and --warmup at least 0")
+    if args.compare_pypy and args.profile:
+        p.error("--profile runs one interpreter; drop --compare-pypy")
+    return args
+
+
+def _raise_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if shutil.which("wrk") is None:
+        sys.stderr.write("run.py: wrk is not on PATH (apt-get install wrk)\n")
+        return 2
+    pythons = [args.python]
+    if args.compare_pypy:
+        if not os.access(args.compare_pypy, os.X_OK):
+            sys.stderr.write("run.py: no PyPy at %s (make it: sh bench/pypy-venv.sh)\n" % args.compare_pypy)
+            return 2
+        pythons.append(args.compare_pypy)
+    # A SIGTERM or SIGHUP unwinds like Ctrl-C, so the servers get stopped.
+    signal.signal(signal.SIGTERM, _raise_exit)
+    signal.signal(signal.SIGHUP, _raise_exit)
+
+    def log(text):
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    if args.wait_idle:
+        deadline = time.monotonic() + args.wait_idle
+        while os.getloadavg()[0] >= 0.5 and time.monotonic() < deadline:
+            time.sleep(5)
+    started = time.time()
+    load = os.getloadavg()
+    if load[0] > 0.5:
+        log("run.py: WARNING: load average %.2f before the run: something else is using "
+            "the cores, and the figures will show it" % load[0])
+    runs = []
+    try:
+        for python in pythons:
+            runs.append(bench_interpreter(args, python, log))
+    except BenchError as e:
+        log("run.py: %s" % e)
+        return 1
+    except KeyboardInterrupt:
+        log("run.py: interrupted; servers stopped")
+        return 130
+
+    load_after = os.getloadavg()
+    print()
+    print(
+        "wrk -t%d -c%d -d%ds --latency after a %ds warm-up; storage %s; processes %s; %d seeded records; nproc %d"
+        % (args.threads, args.connections, args.duration, args.warmup, args.storage,
+           "default (lang,schema)" if args.processes is None else repr(args.processes),
+           args.seed, os.cpu_count() or 0)
+    )
+    print("load average before %.2f (1 min); after %.2f (includes this run)" % (load[0], load_after[0]))
+    for run in runs:
+        print("- %s: %s" % (run["interpreter"], run["python"]))
+    print()
+    print(table(runs, args.storage))
+    if args.json:
+        document = {
+            "started": started,
+            "machine": {"nproc": os.cpu_count(), "platform": platform.platform(),
+                        "loadavg_before": load, "loadavg_after": load_after},
+            "settings": {
+                "threads": args.threads, "connections": args.connections,
+                "duration": args.duration, "warmup": args.warmup, "storage": args.storage,
+                "processes": args.processes, "seed": args.seed,
+            },
+            "runs": runs,
+        }
+        with open(args.json, "w") as f:
+            json.dump(document, f, indent=2)
+        log("figures written to %s" % args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
