@@ -296,10 +296,16 @@ class Node:
         self.stopping = True
         return self.drain()
 
-    async def _new_version(self, collection, uid, value):
+    async def _new_version(self, collection, uid, value, current=None):
         version = self.clock.now()
         record = make_record(collection, uid, value, version, self.now())
         record = await run_pipeline(record, self.processes, self.in_thread)
+        if self.processes:
+            # A process may have changed the value: check_sum and size are the stored value's.
+            body = canonical_json(record["value"])
+            record["check_sum"], record["size"] = hashlib.sha256(body).hexdigest(), len(body)
+            if current is not None and json.loads(current.data).get("check_sum") == record["check_sum"]:
+                return current  # the same value once processed: PUT is idempotent
         data = encode_record(record)
         return await self._commit(collection, uid, data, False, version)
 
@@ -332,7 +338,7 @@ class Node:
         stored = json.loads(current.data)
         if stored.get("check_sum") == hashlib.sha256(canonical_json(value)).hexdigest():
             return current  # unchanged: PUT is idempotent
-        return await self._new_version(collection, uid, value)
+        return await self._new_version(collection, uid, value, current)
 
     def delete(self, collection, uid, if_match=None, local=False):
         """DELETE: leave a tombstone; Deferred L{Entry} of the tombstone."""
