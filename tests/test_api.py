@@ -1,0 +1,962 @@
+"""
+The HTTP API of DESIGN section 3, through real HTTP in memory (StubTreq)
+against a node on the memory engine.
+"""
+
+import hashlib
+import json
+import re
+import uuid
+from urllib.parse import quote
+
+from openapi_spec_validator import validate as validate_openapi
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.trial.unittest import SynchronousTestCase
+
+from minstore import __version__
+from minstore.api import RecordAPI
+from minstore.errors import Rejected
+from minstore.node import Node
+from minstore.records import canonical_json
+from minstore.storage.memory import MemoryStorage
+
+BASE = "http://node.test"
+JSON_TYPE = b"application/json; charset=utf-8"
+START = 1_700_000_000.0
+VERSION_RE = re.compile(r"\A\d{13}-\d{6}-node1\Z")
+
+
+class FakeTime:
+    def __init__(self, seconds=START):
+        self.seconds = seconds
+
+    def __call__(self):
+        return self.seconds
+
+
+class ManualThreads:
+    """
+    An ``in_thread`` that queues each call and runs it only when the test
+    says, so several requests can be in flight at once.
+    """
+
+    def __init__(self):
+        self.pending = []
+        self.called = []
+
+    def __call__(self, f, *args):
+        d = Deferred()
+        self.called.append(f)
+        self.pending.append((f, args, d))
+        return d
+
+    def flush(self):
+        while self.pending:
+            f, args, d = self.pending.pop(0)
+            try:
+                result = f(*args)
+            except BaseException:
+                d.errback()
+            else:
+                d.callback(result)
+
+
+class Response:
+    """A finished response: code, headers and body, read in memory."""
+
+    def __init__(self, code, headers, body):
+        self.code = code
+        self.headers = headers
+        self.body = body
+
+    def header(self, name):
+        values = self.headers.getRawHeaders(name)
+        return None if values is None else values[-1]
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class Upper:
+    """A process that upper-cases string values."""
+
+    name = "upper"
+    threaded = False
+
+    def __call__(self, record):
+        if isinstance(record["value"], str):
+            record["value"] = record["value"].upper()
+        return record
+
+
+class RejectOdd:
+    """A process that refuses odd numbers, synchronously or through a Deferred."""
+
+    name = "reject-odd"
+    threaded = False
+
+    def __init__(self, deferred=False):
+        self.deferred = deferred
+
+    def __call__(self, record):
+        if isinstance(record["value"], int) and record["value"] % 2:
+            error = Rejected("rejected", "odd numbers are not welcome: %d" % record["value"])
+            if self.deferred:
+                return fail(error)
+            raise error
+        record["checked"] = True
+        return succeed(record) if self.deferred else record
+
+
+class APITestCase(SynchronousTestCase):
+    max_record_size = 1024 * 1024
+
+    def setUp(self):
+        self.time = FakeTime()
+        self.threads = ManualThreads()
+        self.node = self.make_node()
+        self.node.open()
+        self.api = RecordAPI(self.node, max_record_size=self.max_record_size)
+        self.http = StubTreq(self.api.resource())
+
+    def make_node(self, processes=()):
+        return Node(
+            MemoryStorage(),
+            processes,
+            node_id="node1",
+            now=self.time,
+            in_thread=self.threads,
+        )
+
+    def use_node(self, node, **kwargs):
+        self.node = node
+        self.node.open()
+        self.api = RecordAPI(node, **kwargs)
+        self.http = StubTreq(self.api.resource())
+
+    def start(self, method, path, **kwargs):
+        """Send a request; the Deferred of its Response."""
+        d = self.http.request(method, BASE + path, **kwargs)
+
+        def read(response):
+            return response.content().addCallback(
+                lambda body: Response(response.code, response.headers, body)
+            )
+
+        return d.addCallback(read)
+
+    def request(self, method, path, **kwargs):
+        """Send a request and run it to its end: the Response."""
+        d = self.start(method, path, **kwargs)
+        for _ in range(10):
+            self.http.flush()
+            self.threads.flush()
+        self.http.flush()
+        return self.successResultOf(d)
+
+    def post(self, path, value, **kwargs):
+        return self.request("POST", path, json={"value": value}, **kwargs)
+
+    def put(self, path, value, **kwargs):
+        return self.request("PUT", path, json={"value": value}, **kwargs)
+
+    def get(self, path, **kwargs):
+        return self.request("GET", path, **kwargs)
+
+    def delete(self, path, **kwargs):
+        return self.request("DELETE", path, **kwargs)
+
+    def raw(self, method, path, body, content_type, **kwargs):
+        headers = kwargs.pop("headers", {})
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        return self.request(method, path, data=body, headers=headers, **kwargs)
+
+    def assertError(self, response, code, error):
+        """A JSON error body ``{"error", "message"}`` with this status and code."""
+        self.assertEqual(
+            (response.code, response.header(b"content-type")),
+            (code, JSON_TYPE),
+            response.body,
+        )
+        document = response.json()
+        self.assertEqual(sorted(document), ["error", "message"])
+        self.assertEqual(document["error"], error, document)
+        self.assertIsInstance(document["message"], str)
+        self.assertTrue(document["message"])
+        return document
+
+    def assertRecord(self, response, collection, uid, value, code=200):
+        """A full record, served as JSON, with its version as a quoted ETag."""
+        self.assertEqual(response.code, code, response.body)
+        self.assertEqual(response.header(b"content-type"), JSON_TYPE)
+        record = response.json()
+        body = canonical_json(value)
+        self.assertEqual(
+            {k: record[k] for k in ("uid", "collection", "value", "check_sum", "size")},
+            {
+                "uid": uid,
+                "collection": collection,
+                "value": value,
+                "check_sum": hashlib.sha256(body).hexdigest(),
+                "size": len(body),
+            },
+        )
+        self.assertRegex(record["version"], VERSION_RE)
+        self.assertIsInstance(record["timestamp"], float)
+        self.assertEqual(response.header(b"etag"), ('"%s"' % record["version"]).encode())
+        return record
+
+
+class CreateTests(APITestCase):
+    def test_post_returns_full_record(self):
+        """POST /c/u answers 200 with the whole stored record and its version as ETag."""
+        self.time.seconds = START + 0.25
+        response = self.post("/books/dune", {"title": "Dune"})
+        record = self.assertRecord(response, "books", "dune", {"title": "Dune"})
+        self.assertEqual(
+            record,
+            {
+                "uid": "dune",
+                "collection": "books",
+                "value": {"title": "Dune"},
+                "version": "1700000000250-000000-node1",
+                "timestamp": START + 0.25,
+                "check_sum": hashlib.sha256(b'{"title":"Dune"}').hexdigest(),
+                "size": 16,
+            },
+        )
+        self.assertEqual(response.header(b"etag"), b'"1700000000250-000000-node1"')
+        # The body is the stored record's canonical JSON, byte for byte.
+        self.assertEqual(response.body, canonical_json(record))
+
+    def test_post_existing(self):
+        """POSTing a uid that exists is refused with 400 record_exists; the record is unchanged."""
+        first = self.post("/books/dune", 1).json()
+        self.assertError(self.post("/books/dune", 2), 400, "record_exists")
+        self.assertEqual(self.get("/books/dune").json(), first)
+
+    def test_post_after_delete(self):
+        """A deleted uid can be created again, with a newer version."""
+        first = self.post("/books/dune", 1).json()
+        self.assertEqual(self.delete("/books/dune").code, 200)
+        again = self.assertRecord(self.post("/books/dune", 2), "books", "dune", 2)
+        self.assertGreater(again["version"], first["version"])
+
+    def test_post_collection_with_body_uid(self):
+        """POST /c/ takes the uid from the body's uid."""
+        response = self.request("POST", "/books/", json={"uid": "from-body", "value": [1, 2]})
+        self.assertRecord(response, "books", "from-body", [1, 2])
+        self.assertEqual(self.get("/books/from-body").json()["value"], [1, 2])
+
+    def test_post_collection_generates_uuid(self):
+        """POST /c/ without a uid stores the record under a new UUID."""
+        response = self.post("/books/", "x")
+        uid = response.json()["uid"]
+        self.assertEqual(str(uuid.UUID(uid)), uid)
+        first = self.assertRecord(response, "books", uid, "x")
+        second = self.post("/books/", "x").json()
+        self.assertNotEqual(first["uid"], second["uid"])
+        self.assertEqual(self.get("/books/" + first["uid"]).json(), first)
+
+    def test_post_collection_existing_body_uid(self):
+        """POST /c/ with the uid of an existing record is refused with record_exists."""
+        self.post("/books/a", 1)
+        response = self.request("POST", "/books/", json={"uid": "a", "value": 2})
+        self.assertError(response, 400, "record_exists")
+
+    def test_body_uid_must_match_path(self):
+        """A body uid that is not the path's uid is refused with 400, for POST and PUT."""
+        response = self.request("POST", "/books/a", json={"uid": "b", "value": 1})
+        self.assertError(response, 400, "uid_mismatch")
+        self.assertError(self.get("/books/a"), 404, "not_found")
+        self.assertError(self.get("/books/b"), 404, "not_found")
+        self.post("/books/a", 1)
+        response = self.request("PUT", "/books/a", json={"uid": "b", "value": 2})
+        self.assertError(response, 400, "uid_mismatch")
+        response = self.request("POST", "/books/c", data={"uid": "d", "value": "x"})
+        self.assertError(response, 400, "uid_mismatch")
+
+    def test_body_uid_equal_to_path(self):
+        """A body uid equal to the path's is accepted."""
+        response = self.request("POST", "/books/a", json={"uid": "a", "value": 1})
+        self.assertRecord(response, "books", "a", 1)
+
+    def test_body_uid_not_a_string(self):
+        """A JSON body whose uid is not a string is refused with bad_uid."""
+        response = self.request("POST", "/books/", json={"uid": 7, "value": 1})
+        self.assertError(response, 400, "bad_uid")
+
+    def test_value_of_every_json_type(self):
+        """The value of a record is any JSON value, stored and served as sent."""
+        values = {
+            "object": {"b": {"c": [1, None]}, "a": "x"},
+            "list": [1, "two", 3.5, False, None, {"k": []}],
+            "int": 42,
+            "negative": -7,
+            "float": 2.5,
+            "null": None,
+            "true": True,
+            "false": False,
+            "string": "caf\u00e9 \u65e5\u672c \U0001f600",
+            "empty": "",
+        }
+        for uid, value in values.items():
+            self.assertRecord(self.post("/any/" + uid, value), "any", uid, value)
+        for uid, value in values.items():
+            self.assertRecord(self.get("/any/" + uid), "any", uid, value)
+
+    def test_non_ascii_served_as_utf8(self):
+        """Non-ASCII text is served as UTF-8, not as \\u escapes."""
+        response = self.post("/books/u", "\u00e9t\u00e9")
+        self.assertIn("\u00e9t\u00e9".encode("utf-8"), response.body)
+        self.assertNotIn(b"\\u", response.body)
+
+    def test_form_urlencoded(self):
+        """A form's value field is stored as a string."""
+        response = self.request("POST", "/books/f", data={"value": "\u00e9t\u00e9 42"})
+        self.assertRecord(response, "books", "f", "\u00e9t\u00e9 42")
+        response = self.raw("POST", "/books/g", b"value=42", "application/x-www-form-urlencoded")
+        self.assertRecord(response, "books", "g", "42")
+        response = self.raw("PUT", "/books/g", b"value=%7B%7D", "application/x-www-form-urlencoded")
+        self.assertRecord(response, "books", "g", "{}")
+
+    def test_form_with_uid_on_collection(self):
+        """POST /c/ with a form takes the uid from its uid field."""
+        response = self.raw("POST", "/books/", b"uid=x1&value=v", "application/x-www-form-urlencoded")
+        self.assertRecord(response, "books", "x1", "v")
+
+    def test_form_empty_value(self):
+        """An empty value field is an empty string, not a missing value."""
+        response = self.raw("POST", "/books/e", b"value=", "application/x-www-form-urlencoded")
+        self.assertRecord(response, "books", "e", "")
+
+    def test_multipart(self):
+        """A multipart/form-data body's value (and uid) fields are used, as UTF-8 text."""
+        boundary = "minstore-test-boundary-7d3f"
+        body = (
+            "--{b}\r\n"
+            'Content-Disposition: form-data; name="uid"\r\n'
+            "\r\n"
+            "mp1\r\n"
+            "--{b}\r\n"
+            'Content-Disposition: form-data; name="value"\r\n'
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            "\r\n"
+            "line one \u00e9\r\nline two\r\n"
+            "--{b}\r\n"
+            'Content-Disposition: form-data; name="ignored"; filename="x.txt"\r\n'
+            "Content-Type: application/octet-stream\r\n"
+            "\r\n"
+            "\x00\x01\r\n"
+            "--{b}--\r\n"
+        ).format(b=boundary).encode("utf-8")
+        response = self.raw("POST", "/books/", body, "multipart/form-data; boundary=" + boundary)
+        self.assertRecord(response, "books", "mp1", "line one \u00e9\r\nline two")
+
+    def test_multipart_without_value(self):
+        """A multipart body with no value field is refused with missing_value."""
+        body = b'--B\r\nContent-Disposition: form-data; name="other"\r\n\r\nx\r\n--B--\r\n'
+        response = self.raw("POST", "/books/m", body, "multipart/form-data; boundary=B")
+        self.assertError(response, 400, "missing_value")
+
+    def test_missing_value(self):
+        """A JSON object or a form without value is refused with 400 missing_value."""
+        self.assertError(self.request("POST", "/books/a", json={"uid": "a"}), 400, "missing_value")
+        self.assertError(self.request("POST", "/books/a", json={}), 400, "missing_value")
+        self.assertError(self.request("POST", "/books/a", data={"other": "1"}), 400, "missing_value")
+        self.post("/books/a", 1)
+        self.assertError(self.request("PUT", "/books/a", json={"val": 2}), 400, "missing_value")
+
+    def test_malformed_json(self):
+        """A body that is not JSON is refused with 400 invalid_json."""
+        for body in [b"{", b"{'value': 1}", b"", b'{"value": 1,}', b"\xff\xfe"]:
+            response = self.raw("POST", "/books/a", body, "application/json")
+            self.assertError(response, 400, "invalid_json")
+        self.assertError(self.get("/books/a"), 404, "not_found")
+
+    def test_json_that_python_accepts_but_is_not_json(self):
+        """
+        NaN, infinities and lone surrogates are not JSON: refused with 400
+        invalid_json on POST and PUT, never a 500.
+        """
+        self.post("/books/p", 1)
+        for body in [b'{"value": NaN}', b'{"value": [Infinity]}', b'{"value": -Infinity}',
+                     b'{"value": 1e999}', b'{"value": "\\ud800"}', b'{"value": {"k": "a\\udfff"}}']:
+            for method, uid in [("POST", "n"), ("PUT", "p")]:
+                response = self.raw(method, "/books/" + uid, body, "application/json")
+                self.assertError(response, 400, "invalid_json")
+        self.assertError(self.get("/books/n"), 404, "not_found")
+        self.assertEqual(self.get("/books/p").json()["value"], 1)
+
+    def test_json_body_not_an_object(self):
+        """A JSON body that is not an object is refused with 400."""
+        for body in [b"[1]", b'"value"', b"1", b"null"]:
+            response = self.raw("POST", "/books/a", body, "application/json")
+            self.assertError(response, 400, "invalid_body")
+
+    def test_json_media_type_with_suffix(self):
+        """application/...+json bodies and parameters after the media type are JSON too."""
+        response = self.raw("POST", "/books/a", b'{"value": 1}', "application/merge+json")
+        self.assertRecord(response, "books", "a", 1)
+        response = self.raw("POST", "/books/b", b'{"value": 2}', "Application/JSON; charset=UTF-8")
+        self.assertRecord(response, "books", "b", 2)
+
+    def test_unsupported_media_type(self):
+        """A body of another content type, or none, is refused with 415."""
+        response = self.raw("POST", "/books/a", b"value", "text/plain")
+        self.assertError(response, 415, "unsupported_media_type")
+        response = self.raw("POST", "/books/a", b'{"value": 1}', None)
+        self.assertError(response, 415, "unsupported_media_type")
+        self.post("/books/b", 1)
+        response = self.raw("PUT", "/books/b", b"<value/>", "application/xml")
+        self.assertError(response, 415, "unsupported_media_type")
+
+    def test_bad_collection(self):
+        """Collections starting with _, over 64 characters or with a space are refused with bad_collection."""
+        for collection in ["_x", "a" * 65, "a%20b", ".hidden", "-x"]:
+            response = self.post("/%s/u" % collection, 1)
+            self.assertError(response, 400, "bad_collection")
+            response = self.post("/%s/" % collection, 1)
+            self.assertError(response, 400, "bad_collection")
+            self.assertError(self.get("/%s/u" % collection), 400, "bad_collection")
+            self.assertError(self.get("/%s/" % collection), 400, "bad_collection")
+        self.assertRecord(self.post("/%s/u" % ("a" * 64), 1), "a" * 64, "u", 1)
+
+    def test_uid_length(self):
+        """A uid of 255 bytes of UTF-8 is accepted; 256 bytes is refused with bad_uid."""
+        longest = "\u00e9" * 127 + "x"  # 255 bytes
+        response = self.post("/books/" + quote(longest, safe=""), 1)
+        self.assertRecord(response, "books", longest, 1)
+        too_long = "\u00e9" * 128  # 256 bytes
+        self.assertError(self.post("/books/" + quote(too_long, safe=""), 1), 400, "bad_uid")
+        self.assertError(self.get("/books/" + quote(too_long, safe="")), 400, "bad_uid")
+        self.assertError(self.post("/books/" + "a" * 256, 1), 400, "bad_uid")
+        response = self.request("POST", "/books/", json={"uid": "a" * 256, "value": 1})
+        self.assertError(response, 400, "bad_uid")
+
+    def test_path_not_utf8(self):
+        """A percent-encoded path that is not UTF-8 is refused with a JSON 400 bad_path."""
+        self.assertError(self.post("/books/%FF%FE", 1), 400, "bad_path")
+        self.assertError(self.get("/books/%C3"), 400, "bad_path")
+        self.assertError(self.get("/b%FFks/"), 400, "bad_path")
+
+    def test_encoded_uids_round_trip(self):
+        """Uids holding %2F, %25, spaces or non-ASCII characters round-trip through the path."""
+        uids = ["a/b", "/lead", "/", "//", "a//b", "trail/", "50%", "%2F", "two words", "\u00e9t\u00e9", "\u65e5/\u672c", "..", "a?b#c"]
+        for i, uid in enumerate(uids):
+            path = "/books/" + quote(uid, safe="")
+            self.assertRecord(self.post(path, i), "books", uid, i)
+        for i, uid in enumerate(uids):
+            path = "/books/" + quote(uid, safe="")
+            self.assertRecord(self.get(path), "books", uid, i)
+        listed = [r["uid"] for r in self.get("/books/").json()["items"]]
+        self.assertEqual(listed, sorted(uids))
+        self.assertEqual(self.delete("/books/" + quote("a/b", safe="")).json()["uid"], "a/b")
+        self.assertError(self.get("/books/a%2Fb"), 404, "not_found")
+        self.assertRecord(self.get("/books/%2Flead"), "books", "/lead", 1)
+
+    def test_body_over_max_record_size(self):
+        """A body over --max-record-size is refused with 413; one at the limit is taken."""
+        self.use_node(self.make_node(), max_record_size=100)
+        at_limit = b'{"value": "' + b"x" * 87 + b'"}'
+        self.assertEqual(len(at_limit), 100)
+        self.assertRecord(self.raw("POST", "/books/a", at_limit, "application/json"), "books", "a", "x" * 87)
+        over = b'{"value": "' + b"x" * 88 + b'"}'
+        self.assertError(self.raw("POST", "/books/b", over, "application/json"), 413, "payload_too_large")
+        self.assertError(self.raw("PUT", "/books/a", over, "application/json"), 413, "payload_too_large")
+        form = b"value=" + b"y" * 200
+        self.assertError(self.raw("POST", "/books/c", form, "application/x-www-form-urlencoded"), 413, "payload_too_large")
+        self.assertError(self.get("/books/b"), 404, "not_found")
+        self.assertEqual(self.get("/books/a").json()["value"], "x" * 87)
+
+
+class UpdateTests(APITestCase):
+    def test_put(self):
+        """PUT replaces the value of an existing record with a newer version."""
+        first = self.post("/books/a", 1).json()
+        self.time.seconds += 1
+        second = self.assertRecord(self.put("/books/a", {"n": 2}), "books", "a", {"n": 2})
+        self.assertGreater(second["version"], first["version"])
+        self.assertEqual(second["timestamp"], START + 1)
+        self.assertEqual(self.get("/books/a").json(), second)
+
+    def test_put_missing(self):
+        """PUT of a uid that does not exist answers 404 and creates nothing."""
+        self.assertError(self.put("/books/nope", 1), 404, "not_found")
+        self.assertError(self.get("/books/nope"), 404, "not_found")
+
+    def test_put_deleted(self):
+        """PUT of a deleted record answers 404."""
+        self.post("/books/a", 1)
+        self.delete("/books/a")
+        self.assertError(self.put("/books/a", 2), 404, "not_found")
+
+    def test_put_unchanged_is_idempotent(self):
+        """PUT of the stored value answers 200 with the stored record: same version, same ETag."""
+        first = self.post("/books/a", {"x": 1, "y": [1, 2]})
+        self.time.seconds += 5
+        again = self.put("/books/a", {"y": [1, 2], "x": 1})
+        self.assertEqual(again.code, 200)
+        self.assertEqual(again.body, first.body)
+        self.assertEqual(again.header(b"etag"), first.header(b"etag"))
+        self.assertEqual(self.get("/books/a").json()["version"], first.json()["version"])
+
+    def test_if_match(self):
+        """PUT with If-Match of the current ETag (or *) updates; another ETag answers 412."""
+        etag = self.post("/books/a", 1).header(b"etag")
+        stale = self.put("/books/a", 2, headers={"If-Match": etag.decode()})
+        self.assertRecord(stale, "books", "a", 2)
+        response = self.put("/books/a", 3, headers={"If-Match": etag.decode()})
+        self.assertError(response, 412, "precondition_failed")
+        self.assertEqual(self.get("/books/a").json()["value"], 2)
+        self.assertRecord(self.put("/books/a", 4, headers={"If-Match": "*"}), "books", "a", 4)
+        current = self.get("/books/a").header(b"etag").decode()
+        listed = '"nope", ' + current
+        self.assertRecord(self.put("/books/a", 5, headers={"If-Match": listed}), "books", "a", 5)
+        self.assertError(self.put("/books/a", 6, headers={"If-Match": '"nope"'}), 412, "precondition_failed")
+
+    def test_if_match_missing_record(self):
+        """PUT with If-Match * of a missing record answers 404."""
+        self.assertError(self.put("/books/a", 1, headers={"If-Match": "*"}), 404, "not_found")
+
+
+class ReadTests(APITestCase):
+    def test_get(self):
+        """GET answers 200 with the record, its version as a quoted ETag."""
+        posted = self.post("/books/a", [1, "x"])
+        response = self.get("/books/a")
+        record = self.assertRecord(response, "books", "a", [1, "x"])
+        self.assertEqual(record, posted.json())
+        self.assertEqual(response.header(b"etag"), posted.header(b"etag"))
+
+    def test_get_missing(self):
+        """GET of an unknown uid answers 404 not_found."""
+        self.assertError(self.get("/books/nope"), 404, "not_found")
+        self.post("/books/a", 1)
+        self.assertError(self.get("/books/nope"), 404, "not_found")
+        self.assertError(self.get("/films/a"), 404, "not_found")
+
+    def test_if_none_match(self):
+        """GET with a matching If-None-Match answers 304 with the ETag and no body."""
+        etag = self.post("/books/a", 1).header(b"etag").decode()
+        for header in [etag, "*", 'W/' + etag, '"other", ' + etag]:
+            response = self.get("/books/a", headers={"If-None-Match": header})
+            self.assertEqual((response.code, response.body), (304, b""), header)
+            self.assertEqual(response.header(b"etag"), etag.encode())
+        response = self.get("/books/a", headers={"If-None-Match": '"other"'})
+        self.assertRecord(response, "books", "a", 1)
+        self.put("/books/a", 2)
+        response = self.get("/books/a", headers={"If-None-Match": etag})
+        self.assertRecord(response, "books", "a", 2)
+
+    def test_if_none_match_not_cached(self):
+        """A 304 is also given for a record read from storage, not from the read cache."""
+        etag = self.post("/books/a", 1).header(b"etag").decode()
+        self.node._cache.clear()
+        response = self.get("/books/a", headers={"If-None-Match": etag})
+        self.assertEqual(response.code, 304)
+
+    def test_local_without_peers(self):
+        """local=1 answers from this node: 200 when held, 404 when not."""
+        self.post("/books/a", 1)
+        self.assertRecord(self.get("/books/a?local=1"), "books", "a", 1)
+        self.assertError(self.get("/books/b?local=1"), 404, "not_found")
+        self.assertError(self.delete("/books/b?local=1"), 404, "not_found")
+        self.assertEqual(self.delete("/books/a?local=1").code, 200)
+        self.assertError(self.get("/books/a?local=1"), 404, "not_found")
+
+
+class DeleteTests(APITestCase):
+    def test_delete(self):
+        """DELETE answers 200 naming the tombstone; the record is then gone."""
+        posted = self.post("/books/a", 1).json()
+        self.time.seconds += 1
+        response = self.delete("/books/a")
+        self.assertEqual((response.code, response.header(b"content-type")), (200, JSON_TYPE))
+        document = response.json()
+        self.assertEqual(
+            {k: document[k] for k in ("deleted", "collection", "uid")},
+            {"deleted": True, "collection": "books", "uid": "a"},
+        )
+        self.assertGreater(document["version"], posted["version"])
+        self.assertError(self.get("/books/a"), 404, "not_found")
+        self.assertEqual(self.get("/books/").json(), {"items": [], "next": None})
+
+    def test_delete_missing(self):
+        """DELETE of an unknown or already deleted uid answers 404."""
+        self.assertError(self.delete("/books/nope"), 404, "not_found")
+        self.post("/books/a", 1)
+        self.delete("/books/a")
+        self.assertError(self.delete("/books/a"), 404, "not_found")
+
+    def test_delete_if_match(self):
+        """DELETE with a stale If-Match answers 412 and keeps the record; a current one deletes."""
+        etag = self.post("/books/a", 1).header(b"etag").decode()
+        self.put("/books/a", 2)
+        self.assertError(self.delete("/books/a", headers={"If-Match": etag}), 412, "precondition_failed")
+        self.assertEqual(self.get("/books/a").json()["value"], 2)
+        current = self.get("/books/a").header(b"etag").decode()
+        self.assertEqual(self.delete("/books/a", headers={"If-Match": current}).code, 200)
+        self.assertError(self.get("/books/a"), 404, "not_found")
+
+
+class ListTests(APITestCase):
+    def fill(self, n, collection="books"):
+        uids = ["r%03d" % i for i in range(n)]
+        for uid in reversed(uids):
+            self.post("/%s/%s" % (collection, uid), uid)
+        return uids
+
+    def test_list(self):
+        """GET /c/ answers {"items": [...], "next": null}, full records in uid order."""
+        self.post("/books/b", 2)
+        self.post("/books/a", 1)
+        self.post("/films/c", 3)
+        response = self.get("/books/")
+        self.assertEqual((response.code, response.header(b"content-type")), (200, JSON_TYPE))
+        document = response.json()
+        self.assertEqual(sorted(document), ["items", "next"])
+        self.assertIsNone(document["next"])
+        self.assertEqual(document["items"], [self.get("/books/a").json(), self.get("/books/b").json()])
+
+    def test_list_empty(self):
+        """An unknown collection lists as empty."""
+        self.assertEqual(self.get("/books/").json(), {"items": [], "next": None})
+
+    def test_paging(self):
+        """limit and the next cursor page through 25 records, visiting each once."""
+        uids = self.fill(25)
+        seen = []
+        pages = []
+        path = "/books/?limit=10"
+        while True:
+            document = self.get(path).json()
+            pages.append(len(document["items"]))
+            seen.extend(r["uid"] for r in document["items"])
+            if document["next"] is None:
+                break
+            path = "/books/?limit=10&after=" + quote(document["next"], safe="")
+        self.assertEqual(pages, [10, 10, 5])
+        self.assertEqual(seen, uids)
+
+    def test_paging_exact_multiple(self):
+        """When the records fill the last page exactly, its next is null."""
+        self.fill(20)
+        first = self.get("/books/?limit=10").json()
+        self.assertIsNotNone(first["next"])
+        second = self.get("/books/?limit=10&after=" + first["next"]).json()
+        self.assertEqual(len(second["items"]), 10)
+        self.assertIsNone(second["next"])
+
+    def test_default_limit(self):
+        """Without limit, a page holds 100 records."""
+        self.fill(101)
+        document = self.get("/books/").json()
+        self.assertEqual(len(document["items"]), 100)
+        self.assertIsNotNone(document["next"])
+        rest = self.get("/books/?after=" + document["next"]).json()
+        self.assertEqual([r["uid"] for r in rest["items"]], ["r100"])
+        self.assertIsNone(rest["next"])
+
+    def test_prefix(self):
+        """prefix keeps the uids starting with it, and pages with after."""
+        for uid in ["ab1", "ab2", "ab3", "ac1", "b1", "a"]:
+            self.post("/books/" + uid, uid)
+        document = self.get("/books/?prefix=ab").json()
+        self.assertEqual([r["uid"] for r in document["items"]], ["ab1", "ab2", "ab3"])
+        first = self.get("/books/?prefix=ab&limit=2").json()
+        self.assertEqual([r["uid"] for r in first["items"]], ["ab1", "ab2"])
+        rest = self.get("/books/?prefix=ab&limit=2&after=" + first["next"]).json()
+        self.assertEqual(rest, {"items": [self.get("/books/ab3").json()], "next": None})
+        self.assertEqual(self.get("/books/?prefix=zz").json(), {"items": [], "next": None})
+        encoded = self.get("/books/?prefix=" + quote("\u00e9", safe="")).json()
+        self.assertEqual(encoded["items"], [])
+
+    def test_deleted_not_listed(self):
+        """Deleted records are not listed."""
+        self.fill(3)
+        self.delete("/books/r001")
+        self.assertEqual([r["uid"] for r in self.get("/books/").json()["items"]], ["r000", "r002"])
+
+    def test_bad_parameters(self):
+        """limit outside 1..1000, a non-number or an unknown parameter answer 400."""
+        self.fill(2)
+        for query in ["limit=0", "limit=1001", "limit=abc", "limit=-1", "limit=1.5", "colour=red"]:
+            self.assertError(self.get("/books/?" + query), 400, "bad_parameter")
+        self.assertEqual(len(self.get("/books/?limit=1000").json()["items"]), 2)
+        self.assertEqual(len(self.get("/books/?limit=1").json()["items"]), 1)
+
+    def test_bad_cursor(self):
+        """An after cursor that does not decode to UTF-8 answers 400."""
+        self.assertError(self.get("/books/?after=__8"), 400, "bad_parameter")
+
+
+class ErrorShapeTests(APITestCase):
+    def test_unknown_route(self):
+        """A path no route serves answers a JSON 404."""
+        self.assertError(self.get("/_cluster/nope"), 404, "not_found")
+        self.assertError(self.get("/_cluster/"), 404, "not_found")
+        self.assertError(self.request("PUT", "/_cluster/replicas/x", json={}), 404, "not_found")
+        self.assertError(self.request("GET", "/_cluster/replicas"), 405, "method_not_allowed")
+        # Under the reserved prefix, other names are not collections.
+        self.assertError(self.get("/_node/nope"), 400, "bad_collection")
+
+    def test_wrong_method(self):
+        """A method a route does not serve answers a JSON 405 with Allow."""
+        for method, path, allowed in [
+            ("PATCH", "/books/a", ["DELETE", "GET", "HEAD", "POST", "PUT"]),
+            ("PUT", "/books/", ["GET", "HEAD", "POST"]),
+            ("DELETE", "/metrics", ["GET", "HEAD"]),
+            ("POST", "/", ["GET", "HEAD"]),
+        ]:
+            response = self.request(method, path, json={"value": 1})
+            self.assertError(response, 405, "method_not_allowed")
+            self.assertEqual(
+                sorted(m.strip() for m in response.header(b"allow").decode().split(",")), allowed
+            )
+
+    def test_collection_without_slash(self):
+        """A collection path without its trailing slash is redirected there, never a 500."""
+        self.post("/books/a", 1)
+        response = self.get("/books?limit=5", allow_redirects=False)
+        self.assertEqual(response.code, 308)
+        self.assertEqual(response.header(b"location"), BASE.encode() + b"/books/?limit=5")
+        self.assertEqual(response.header(b"content-type"), JSON_TYPE)
+        self.assertEqual(response.json()["error"], "moved")
+        response = self.request("POST", "/books", json={"value": 1}, allow_redirects=False)
+        self.assertEqual((response.code, response.header(b"location")), (308, BASE.encode() + b"/books/"))
+        # A client that follows the redirect gets the listing.
+        self.assertEqual([r["uid"] for r in self.get("/books?limit=5").json()["items"]], ["a"])
+
+    def test_errors_are_json(self):
+        """Every failure is a JSON body with error and message, as application/json."""
+        self.post("/books/a", 1)
+        cases = [
+            (self.post("/books/a", 1), 400, "record_exists"),
+            (self.put("/books/zz", 1), 404, "not_found"),
+            (self.get("/books/zz"), 404, "not_found"),
+            (self.raw("POST", "/books/x", b"{", "application/json"), 400, "invalid_json"),
+            (self.raw("POST", "/books/x", b"x", "text/plain"), 415, "unsupported_media_type"),
+            (self.get("/books/?limit=0"), 400, "bad_parameter"),
+            (self.get("/nothing/at/all/here/"), 404, "not_found"),
+            (self.get("/_cluster/nothing"), 404, "not_found"),
+            (self.request("OPTIONS", "/_node/status"), 405, "method_not_allowed"),
+        ]
+        for response, code, error in cases:
+            self.assertError(response, code, error)
+
+
+class ConcurrencyTests(APITestCase):
+    def test_concurrent_posts_of_one_uid(self):
+        """Of five POSTs of one uid in flight together, exactly one is stored; the others get record_exists."""
+        pending = [
+            self.start("POST", "/books/race", json={"value": i}) for i in range(5)
+        ]
+        self.http.flush()
+        self.assertTrue(self.threads.pending)  # storage calls waiting: all five are in flight
+        for d in pending:
+            self.assertNoResult(d)
+        for _ in range(10):
+            self.threads.flush()
+            self.http.flush()
+        responses = [self.successResultOf(d) for d in pending]
+        self.assertEqual(sorted(r.code for r in responses), [200, 400, 400, 400, 400])
+        winner = [r for r in responses if r.code == 200][0]
+        for r in responses:
+            if r.code == 400:
+                self.assertError(r, 400, "record_exists")
+        self.assertEqual(self.get("/books/race").json(), winner.json())
+        self.assertEqual(self.node.storage.count(), 1)
+
+    def test_concurrent_posts_of_distinct_uids(self):
+        """POSTs of different uids in flight together are all stored."""
+        pending = [self.start("POST", "/books/u%d" % i, json={"value": i}) for i in range(5)]
+        self.http.flush()
+        for _ in range(10):
+            self.threads.flush()
+            self.http.flush()
+        self.assertEqual([self.successResultOf(d).code for d in pending], [200] * 5)
+        self.assertEqual(self.node.storage.count(), 5)
+
+    def test_writes_refused_while_draining(self):
+        """
+        While the node stops, writes in flight finish but new POST, PUT and
+        DELETE are refused with 503; reads still work.
+        """
+        self.post("/books/kept", 1)
+        in_flight = self.start("POST", "/books/late", json={"value": 2})
+        self.http.flush()
+        self.assertNoResult(in_flight)
+        stopped = self.node.stop()
+        self.assertNoResult(stopped)
+        refused = [
+            self.start("POST", "/books/new", json={"value": 3}),
+            self.start("POST", "/books/", json={"value": 3}),
+            self.start("PUT", "/books/kept", json={"value": 4}),
+            self.start("DELETE", "/books/kept"),
+        ]
+        self.http.flush()
+        for d in refused:
+            self.assertError(self.successResultOf(d), 503, "unavailable")
+        for _ in range(10):
+            self.threads.flush()
+            self.http.flush()
+        self.assertRecord(self.successResultOf(in_flight), "books", "late", 2)
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertRecord(self.get("/books/kept"), "books", "kept", 1)
+        self.assertError(self.get("/books/new"), 404, "not_found")
+
+
+class ProcessTests(APITestCase):
+    def test_process_transforms_record(self):
+        """The node's processes transform a record before it is stored."""
+        self.use_node(self.make_node([Upper()]))
+        record = self.assertRecord(self.post("/books/a", "shout"), "books", "a", "SHOUT")
+        self.assertEqual(self.get("/books/a").json(), record)
+
+    def test_put_same_value_through_transforming_process(self):
+        """
+        With a process that changes values, a PUT of the value sent before
+        answers the stored record (same version); a new value makes a new one.
+        """
+        self.use_node(self.make_node([Upper()]))
+        first = self.post("/books/a", "shout")
+        self.time.seconds += 1
+        again = self.put("/books/a", "shout")
+        self.assertEqual((again.code, again.body), (200, first.body))
+        self.assertEqual(again.header(b"etag"), first.header(b"etag"))
+        changed = self.assertRecord(self.put("/books/a", "whisper"), "books", "a", "WHISPER")
+        self.assertGreater(changed["version"], first.json()["version"])
+
+    def test_rejected(self):
+        """A process raising Rejected answers 400 with its reason; nothing is stored."""
+        for deferred in (False, True):
+            self.use_node(self.make_node([RejectOdd(deferred)]))
+            response = self.post("/books/a", 3)
+            document = self.assertError(response, 400, "rejected")
+            self.assertEqual(document["message"], "odd numbers are not welcome: 3")
+            self.assertError(self.get("/books/a"), 404, "not_found")
+            record = self.post("/books/a", 4).json()
+            self.assertTrue(record["checked"])
+            response = self.put("/books/a", 5)
+            self.assertError(response, 400, "rejected")
+            self.assertEqual(self.get("/books/a").json(), record)
+
+    def test_threaded_process_runs_through_in_thread(self):
+        """A threaded process runs through the node's in_thread, not inline."""
+        upper = Upper()
+        upper.threaded = True
+        self.use_node(self.make_node([upper]))
+        d = self.start("POST", "/books/a", json={"value": "x"})
+        self.http.flush()
+        for _ in range(5):
+            self.threads.flush()
+            self.http.flush()
+        self.assertRecord(self.successResultOf(d), "books", "a", "X")
+        self.assertIn(upper, self.threads.called)
+
+
+class NodeRouteTests(APITestCase):
+    def test_health(self):
+        """GET /_node/health answers 200 ok with the node id."""
+        response = self.get("/_node/health")
+        self.assertEqual((response.code, response.header(b"content-type")), (200, JSON_TYPE))
+        self.assertEqual(response.json(), {"status": "ok", "node_id": "node1"})
+
+    def test_status(self):
+        """GET /_node/status gives the node id, version, uptime and record count."""
+        self.post("/books/a", 1)
+        self.post("/books/b", 1)
+        self.post("/films/a", 1)
+        self.delete("/books/b")
+        self.time.seconds += 12.5
+        response = self.get("/_node/status")
+        self.assertEqual((response.code, response.header(b"content-type")), (200, JSON_TYPE))
+        status = response.json()
+        self.assertEqual(
+            {k: status[k] for k in ("node_id", "version", "uptime", "records")},
+            {"node_id": "node1", "version": __version__, "uptime": 12.5, "records": 2},
+        )
+
+    def test_metrics(self):
+        """GET /metrics is Prometheus text counting requests by route, method and status."""
+        self.post("/books/a", 1)
+        self.post("/books/a", 1)
+        self.get("/books/a")
+        self.get("/books/nope")
+        response = self.get("/metrics")
+        self.assertEqual(response.code, 200)
+        self.assertTrue(response.header(b"content-type").startswith(b"text/plain; version=0.0.4"))
+        text = response.body.decode("utf-8")
+        for line in [
+            'minstore_http_requests_total{method="POST",route="record",status="200"} 1.0',
+            'minstore_http_requests_total{method="POST",route="record",status="400"} 1.0',
+            'minstore_http_requests_total{method="GET",route="record",status="200"} 1.0',
+            'minstore_http_requests_total{method="GET",route="record",status="404"} 1.0',
+        ]:
+            self.assertIn(self._normalise(line), self._lines(text))
+        self.assertIn("# TYPE minstore_storage_operation_duration_seconds histogram", text)
+        self.assertIn(
+            self._normalise('minstore_storage_operation_duration_seconds_count{operation="write"} 1.0'),
+            self._lines(text),
+        )
+        self.assertIn("minstore_records 1.0", text.splitlines())
+
+    @staticmethod
+    def _normalise(line):
+        """A sample line with its labels sorted, whatever order the exporter writes them in."""
+        match = re.match(r"(\w+)\{(.*)\} (.*)", line)
+        if not match:
+            return line
+        labels = ",".join(sorted(match.group(2).split(",")))
+        return "%s{%s} %s" % (match.group(1), labels, match.group(3))
+
+    def _lines(self, text):
+        return [self._normalise(line) for line in text.splitlines()]
+
+    def test_openapi(self):
+        """GET /openapi.json is a valid OpenAPI 3 document."""
+        response = self.get("/openapi.json")
+        self.assertEqual((response.code, response.header(b"content-type")), (200, JSON_TYPE))
+        document = response.json()
+        self.assertTrue(document["openapi"].startswith("3."))
+        self.assertEqual(document["info"]["version"], __version__)
+        validate_openapi(document)
+
+    def test_openapi_documents_every_public_route(self):
+        """Every public route and method of the app has its path and operation in the document."""
+        document = self.get("/openapi.json").json()
+        rules = list(RecordAPI.app.url_map.iter_rules())
+        self.assertGreaterEqual(len(rules), 8)
+        checked = 0
+        for rule in rules:
+            if rule.rule.startswith("/_cluster/"):
+                continue  # inter-node routes, not public
+            path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)
+            self.assertIn(path, document["paths"], rule.rule)
+            for method in rule.methods - {"HEAD", "OPTIONS"}:
+                self.assertIn(method.lower(), document["paths"][path], "%s %s" % (method, path))
+                checked += 1
+        self.assertGreaterEqual(checked, 10)
+
+    def test_root_json(self):
+        """GET / as JSON gives the node's name, version, id and collections."""
+        self.post("/books/a", 1)
+        self.post("/films/a", 1)
+        response = self.get("/", headers={"Accept": "application/json"})
+        self.assertEqual((response.code, response.header(b"content-type")), (200, JSON_TYPE))
+        self.assertEqual(
+            response.json(),
+            {"name": "minstore", "version": __version__, "node_id": "node1", "collections": ["books", "films"]},
+        )
+        self.assertEqual(self.get("/").json()["node_id"], "node1")
+
+    def test_root_html(self):
+        """GET / from a browser (Accept: text/html) is the HTML console."""
+        response = self.get("/", headers={"Accept": "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8"})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.header(b"content-type"), b"text/html; charset=utf-8")
+        self.assertTrue(response.body.lower().startswith(b"<!doctype html>"), response.body[:50])
+        self.assertIn(b"<title>minstore", response.body)
