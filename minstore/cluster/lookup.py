@@ -120,6 +120,12 @@ class Lookups:
                 pass  # deleted meanwhile: look further
             else:
                 return tombstone.data
-        return await self.ask_peers(
+        found = await self.ask_peers(
             collection, uid, list(visited) + [self.node.node_id], method, if_match, self.timeout * 0.8
         )
+        if found is not None and method == "GET" and entry is not None:
+            # Deleted here: a copy made before the delete is one the
+            # tombstone has not reached yet, not a record to serve.
+            if Entry.parse(found).version <= entry.version:
+                return None
+        return found
