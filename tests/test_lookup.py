@@ -1,0 +1,286 @@
+"""
+Lookups across nodes (DESIGN section 4): a GET or DELETE that misses
+locally asks the peers in parallel, following the peer graph with loop
+protection and a deadline; the first hit wins, 404 only when every node
+reached misses.
+"""
+
+import json
+
+from twisted.internet.defer import Deferred, fail
+from twisted.trial.unittest import SynchronousTestCase
+
+from minstore.cluster.lookup import first_hit
+from minstore.errors import NotFound, PreconditionFailed
+from tests.test_replication import Cluster, url
+
+
+class FirstHitTests(SynchronousTestCase):
+    def test_first_hit_wins(self):
+        """The first result that is not None fires the Deferred; later results are ignored."""
+        ds = [Deferred() for _ in range(3)]
+        hit = first_hit(ds)
+        ds[1].callback(None)
+        self.assertNoResult(hit)
+        ds[2].callback(b"found")
+        results = []
+        hit.addCallback(results.append)
+        ds[0].callback(b"late")
+        self.assertEqual(results, [b"found"])
+
+    def test_all_miss(self):
+        """None once every Deferred fired None or failed with an error that is not a MinstoreError."""
+        ds = [Deferred() for _ in range(3)]
+        hit = first_hit(ds)
+        ds[0].callback(None)
+        ds[1].errback(ConnectionRefusedError("down"))
+        self.assertNoResult(hit)
+        ds[2].callback(None)
+        self.assertIsNone(self.successResultOf(hit))
+
+    def test_no_deferreds(self):
+        """No peers to ask: None at once."""
+        self.assertIsNone(self.successResultOf(first_hit([])))
+
+    def test_minstore_error_when_nothing_hits(self):
+        """A MinstoreError (a 412 from the node holding the record) is passed on when nothing hits."""
+        ds = [Deferred(), Deferred()]
+        hit = first_hit(ds)
+        ds[0].errback(PreconditionFailed(message="no match"))
+        self.assertNoResult(hit)
+        ds[1].callback(None)
+        self.failureResultOf(hit, PreconditionFailed)
+
+    def test_hit_beats_minstore_error(self):
+        """A hit wins over a MinstoreError from another peer."""
+        hit = first_hit([fail(PreconditionFailed(message="no")), Deferred(), fail(NotFound())])
+        self.assertNoResult(hit)
+        d = Deferred()
+        hit = first_hit([fail(PreconditionFailed(message="no")), d])
+        d.callback(b"found")
+        self.assertEqual(self.successResultOf(hit), b"found")
+
+
+class LookupTests(SynchronousTestCase):
+    def setUp(self):
+        self.cluster = Cluster(self)
+
+    def lookups(self):
+        return [(m, u) for m, u in self.cluster.net.requests if "/_cluster/lookup/" in u]
+
+    def test_get_finds_record_on_peer(self):
+        """GET on a node that misses answers 200 with the record a peer holds, with its ETag."""
+        b = self.cluster.add("b")
+        a = self.cluster.add("a", peers=["b"])
+        data = b.write("x", {"k": "v"})
+        response, body = a.request("GET", "/c/x")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body, data)
+        self.assertEqual(
+            response.headers.getRawHeaders(b"etag"), [b'"%s"' % json.loads(data)["version"].encode()]
+        )
+        self.assertEqual(self.lookups(), [("GET", url("b") + "/_cluster/lookup/c/x?visited=a")])
+        # A lookup does not store what it found.
+        self.assertIsNone(a.stored("x"))
+
+    def test_get_follows_a_chain(self):
+        """A->B->C: GET on A finds a record only C holds, through B."""
+        c = self.cluster.add("c")
+        self.cluster.add("b", peers=["c"])
+        a = self.cluster.add("a", peers=["b"])
+        data = c.write("x", 1)
+        response, body = a.request("GET", "/c/x")
+        self.assertEqual((response.code, body), (200, data))
+        self.assertEqual(
+            [u for _, u in self.lookups()],
+            [url("b") + "/_cluster/lookup/c/x?visited=a", url("c") + "/_cluster/lookup/c/x?visited=a,b"],
+        )
+
+    def test_odd_uid_found(self):
+        """A uid with a slash, spaces and non-ASCII characters is found on a peer intact."""
+        b = self.cluster.add("b")
+        a = self.cluster.add("a", peers=["b"])
+        uid = "dir/é x?&%"
+        data = b.write(uid, 1)
+        response, body = a.request("GET", "/c/dir%2F%C3%A9%20x%3F%26%25")
+        self.assertEqual((response.code, body), (200, data))
+
+    def test_any_peer_may_hold_it(self):
+        """With several peers, the one that holds the record answers, whatever its place in the list."""
+        self.cluster.add("b")
+        self.cluster.add("c")
+        d = self.cluster.add("d")
+        a = self.cluster.add("a", peers=["b", "c", "d"])
+        data = d.write("x", 1)
+        response, body = a.request("GET", "/c/x")
+        self.assertEqual((response.code, body), (200, data))
+
+    def test_all_miss_is_404(self):
+        """When no node reached holds the uid, GET answers 404 not_found."""
+        self.cluster.add("b")
+        a = self.cluster.add("a", peers=["b"])
+        response, body = a.request("GET", "/c/nobody")
+        self.assertEqual(response.code, 404)
+        self.assertEqual(json.loads(body)["error"], "not_found")
+
+    def test_cycle_that_misses_ends(self):
+        """
+        A->B->C->A where nobody holds the uid: 404, after one request to
+        each node (the walk does not come back through A).
+        """
+        self.cluster.add("c", peers=["a"])
+        self.cluster.add("b", peers=["c"])
+        a = self.cluster.add("a", peers=["b"])
+        response, _ = a.request("GET", "/c/nobody")
+        self.assertEqual(response.code, 404)
+        self.assertEqual(len(self.lookups()), 3)
+
+    def test_full_mesh_that_misses_ends(self):
+        """Four nodes all listing each other, all missing: 404 after a bounded number of requests."""
+        names = ["a", "b", "c", "d"]
+        members = {n: self.cluster.add(n, peers=[p for p in names if p != n]) for n in names}
+        response, _ = members["a"].request("GET", "/c/nobody")
+        self.assertEqual(response.code, 404)
+        # Each path of the walk visits each node at most once: a node asks
+        # its 3 peers, those not yet on the path ask theirs in turn.
+        bound = 3 + 3 * (3 + 2 * (3 + 1 * 3))
+        asked = len(self.lookups())
+        self.assertGreaterEqual(asked, 3)
+        self.assertLessEqual(asked, bound)
+        response, _ = members["b"].request("DELETE", "/c/nobody")
+        self.assertEqual(response.code, 404)
+        self.assertLessEqual(len(self.lookups()), 2 * bound)
+
+    def test_local_never_asks(self):
+        """GET ?local=1 and DELETE ?local=1 answer 404 from this node's storage only."""
+        b = self.cluster.add("b")
+        a = self.cluster.add("a", peers=["b"])
+        b.write("x", 1)
+        self.assertEqual(a.request("GET", "/c/x?local=1")[0].code, 404)
+        self.assertEqual(a.request("DELETE", "/c/x?local=1")[0].code, 404)
+        self.assertEqual(self.lookups(), [])
+        self.assertEqual(json.loads(b.stored("x"))["value"], 1)
+
+    def test_delete_on_the_holder(self):
+        """DELETE on a node that misses deletes the record on the node holding it (a tombstone there)."""
+        c = self.cluster.add("c")
+        b = self.cluster.add("b", peers=["c"])
+        a = self.cluster.add("a", peers=["b"])
+        data = c.write("x", 1)
+        response, body = a.request("DELETE", "/c/x")
+        self.assertEqual(response.code, 200)
+        answer = json.loads(body)
+        self.assertEqual((answer["deleted"], answer["uid"]), (True, "x"))
+        self.assertGreater(answer["version"], json.loads(data)["version"])
+        self.assertTrue(json.loads(c.stored("x"))["deleted"])
+        self.assertIsNone(b.stored("x"))
+        self.assertEqual(a.request("GET", "/c/x")[0].code, 404)
+        self.assertEqual(a.request("DELETE", "/c/x")[0].code, 404)
+
+    def test_delete_if_match(self):
+        """DELETE with an If-Match the holder's version fails is 412 and deletes nothing; a matching one deletes."""
+        b = self.cluster.add("b")
+        a = self.cluster.add("a", peers=["b"])
+        data = b.write("x", 1)
+        response, body = a.request("DELETE", "/c/x", headers={b"if-match": [b'"nope"']})
+        self.assertEqual(response.code, 412)
+        self.assertEqual(json.loads(body)["error"], "precondition_failed")
+        self.assertEqual(b.stored("x"), data)
+        etag = ('"%s"' % json.loads(data)["version"]).encode()
+        response, _ = a.request("DELETE", "/c/x", headers={b"if-match": [etag]})
+        self.assertEqual(response.code, 200)
+        self.assertTrue(json.loads(b.stored("x"))["deleted"])
+
+    def test_deadline(self):
+        """A peer that never answers: the lookup gives up at the deadline and answers 404."""
+        self.cluster.add("h")
+        a = self.cluster.add("a", peers=["h"])
+        self.cluster.net.hang(url("h"))
+        d = a.http.get(a.url + "/c/x")
+        a.http.flush()
+        self.assertNoResult(d)
+        self.cluster.advance(1.9)
+        self.assertNoResult(d)
+        self.cluster.advance(0.1)
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 404)
+
+    def test_hung_peer_does_not_delay_a_hit(self):
+        """One hung peer and one holding the record: the hit is answered at once."""
+        self.cluster.add("h")
+        b = self.cluster.add("b")
+        a = self.cluster.add("a", peers=["h", "b"])
+        self.cluster.net.hang(url("h"))
+        data = b.write("x", 1)
+        response, body = a.request("GET", "/c/x")
+        self.assertEqual((response.code, body), (200, data))
+
+    def test_down_peer_is_a_miss(self):
+        """A peer refusing connections counts as a miss, not an error."""
+        b = self.cluster.add("b")
+        self.cluster.add("d")
+        a = self.cluster.add("a", peers=["d", "b"])
+        self.cluster.net.down(url("d"))
+        self.assertEqual(a.request("GET", "/c/x")[0].code, 404)
+        data = b.write("x", 1)
+        response, body = a.request("GET", "/c/x")
+        self.assertEqual((response.code, body), (200, data))
+
+    def test_visited_node_answers_404(self):
+        """The lookup route answers 404 on a node already in visited, even when it holds the record."""
+        b = self.cluster.add("b")
+        b.write("x", 1)
+        response, _ = b.request("GET", "/_cluster/lookup/c/x?visited=a,b")
+        self.assertEqual(response.code, 404)
+        response, body = b.request("GET", "/_cluster/lookup/c/x?visited=a")
+        self.assertEqual((response.code, body), (200, b.stored("x")))
+
+    def test_tombstone_beats_older_peer_copy(self):
+        """
+        A node holding a tombstone does not answer a GET with an older copy
+        of the record that a lagging peer still holds: 404.  A copy newer
+        than the tombstone is still found.
+        """
+        b = self.cluster.add("b")
+        a = self.cluster.add("a", peers=["b"])
+        a.write("x", 1)
+        self.assertIsNotNone(b.stored("x"))
+        self.cluster.net.down(url("b"))
+        a.delete("x")
+        self.cluster.net.up(url("b"))  # back, but a's retry is not due yet
+        self.assertFalse(json.loads(b.stored("x")).get("deleted"))
+        response, _ = a.request("GET", "/c/x")
+        self.assertEqual(response.code, 404)
+
+        # A record made again on another node after the delete is found.
+        c = self.cluster.add("c")
+        a2 = self.cluster.add("a2", peers=["c"])
+        self.cluster.advance(0.01)
+        a2.write("y", 1)
+        a2.delete("y")
+        self.cluster.advance(0.01)
+        newer = c.write("y", 2)
+        response, body = a2.request("GET", "/c/y")
+        self.assertEqual((response.code, body), (200, newer))
+
+    def test_tombstone_on_the_way_beats_older_copy(self):
+        """
+        A->B->C where B deleted the record and C, lagging, still holds the
+        older copy: GET on A is 404, not the deleted record.
+        """
+        c = self.cluster.add("c")
+        b = self.cluster.add("b", peers=["c"])
+        a = self.cluster.add("a", peers=["b"])
+        old = b.write("x", 1)
+        self.assertEqual(c.stored("x"), old)
+        self.cluster.net.down(url("c"))
+        b.delete("x")
+        self.cluster.net.up(url("c"))  # back, but b's retry is not due yet
+        self.assertEqual(c.stored("x"), old)
+        response, _ = a.request("GET", "/c/x")
+        self.assertEqual(response.code, 404)
+        # A copy written on C after the delete is found.
+        self.cluster.advance(0.01)
+        newer = c.write("x", 2)
+        response, body = a.request("GET", "/c/x")
+        self.assertEqual((response.code, body), (200, newer))
