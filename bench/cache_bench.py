@@ -162,6 +162,10 @@ def main(argv=None):
         sys.stderr.write(text + "\n")
         sys.stderr.flush()
 
+    load_before = os.getloadavg()
+    if load_before[0] > 0.5:
+        log("cache_bench.py: WARNING: load average %.2f before the run: something else is "
+            "using the cores, and the figures will show it" % load_before[0])
     work = tempfile.mkdtemp(prefix="minstore-cache-bench-")
     script = os.path.join(work, "get.lua")
     with open(script, "w") as f:
@@ -263,12 +267,15 @@ def main(argv=None):
         "rounds": [{"hits": h["rps"], "direct": d["rps"]} for h, d in zip(hits, direct)],
     })
     figures["ratio"] = figures["hits_rps"] / figures["direct_rps"]
+    figures["load_average_before"] = load_before[0]
+    figures["load_average_after"] = os.getloadavg()[0]
     figures["miss_added_p50_ms"] = figures["miss_p50_ms"] - figures["direct1_p50_ms"]
     figures["miss_added_p99_ms"] = figures["miss_p99_ms"] - figures["direct1_p99_ms"]
 
     print()
-    print("%s, nproc %d, %d records, storage of the dependants: %s"
-          % (info, os.cpu_count(), args.seed, args.storage))
+    print("%s, nproc %d, %d records, storage of the dependants: %s; load average %.2f before, %.2f after"
+          % (info, os.cpu_count(), args.seed, args.storage,
+             figures["load_average_before"], figures["load_average_after"]))
     print("throughput, wrk -t%d -c%d -d%ds, median of %d alternated rounds:"
           % (args.threads, args.connections, args.duration, args.rounds))
     print("  GET through the front, cache hits  %9.0f req/s   p50 %6.2f ms  p99 %6.2f ms"
