@@ -559,3 +559,37 @@ class FrontStatusTests(FrontTestsMixin, SynchronousTestCase):
             "minstore_cache_evictions_total 0.0",
         ):
             self.assertIn(line, metrics.decode().splitlines())
+
+
+class CacheOptionsTests(SynchronousTestCase):
+    def parse(self, *argv):
+        from minstore.tap import Options
+
+        options = Options()
+        options.parseOptions(["--data", self.mktemp()] + list(argv))
+        return options
+
+    def test_defaults(self):
+        """64 MiB, 60 s of freshness, 5 s per dependant, no stale-if-error."""
+        options = self.parse()
+        self.assertEqual(
+            [options[k] for k in ("cache-size", "cache-ttl", "cache-timeout", "cache-stale-if-error")],
+            [64 * 1024 * 1024, 60.0, 5.0, 0.0],
+        )
+
+    def test_values(self):
+        options = self.parse("--cache-size", "1000", "--cache-ttl", "0", "--cache-stale-if-error", "30")
+        self.assertEqual((options["cache-size"], options["cache-ttl"], options["cache-stale-if-error"]), (1000, 0.0, 30.0))
+
+    def test_bad_values_stop_the_start(self):
+        """A bad cache option: one line on stderr and exit status 2."""
+        import io
+        import sys
+
+        for argv in (["--cache-size", "0"], ["--cache-ttl", "-1"], ["--cache-timeout", "0"], ["--cache-stale-if-error", "x"]):
+            err = io.StringIO()
+            self.patch(sys, "stderr", err)
+            with self.assertRaises(SystemExit) as raised:
+                self.parse(*argv)
+            self.assertEqual(raised.exception.code, 2)
+            self.assertIn(argv[0], err.getvalue())
