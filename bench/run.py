@@ -24,6 +24,7 @@ traffic goes to 127.0.0.1.  Standard library only, plus ``wrk`` on PATH.
 import argparse
 import concurrent.futures
 import http.client
+import itertools
 import json
 import os
 import platform
@@ -270,6 +271,16 @@ def parse_wrk(output):
     return result
 
 
+def start_py_spy(args, pid, operation, duration):
+    """py-spy sampling the node (the thread holding the GIL) for the measured run; stops by itself."""
+    os.makedirs(args.py_spy, exist_ok=True)
+    out = os.path.join(os.path.abspath(args.py_spy), "%s.txt" % operation)
+    argv = [args.py_spy_bin, "record", "-p", str(pid), "-d", str(duration), "-r", "250",
+            "-f", "raw", "-o", out, "--threads", "--gil", "--nonblocking"]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL, start_new_session=True), out
+
+
 def run_wrk(args, port, operation, duration, tag, lua_dir):
     url = "http://127.0.0.1:%d" % port
     argv = [
@@ -297,6 +308,19 @@ def run_wrk(args, port, operation, duration, tag, lua_dir):
 
 
 # -- one interpreter ------------------------------------------------------
+
+
+def git_revision():
+    """The checkout's commit, with the paths of minstore/ changed since it."""
+    try:
+        head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=30).stdout.decode().strip()
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--", "minstore", "twisted"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=30).stdout.decode().split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    changed = [line[3:] for line in dirty if line.strip()]
+    return head + (" + uncommitted changes in " + ", ".join(changed) if changed else "")
 
 
 def interpreter_info(python):
@@ -361,39 +385,70 @@ def bench_interpreter(args, python, log):
             seed(servers["node"].port, args.seed)
             log("   seeded %d records in %.1fs" % (args.seed, time.monotonic() - t0))
 
+        tags = itertools.count(1)
+        samples = {}  # (op, name) -> [figures of each repetition]
+        for rep in range(args.repeat):
+            if args.repeat > 1:
+                log("   -- repetition %d of %d" % (rep + 1, args.repeat))
+            for op in args.ops:
+                for name in targets:
+                    server = servers[name]
+                    if args.warmup > 0:
+                        run_wrk(args, server.port, op, args.warmup, "w%d-%d" % (next(tags), os.getpid()), lua_dir)
+                    before = batch_stats(server.port) if name == "node" else None
+                    spy = None
+                    if args.py_spy and name == "node" and rep == 0:
+                        spy = start_py_spy(args, server.proc.pid, op, args.duration)
+                    try:
+                        figures, output = run_wrk(
+                            args, server.port, op, args.duration, "m%d-%d" % (next(tags), os.getpid()), lua_dir
+                        )
+                    finally:
+                        if spy is not None:
+                            try:
+                                spy[0].wait(30)
+                            except subprocess.TimeoutExpired:
+                                os.killpg(spy[0].pid, signal.SIGKILL)
+                                spy[0].wait()
+                    if spy is not None:
+                        log("   py-spy samples (collapsed stacks): %s" % spy[1])
+                    if not server.alive():
+                        raise BenchError("%s died during %s:\n%s" % (server.name, op, server.log_tail()))
+                    if name == "node" and op != "get" and before:
+                        after = batch_stats(server.port)
+                        if after and after[1] > before[1]:
+                            figures["avg_batch"] = (after[0] - before[0]) / (after[1] - before[1])
+                    samples.setdefault((op, name), []).append(figures)
+                    if args.verbose:
+                        log(output)
+                    log(
+                        "   %-4s %-4s %9.0f req/s  p50 %7.2f ms  p99 %8.2f ms%s%s"
+                        % (
+                            op, name, figures["rps"], figures.get("p50", float("nan")),
+                            figures.get("p99", float("nan")),
+                            "  non-2xx %d" % figures["non_2xx"] if figures["non_2xx"] else "",
+                            "  avg batch %.1f" % figures["avg_batch"] if "avg_batch" in figures else "",
+                        )
+                    )
+                    if figures["non_2xx"] or figures["socket_errors"]:
+                        log("   WARNING: %d non-2xx answers, %d socket errors (see --verbose)"
+                            % (figures["non_2xx"], figures["socket_errors"]))
+        # Each figure is the repetition with the median requests/s; the ratio
+        # is the median of the ratios of runs made one after the other.
         for op in args.ops:
             row = results["operations"].setdefault(op, {})
             for name in targets:
-                server = servers[name]
-                before = batch_stats(server.port) if name == "node" else None
-                if args.warmup > 0:
-                    run_wrk(args, server.port, op, args.warmup, "w%s" % int(time.time()), lua_dir)
-                if name == "node":
-                    before = batch_stats(server.port)
-                figures, output = run_wrk(args, server.port, op, args.duration, "m%s" % int(time.time()), lua_dir)
-                if not server.alive():
-                    raise BenchError("%s died during %s:\n%s" % (server.name, op, server.log_tail()))
-                if name == "node" and op != "get" and before:
-                    after = batch_stats(server.port)
-                    if after and after[1] > before[1]:
-                        figures["avg_batch"] = (after[0] - before[0]) / (after[1] - before[1])
-                row[name] = figures
-                if args.verbose:
-                    log(output)
-                log(
-                    "   %-4s %-4s %9.0f req/s  p50 %7.2f ms  p99 %8.2f ms%s%s"
-                    % (
-                        op, name, figures["rps"], figures.get("p50", float("nan")),
-                        figures.get("p99", float("nan")),
-                        "  non-2xx %d" % figures["non_2xx"] if figures["non_2xx"] else "",
-                        "  avg batch %.1f" % figures["avg_batch"] if "avg_batch" in figures else "",
-                    )
-                )
-                if figures["non_2xx"] or figures["socket_errors"]:
-                    log("   WARNING: %d non-2xx answers, %d socket errors (see --verbose)"
-                        % (figures["non_2xx"], figures["socket_errors"]))
-            if "node" in row and "bare" in row and row["bare"]["rps"]:
-                row["ratio"] = row["node"]["rps"] / row["bare"]["rps"]
+                runs = samples.get((op, name), [])
+                if runs:
+                    ordered = sorted(runs, key=lambda f: f["rps"])
+                    row[name] = dict(ordered[(len(ordered) - 1) // 2])
+                    row[name]["runs"] = runs
+            node_runs, bare_runs = samples.get((op, "node")), samples.get((op, "bare"))
+            if node_runs and bare_runs:
+                ratios = sorted(n["rps"] / b["rps"] for n, b in zip(node_runs, bare_runs) if b["rps"])
+                if ratios:
+                    row["ratio"] = ratios[(len(ratios) - 1) // 2]
+                    row["ratios"] = ratios
     finally:
         for server in servers.values():
             try:
@@ -424,6 +479,15 @@ def _fmt_lat(row, name):
     return "%s / %s" % (_ms(f.get("p50")), _ms(f.get("p99")))
 
 
+def _fmt_ratio(row):
+    if "ratio" not in row:
+        return "-"
+    ratios = row.get("ratios") or []
+    if len(ratios) > 1:
+        return "%.2f (%.2f-%.2f)" % (row["ratio"], ratios[0], ratios[-1])
+    return "%.2f" % row["ratio"]
+
+
 def _ms(v):
     if v is None:
         return "?"
@@ -447,7 +511,7 @@ def table(runs, storage):
                 % (
                     _label(op, storage), _fmt_rps(row, "node"), _fmt_lat(row, "node"),
                     _fmt_rps(row, "bare"), _fmt_lat(row, "bare"),
-                    "%.2f" % row["ratio"] if "ratio" in row else "-",
+                    _fmt_ratio(row),
                 )
             )
         return "\n".join(lines)
@@ -467,7 +531,7 @@ def table(runs, storage):
             row = run["operations"].get(op, {})
             line += " %s | %s | %s | %s | %s |" % (
                 _fmt_rps(row, "node"), _fmt_lat(row, "node"), _fmt_rps(row, "bare"),
-                _fmt_lat(row, "bare"), "%.2f" % row["ratio"] if "ratio" in row else "-",
+                _fmt_lat(row, "bare"), _fmt_ratio(row),
             )
         if len(runs) == 2:
             a = runs[0]["operations"].get(op, {}).get("node")
@@ -491,11 +555,16 @@ def parse_args(argv):
     p.add_argument("--processes", default=None, help="the node's --processes (default: the node's own default, lang,schema; '' for none)")
     p.add_argument("--ops", default=",".join(OPERATIONS), help="operations to run, of get,post,put (default all)")
     p.add_argument("--targets", default="node,bare", help="servers to measure, of node,bare (default both)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure every operation this many times, node and bare in turn; report the median (default 1)")
     p.add_argument("--threads", type=int, default=2, help="wrk -t (default 2)")
     p.add_argument("--connections", type=int, default=32, help="wrk -c (default 32)")
     p.add_argument("--seed", type=int, default=1000, help="records seeded before the runs; PUT rotates over them (default 1000)")
     p.add_argument("--json", metavar="FILE", help="write the figures to this JSON file")
     p.add_argument("--profile", metavar="FILE", help="run the node under cProfile (twistd --profiler cprofile --savestats) and write its stats here; the figures then carry the profiler's cost")
+    p.add_argument("--py-spy", metavar="DIR",
+                   help="sample the node with py-spy during each measured run, only the thread holding the GIL (where the node's one core of Python goes); write DIR/{op}.txt (CPython only)")
+    p.add_argument("--py-spy-bin", default=shutil.which("py-spy") or "/tmp/tools-venv/bin/py-spy", help=argparse.SUPPRESS)
     p.add_argument("--wait-idle", type=int, default=0, metavar="SECONDS",
                    help="before starting, wait up to this long for the 1-minute load average to fall below 0.5 (the machine is shared)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (data, logs, Lua scripts)")
@@ -509,6 +578,8 @@ def parse_args(argv):
     for t in args.targets:
         if t not in ("node", "bare"):
             p.error("--targets: %r is not node or bare" % t)
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     if args.duration <= 0 or args.warmup < 0:
         p.error("--duration must be above 0 and --warmup at least 0")
     if args.compare_pypy and args.profile:
@@ -560,10 +631,12 @@ def main(argv=None):
         return 130
 
     load_after = os.getloadavg()
+    revision = git_revision()
     print()
+    print("minstore at %s" % revision)
     print(
-        "wrk -t%d -c%d -d%ds --latency after a %ds warm-up; storage %s; processes %s; %d seeded records; nproc %d"
-        % (args.threads, args.connections, args.duration, args.warmup, args.storage,
+        "wrk -t%d -c%d -d%ds --latency after a %ds warm-up, median of %d; storage %s; processes %s; %d seeded records; nproc %d"
+        % (args.threads, args.connections, args.duration, args.warmup, args.repeat, args.storage,
            "default (lang,schema)" if args.processes is None else repr(args.processes),
            args.seed, os.cpu_count() or 0)
     )
@@ -580,8 +653,9 @@ def main(argv=None):
             "settings": {
                 "threads": args.threads, "connections": args.connections,
                 "duration": args.duration, "warmup": args.warmup, "storage": args.storage,
-                "processes": args.processes, "seed": args.seed,
+                "processes": args.processes, "seed": args.seed, "repeat": args.repeat,
             },
+            "revision": revision,
             "runs": runs,
         }
         with open(args.json, "w") as f:

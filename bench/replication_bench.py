@@ -1,0 +1,652 @@
+#!/usr/bin/env python3
+"""
+Benchmark minstore's replication (DESIGN section 4) on real nodes.
+
+Starts every node itself (``twistd -n minstore`` from this checkout, files
+engine, fresh temporary data directories, free loopback ports) and stops
+them all at the end, whatever happens.  All traffic goes to 127.0.0.1.
+
+(a) Replication lag: a paced, open-loop writer POSTs new records on the
+    emitter A at ``--rate`` writes/s for ``--duration`` s; as soon as a POST
+    is acknowledged, a poller per receiver asks ``GET ?local=1`` for that
+    record (every 1 ms at first, backing off to 10 ms, and to a tenth of
+    the time waited past 100 ms, for at most ``--give-up`` s) and the lag is the time from the acknowledgement to the
+    first 200.  That is an upper bound: it includes the poll's round trip
+    and up to one poll interval.
+      mirror   A->B, A->C     lag to the later of B and C
+      bridge   A(*)->B(*)->C  lag to C
+(b) The emitter's POST throughput, ``wrk -t2 -c32`` with a Lua script making
+    unique uids, on a node with two receivers (A->B, A->C) and on the same
+    node standalone, same duration, fresh data for each; the ratio.  After
+    the run with receivers, how long the replication backlog takes to drain.
+
+    python3 bench/replication_bench.py                     # all, defaults
+    python3 bench/replication_bench.py --rate 200 --duration 30 --wrk-duration 20
+    python3 bench/replication_bench.py --only lag --topologies mirror
+    python3 bench/replication_bench.py --python /tmp/pypy-venv/bin/python --json out.json
+
+Standard library only (the client is asyncio over raw HTTP/1.1), plus
+``wrk`` on PATH for (b).  Targets: mirror lag p99 < 50 ms at 200 writes/s;
+throughput with two receivers >= 0.7 of standalone.
+"""
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+COLLECTION = "bench"
+TOPOLOGIES = ("mirror", "bridge")
+LAG_TARGET_MS = 50.0
+RATIO_TARGET = 0.7
+
+#: About 200 bytes of English, as in bench/run.py.
+TEXT = (
+    "The quick brown fox jumps over the lazy dog while a patient engineer "
+    "measures how many small records per second a replicated store keeps "
+    "durable on a modest machine with two cores and one disk"
+)
+
+POST_LUA = r"""
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("id", threads)
+end
+function init(args)
+  prefix = args[1] or "r"
+  text = args[2] or "x"
+  counter = 0
+  wrk.headers["Content-Type"] = "application/json"
+end
+function request()
+  counter = counter + 1
+  local uid = prefix .. "-" .. id .. "-" .. counter
+  local body = '{"value": "' .. text .. " " .. uid .. '"}'
+  return wrk.format("POST", "/%s/" .. uid, nil, body)
+end
+""" % COLLECTION
+
+
+class BenchError(Exception):
+    pass
+
+
+def log(text=""):
+    print(text, flush=True)
+
+
+# -- nodes ----------------------------------------------------------------
+
+
+def free_ports(n):
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def http_request(port, method, path, body=None, headers=None, timeout=10):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+class Node:
+    """One ``twistd -n minstore`` child in its own session: SIGTERM, then SIGKILL."""
+
+    def __init__(self, name, python, work, port, peers=(), bridge=False, processes=None):
+        self.name = name
+        self.port = port
+        self.dir = os.path.join(work, name)
+        os.makedirs(self.dir)
+        self.log_path = os.path.join(self.dir, "node.log")
+        self.argv = [
+            python, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+            "minstore",
+            "--port", "tcp:%d:interface=127.0.0.1" % port,
+            "--data", os.path.join(self.dir, "data"),
+            "--storage", "files",
+        ]
+        if processes is not None:
+            self.argv.append("--processes=" + processes)
+        if peers:
+            servers = os.path.join(self.dir, "servers.list")
+            with open(servers, "w") as f:
+                f.write(("*\n" if bridge else "") + "".join("http://127.0.0.1:%d\n" % p for p in peers))
+            self.argv += ["--servers", servers]
+        self.proc = None
+
+    def start(self, env):
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=env, cwd=self.dir, start_new_session=True,
+            )
+
+    def log_tail(self, lines=15):
+        try:
+            with open(self.log_path, "rb") as f:
+                return b"\n".join(f.read().splitlines()[-lines:]).decode("utf-8", "replace")
+        except OSError:
+            return "(no log)"
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise BenchError("%s exited before answering:\n%s" % (self.name, self.log_tail()))
+            try:
+                if http_request(self.port, "GET", "/_node/health", timeout=2)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise BenchError("%s did not answer within %.0fs:\n%s" % (self.name, timeout, self.log_tail()))
+
+    def status(self):
+        code, body = http_request(self.port, "GET", "/_node/status")
+        if code != 200:
+            raise BenchError("%s: /_node/status answered %d" % (self.name, code))
+        return json.loads(body)
+
+    def stop(self, grace=20.0):
+        if not self.alive():
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+class Cluster:
+    """
+    Nodes started together from a peer graph ``{name: [peer names]}``, in a
+    fresh directory; a context manager that stops them all and removes it.
+    """
+
+    def __init__(self, args, graph, bridges=(), label=""):
+        self.args = args
+        self.label = label
+        self.work = tempfile.mkdtemp(prefix="minstore-repl-bench-")
+        names = list(graph)
+        ports = dict(zip(names, free_ports(len(names))))
+        self.nodes = {}
+        for name in names:
+            self.nodes[name] = Node(
+                name, args.python, self.work, ports[name],
+                peers=[ports[p] for p in graph[name]], bridge=name in bridges,
+                processes=args.processes,
+            )
+
+    def __getitem__(self, name):
+        return self.nodes[name]
+
+    def __enter__(self):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.pop("PYTHONSTARTUP", None)
+        try:
+            for node in self.nodes.values():
+                node.start(env)
+            for node in self.nodes.values():
+                node.wait_ready()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def check_alive(self):
+        for node in self.nodes.values():
+            if not node.alive():
+                raise BenchError("%s died:\n%s" % (node.name, node.log_tail()))
+
+    def __exit__(self, *exc):
+        for node in self.nodes.values():
+            try:
+                node.stop()
+            except Exception as e:  # keep stopping the others
+                log("   could not stop %s: %s" % (node.name, e))
+        if self.args.keep:
+            log("   kept %s" % self.work)
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
+        return False
+
+    def wait_drained(self, timeout=120.0):
+        """Seconds until every node's backlog to every peer is 0 (None: not within timeout)."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            self.check_alive()
+            if all(p["backlog"] == 0 for n in self.nodes.values() for p in n.status()["peers"]):
+                return time.monotonic() - start
+            time.sleep(0.05)
+        return None
+
+
+# -- a small asyncio HTTP/1.1 client ----------------------------------------
+
+
+class Connection:
+    def __init__(self, reader, writer):
+        self.reader = reader
+        self.writer = writer
+
+    async def request(self, method, path, body=b"", headers=()):
+        head = ["%s %s HTTP/1.1" % (method, path), "Host: 127.0.0.1", "Content-Length: %d" % len(body)]
+        head.extend(headers)
+        self.writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        status_line = await self.reader.readline()
+        if not status_line:
+            raise ConnectionError("closed by the node")
+        status = int(status_line.split(None, 2)[1])
+        length, chunked, close = 0, False, False
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == "content-length":
+                length = int(value)
+            elif name == "transfer-encoding" and "chunked" in value:
+                chunked = True
+            elif name == "connection" and value == "close":
+                close = True
+        if chunked:
+            parts = []
+            while True:
+                size = int((await self.reader.readline()).split(b";")[0], 16)
+                if size == 0:
+                    while (await self.reader.readline()) not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                parts.append(await self.reader.readexactly(size))
+                await self.reader.readexactly(2)
+            data = b"".join(parts)
+        else:
+            data = await self.reader.readexactly(length)
+        return status, data, close
+
+    def close(self):
+        self.writer.close()
+
+
+class Pool:
+    """Keep-alive connections to one node, opened on demand."""
+
+    def __init__(self, port):
+        self.port = port
+        self.idle = []
+        self.opened = 0
+
+    async def request(self, method, path, body=b"", headers=(), timeout=10.0):
+        conn = self.idle.pop() if self.idle else None
+        if conn is None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(reader, writer)
+            self.opened += 1
+        try:
+            status, data, close = await asyncio.wait_for(conn.request(method, path, body, headers), timeout)
+        except BaseException:
+            conn.close()
+            raise
+        if close:
+            conn.close()
+        else:
+            self.idle.append(conn)
+        return status, data
+
+    def close(self):
+        for conn in self.idle:
+            conn.close()
+        self.idle = []
+
+
+# -- (a) replication lag --------------------------------------------------
+
+
+def percentile(values, p):
+    """The p-th percentile (nearest rank) of a non-empty list."""
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, int(round(p / 100.0 * len(ordered) + 0.5)) - 1))
+    return ordered[k]
+
+
+async def measure_lag(emitter, receivers, rate, duration, give_up, tag):
+    """
+    Paced POSTs on ``emitter`` (open loop: one task per write, at its
+    scheduled time); for each acknowledged write, the seconds until every
+    receiver serves it with ``GET ?local=1`` (None when one does not within
+    ``give_up`` seconds).
+    """
+    writes = max(1, int(rate * duration))
+    emitter_pool = Pool(emitter.port)
+    receiver_pools = [Pool(r.port) for r in receivers]
+    lags, errors, late = [], [], []
+
+    async def poll(pool, path, acked):
+        interval = 0.001
+        while True:
+            status, _ = await pool.request("GET", path)
+            now = time.perf_counter()
+            if status == 200:
+                return now - acked
+            if status != 404:
+                raise BenchError("GET %s answered %d" % (path, status))
+            if now - acked > give_up:
+                return None
+            await asyncio.sleep(interval)
+            # 1 ms, growing to 10 ms; past 100 ms, a tenth of the wait so far
+            # (a backlog of seconds must not be polled into a flood).
+            interval = min(max(0.010, 0.1 * (now - acked)), 0.25, interval * 1.5)
+
+    async def one(i):
+        uid = "%s-%06d" % (tag, i)
+        path = "/%s/%s" % (COLLECTION, uid)
+        body = json.dumps({"value": "%s %s" % (TEXT, uid)}).encode()
+        try:
+            status, data = await emitter_pool.request(
+                "POST", path, body, ["Content-Type: application/json"]
+            )
+        except Exception as e:
+            errors.append("POST %s: %r" % (uid, e))
+            return
+        acked = time.perf_counter()
+        if status != 200:
+            errors.append("POST %s answered %d: %r" % (uid, status, data[:200]))
+            return
+        late_of = acked - scheduled[i]
+        late.append(late_of)
+        try:
+            found = await asyncio.gather(*[poll(p, path + "?local=1", acked) for p in receiver_pools])
+        except Exception as e:
+            errors.append("polling %s: %r" % (uid, e))
+            return
+        lags.append(None if None in found else max(found))
+
+    tasks = []
+    scheduled = {}
+    start = time.perf_counter()
+    for i in range(writes):
+        at = start + i / rate
+        delay = at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        scheduled[i] = at
+        tasks.append(asyncio.ensure_future(one(i)))
+    sent_for = time.perf_counter() - start
+    await asyncio.gather(*tasks)
+    for pool in [emitter_pool] + receiver_pools:
+        pool.close()
+    return {
+        "writes": writes,
+        "send_seconds": sent_for,
+        "acknowledged": len(lags),
+        "lags": lags,
+        "errors": errors,
+        "ack_ms_p50": 1000 * percentile(late, 50) if late else None,
+        "ack_ms_p99": 1000 * percentile(late, 99) if late else None,
+        "connections": emitter_pool.opened,
+    }
+
+
+def run_lag(args, topology):
+    if topology == "mirror":
+        graph, bridges, targets, label = {"A": ["B", "C"], "B": [], "C": []}, (), ["B", "C"], "mirror A->B, A->C"
+    else:
+        graph, bridges, targets, label = {"A": ["B"], "B": ["C"], "C": []}, ("A", "B"), ["C"], "bridge A(*)->B(*)->C"
+    log("== lag, %s: %d writes/s for %ds (lag to %s)" % (label, args.rate, args.duration, " and ".join(targets)))
+    with Cluster(args, graph, bridges) as cluster:
+        # A short warm-up so the first connections and the lang model are not measured.
+        asyncio.run(measure_lag(cluster["A"], [cluster[t] for t in targets], args.rate, 1.0, args.give_up, "warm-" + topology))
+        tag = "lag-%s-%d" % (topology, os.getpid())
+        result = asyncio.run(
+            measure_lag(cluster["A"], [cluster[t] for t in targets], args.rate, args.duration, args.give_up, tag)
+        )
+        cluster.check_alive()
+        status = cluster["A"].status()
+    seen = [x for x in result["lags"] if x is not None]
+    row = {
+        "topology": topology,
+        "label": label,
+        "rate": args.rate,
+        "duration": args.duration,
+        "writes": result["writes"],
+        "acknowledged": result["acknowledged"],
+        "seen": len(seen),
+        "not_seen": result["acknowledged"] - len(seen),
+        "errors": len(result["errors"]),
+        "achieved_rate": result["writes"] / result["send_seconds"] if result["send_seconds"] else None,
+        "post_ms_p50": result["ack_ms_p50"],
+        "post_ms_p99": result["ack_ms_p99"],
+    }
+    if seen:
+        for p in (50, 90, 99):
+            row["p%d" % p] = 1000 * percentile(seen, p)
+        row["max"] = 1000 * max(seen)
+    if result["errors"]:
+        log("   %d errors, first: %s" % (len(result["errors"]), result["errors"][0]))
+    log(
+        "   %d/%d seen, lag p50 %.1f ms p90 %.1f ms p99 %.1f ms max %.1f ms; POST p50 %.1f ms p99 %.1f ms"
+        % (row["seen"], row["writes"], row.get("p50", float("nan")), row.get("p90", float("nan")),
+           row.get("p99", float("nan")), row.get("max", float("nan")),
+           row["post_ms_p50"] or float("nan"), row["post_ms_p99"] or float("nan"))
+    )
+    row["emitter_peers"] = status.get("peers")
+    return row
+
+
+# -- (b) throughput -------------------------------------------------------
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
+
+
+def _to_ms(text):
+    m = re.match(r"([\d.]+)(us|ms|s|m|h)$", text)
+    if not m:
+        raise BenchError("cannot read a wrk duration %r" % text)
+    return float(m.group(1)) * _UNITS_MS[m.group(2)]
+
+
+def parse_wrk(output):
+    result = {"non_2xx": 0, "socket_errors": 0}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if not m:
+        raise BenchError("no Requests/sec in wrk output:\n%s" % output)
+    result["rps"] = float(m.group(1))
+    for pct in ("50", "99"):
+        m = re.search(r"^\s+%s(?:\.0+)?%%\s+([\d.]+\w+)" % pct, output, re.M)
+        if m:
+            result["p" + pct] = _to_ms(m.group(1))
+    m = re.search(r"(\d+) requests in", output)
+    if m:
+        result["requests"] = int(m.group(1))
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    if m:
+        result["non_2xx"] = int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    if m:
+        result["socket_errors"] = sum(int(x) for x in m.groups())
+    return result
+
+
+def run_wrk(args, port, duration, tag, script):
+    argv = [
+        "wrk", "-t2", "-c32", "-d%ds" % duration, "--timeout", "10s", "--latency",
+        "-s", script, "http://127.0.0.1:%d" % port, "--", tag, TEXT,
+    ]
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=duration + 60)
+    output = proc.stdout.decode("utf-8", "replace")
+    if proc.returncode != 0:
+        raise BenchError("wrk failed (%d):\n%s" % (proc.returncode, output))
+    if args.verbose:
+        log(output)
+    return parse_wrk(output)
+
+
+def run_throughput(args, script):
+    log("== throughput: wrk -t2 -c32 POST of new records on A for %ds (after a %ds warm-up)"
+        % (args.wrk_duration, args.wrk_warmup))
+    rows = {}
+    for name, graph in (("standalone", {"A": []}), ("two receivers", {"A": ["B", "C"], "B": [], "C": []})):
+        with Cluster(args, graph) as cluster:
+            port = cluster["A"].port
+            if args.wrk_warmup:
+                run_wrk(args, port, args.wrk_warmup, "w%d" % os.getpid(), script)
+            if len(graph) > 1:
+                cluster.wait_drained()
+            figures = run_wrk(args, port, args.wrk_duration, "m%d" % os.getpid(), script)
+            cluster.check_alive()
+            if len(graph) > 1:
+                figures["drain_seconds"] = cluster.wait_drained()
+                counts = [cluster[n].status()["records"] for n in ("A", "B", "C")]
+                figures["records"] = counts
+            rows[name] = figures
+            log("   %-13s %8.0f req/s  p50 %6.1f ms  p99 %6.1f ms%s%s" % (
+                name, figures["rps"], figures.get("p50", float("nan")), figures.get("p99", float("nan")),
+                "  non-2xx %d" % figures["non_2xx"] if figures["non_2xx"] else "",
+                "  backlog drained %.1fs after, records A/B/C %s" % (figures["drain_seconds"], figures["records"])
+                if figures.get("drain_seconds") is not None else
+                ("  backlog NOT drained" if len(graph) > 1 else ""),
+            ))
+    rows["ratio"] = rows["two receivers"]["rps"] / rows["standalone"]["rps"]
+    return rows
+
+
+# -- output ---------------------------------------------------------------
+
+
+def table(results, args):
+    lines = []
+    if results.get("lag"):
+        lines.append(
+            "Replication lag: POST acknowledged on A -> readable with GET ?local=1 on the last receiver "
+            "(%d writes/s for %ds, files engine)" % (args.rate, args.duration)
+        )
+        lines.append("")
+        lines.append("| topology | writes | seen | lag p50 | lag p90 | lag p99 | lag max | POST p99 | target p99 < %d ms |"
+                     % LAG_TARGET_MS)
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        for row in results["lag"]:
+            target = ""
+            if row["topology"] == "mirror":
+                target = "met" if row.get("p99", 1e9) < LAG_TARGET_MS and not row["not_seen"] else "MISSED"
+            lines.append("| %s | %d | %d | %.1f ms | %.1f ms | %.1f ms | %.1f ms | %.1f ms | %s |" % (
+                row["label"], row["writes"], row["seen"], row.get("p50", float("nan")),
+                row.get("p90", float("nan")), row.get("p99", float("nan")), row.get("max", float("nan")),
+                row["post_ms_p99"] or float("nan"), target or "-",
+            ))
+        lines.append("")
+    t = results.get("throughput")
+    if t:
+        lines.append("Emitter POST throughput, wrk -t2 -c32 for %ds, unique uids, files engine" % args.wrk_duration)
+        lines.append("")
+        lines.append("| node A | req/s | p50 | p99 | non-2xx |")
+        lines.append("|---|---:|---:|---:|---:|")
+        for name in ("standalone", "two receivers"):
+            f = t[name]
+            lines.append("| %s | %.0f | %.1f ms | %.1f ms | %d |" % (
+                name, f["rps"], f.get("p50", float("nan")), f.get("p99", float("nan")), f["non_2xx"]))
+        lines.append("")
+        lines.append("ratio two receivers / standalone: **%.2f** (target >= %.1f: %s)" % (
+            t["ratio"], RATIO_TARGET, "met" if t["ratio"] >= RATIO_TARGET else "MISSED"))
+        drain = t["two receivers"].get("drain_seconds")
+        lines.append("replication backlog drained %s after the run; records on A/B/C: %s" % (
+            "%.1fs" % drain if drain is not None else "NOT within 120s",
+            "/".join(str(n) for n in t["two receivers"].get("records", []))))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=200.0, help="writes/s of the lag test (200)")
+    parser.add_argument("--duration", type=int, default=30, help="seconds of the lag test (30)")
+    parser.add_argument("--give-up", type=float, default=10.0, help="seconds a poller waits for one record (10)")
+    parser.add_argument("--topologies", nargs="+", choices=TOPOLOGIES, default=list(TOPOLOGIES))
+    parser.add_argument("--wrk-duration", type=int, default=20, help="seconds of each wrk run (20)")
+    parser.add_argument("--wrk-warmup", type=int, default=3, help="seconds of wrk warm-up before each (3)")
+    parser.add_argument("--only", choices=("lag", "throughput"), help="run one part only")
+    parser.add_argument("--python", default=sys.executable, help="interpreter running the nodes")
+    parser.add_argument("--processes", default=None, help="--processes of the nodes (default: the node's own)")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
+    parser.add_argument("--verbose", action="store_true", help="print wrk's output")
+    args = parser.parse_args(argv)
+    if args.rate <= 0 or args.duration <= 0:
+        parser.error("--rate and --duration must be above 0")
+    if args.only != "lag" and not shutil.which("wrk"):
+        parser.error("wrk is not on PATH (or run --only lag)")
+
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so every node is stopped.
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt("signal %d" % signum)
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGHUP, interrupted)
+
+    log("minstore replication benchmark: %s %s on %s, %d CPUs" % (
+        platform.python_implementation(), platform.python_version(), platform.machine(), os.cpu_count()))
+    log("nodes run with %s" % args.python)
+    results = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "args": vars(args)}
+    lua_dir = tempfile.mkdtemp(prefix="minstore-repl-bench-lua-")
+    try:
+        if args.only in (None, "lag"):
+            results["lag"] = [run_lag(args, topology) for topology in args.topologies]
+        if args.only in (None, "throughput"):
+            script = os.path.join(lua_dir, "post.lua")
+            with open(script, "w") as f:
+                f.write(POST_LUA)
+            results["throughput"] = run_throughput(args, script)
+    except BenchError as e:
+        log("FAILED: %s" % e)
+        return 1
+    except KeyboardInterrupt:
+        log("interrupted; nodes stopped")
+        return 130
+    finally:
+        shutil.rmtree(lua_dir, ignore_errors=True)
+    log("")
+    log(table(results, args))
+    if args.json:
+        for row in results.get("lag", []):
+            row.pop("emitter_peers", None)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
