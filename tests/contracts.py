@@ -215,7 +215,7 @@ class StorageContract:
         seen = []
         after = None
         pages = 0
-        while True:
+        while pages < 20:  # bounded: a cursor that does not advance must fail, not hang
             page = uids_of(storage.list("books", after, None, 30))
             pages += 1
             if not page:

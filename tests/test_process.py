@@ -81,6 +81,11 @@ class LanguageTests(SynchronousTestCase):
             self.assertIsNone(self.lang(record(value))["lang"], repr(value))
             self.assertIn("lang", self.lang(record(value)))
 
+    def test_gibberish_undecidable(self):
+        """Text too short or too odd to tell a language apart gives null, not a guess."""
+        for text in ["ok", "asdf qwer zxcv", "x1 y2 z3"]:
+            self.assertIsNone(self.lang(record(text))["lang"], text)
+
     def test_text_inside_objects(self):
         """The strings inside an object or array value are what is detected."""
         value = {"title": "Le Petit Prince", "year": 1943, "body": [FRENCH, {"more": FRENCH}]}
