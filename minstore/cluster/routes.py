@@ -7,6 +7,7 @@ from klein import Klein
 from twisted.internet.defer import ensureDeferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import PathConverter
 
 from minstore.errors import BadRequest, MinstoreError
 
@@ -19,8 +20,16 @@ def _json(request, code, obj):
     return json.dumps(obj).encode("utf-8")
 
 
+class _UidConverter(PathConverter):
+    """The rest of the path, even when it starts with / (a uid of "/x")."""
+
+    regex = ".+"
+    part_isolating = False
+
+
 class ClusterAPI:
     app = Klein()
+    app.url_map.converters["uid"] = _UidConverter
     log = Logger()
 
     def __init__(self, node, lookups=None):
@@ -59,7 +68,7 @@ class ClusterAPI:
         d = gatherResults(applied, consumeErrors=True).addCallback(answer)
         return d.addErrback(first_error)
 
-    @app.route("/lookup/<collection>/<path:uid>", methods=["GET", "DELETE"])
+    @app.route("/lookup/<collection>/<uid:uid>", methods=["GET", "DELETE"])
     def lookup(self, request, collection, uid):
         if self.lookups is None:
             raise BadRequest("no_lookups", "this node does not take lookups")
