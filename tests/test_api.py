@@ -960,3 +960,31 @@ class NodeRouteTests(APITestCase):
         self.assertEqual(response.header(b"content-type"), b"text/html; charset=utf-8")
         self.assertTrue(response.body.lower().startswith(b"<!doctype html>"), response.body[:50])
         self.assertIn(b"<title>minstore", response.body)
+
+
+class FakeLookups:
+    """The node's lookups, answering for any uid with the uid it was asked."""
+
+    def __init__(self):
+        self.asked = []
+
+    def answer(self, collection, uid, visited, method, if_match):
+        self.asked.append((method, collection, uid, visited, if_match))
+        return succeed(json.dumps({"collection": collection, "uid": uid}).encode("utf-8"))
+
+
+class ClusterRouteTests(APITestCase):
+    def test_lookup_any_uid(self):
+        """The inter-node lookup route takes every uid, even one that starts with / or is /."""
+        lookups = FakeLookups()
+        self.use_node(self.make_node(), lookups=lookups)
+        uids = ["a", "a/b", "/lead", "/", "//", "\u00e9t\u00e9", "50%"]
+        for uid in uids:
+            response = self.get("/_cluster/lookup/books/" + quote(uid, safe="") + "?visited=n2,n3")
+            self.assertEqual(response.code, 200, uid)
+            self.assertEqual(response.json(), {"collection": "books", "uid": uid})
+        response = self.request("DELETE", "/_cluster/lookup/books/%2Fx", headers={"If-Match": '"v1"'})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(lookups.asked[0], ("GET", "books", "a", ["n2", "n3"], None))
+        self.assertEqual([uid for _, _, uid, _, _ in lookups.asked], uids + ["/x"])
+        self.assertEqual(lookups.asked[-1], ("DELETE", "books", "/x", [], '"v1"'))
