@@ -56,6 +56,15 @@ def filename_to_uid(name):
     return unquote_to_bytes(name).decode("utf-8")
 
 
+def _is_json(data):
+    """Whether a log line's record is whole (a torn one may still end with a nested ``}``)."""
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -112,7 +121,7 @@ class FileStorage:
             return
         for line in log.split(b"\n"):
             parts = line.split(b"\t", 3)
-            if len(parts) != 4 or not parts[3].endswith(b"}"):
+            if len(parts) != 4 or not parts[3].endswith(b"}") or not _is_json(parts[3]):
                 continue  # the torn tail of a batch never synced, never acknowledged
             deleted, collection, filename, data = parts
             self._apply(collection.decode("utf-8"), filename.decode("utf-8"), data)
