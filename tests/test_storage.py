@@ -167,6 +167,26 @@ class FileStorageTests(SynchronousTestCase):
         self.assertEqual(second.count(), 1)
         self.assertIsNone(second.get("books", "orphan"))
 
+    def test_torn_log_tail_not_applied(self):
+        """
+        After a crash in the middle of an unacknowledged write (its log
+        line torn, even right after a ``}`` of a nested value), the engine
+        opens and every acknowledged record reads as it was.
+        """
+        storage = self.open()
+        kept = record("books", "a", {"x": {"y": 1}})
+        storage.write([("books", "a", kept, False)])
+        newer = record("books", "a", {"x": {"y": 2}, "z": 3}, version="0000000000005-000000-test")
+        torn = newer[: newer.index(b"}") + 1]  # cut right after the inner object
+        self.assertFalse(torn.endswith(b"}}"))
+        # kill -9 while the next batch was being appended: no close().
+        with open(os.path.join(self.data, "records.wal"), "ab") as f:
+            f.write(b"0\tbooks\ta\t" + torn)
+        second = self.open()
+        self.assertEqual(second.get("books", "a"), kept)
+        self.assertEqual(second.list("books", None, None, 10), [kept])
+        self.assertEqual(second.count(), 1)
+
     def test_hostile_uids_stay_in_collection_directory(self):
         """
         No uid, however hostile (``../../x``, ``/etc/passwd``, ``..``,
