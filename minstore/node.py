@@ -107,9 +107,14 @@ def encode_cursor(uid):
 
 def decode_cursor(cursor):
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("utf-8")
+        uid = base64.b64decode(
+            cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True
+        ).decode("utf-8")
     except (ValueError, UnicodeDecodeError):
+        uid = ""
+    if not uid:
         raise BadRequest("bad_parameter", "after: not a cursor from a listing's next")
+    return uid
 
 
 class Entry:

@@ -692,6 +692,10 @@ class ListTests(APITestCase):
         """An after cursor that does not decode to UTF-8 answers 400."""
         self.assertError(self.get("/books/?after=__8"), 400, "bad_parameter")
 
+    def test_garbage_cursor(self):
+        """An after cursor that is not base64url at all answers 400, not page one."""
+        self.assertError(self.get("/books/?after=!!"), 400, "bad_parameter")
+
 
 class ErrorShapeTests(APITestCase):
     def test_unknown_route(self):

@@ -70,3 +70,41 @@ class WriteAheadLogTests(SynchronousTestCase):
         self.assertEqual(os.path.getsize(storage.wal_path), 0)
         again = self.open(data_dir)
         self.assertEqual(again.count(), 20)
+
+
+class DamagedFileTests(SynchronousTestCase):
+    def test_damaged_record_file_set_aside(self):
+        """
+        A record file damaged outside minstore does not stop the engine from
+        opening: it is set aside (never listed) and the other records stay.
+        """
+        data_dir = self.mktemp()
+        storage = FileStorage(data_dir)
+        storage.open()
+        good = record("dune", "spice")
+        storage.write([("books", "dune", good, False), ("books", "bad", record("bad", 1), False)])
+        storage.close()
+        path = os.path.join(storage.root, "books", "bad")
+        with open(path, "wb") as f:
+            f.write(b"\x00garbage")
+        again = FileStorage(data_dir)
+        again.open()
+        self.assertEqual(again.get("books", "dune"), good)
+        self.assertIsNone(again.get("books", "bad"))
+        self.assertEqual(again.list("books", None, None, 10), [good])
+        self.assertTrue(os.path.exists(os.path.join(storage.root, "books", ".damaged-bad")))
+
+    def test_set_aside_file_stays_aside(self):
+        """Reopening again neither lists nor renames the set-aside file."""
+        data_dir = self.mktemp()
+        storage = FileStorage(data_dir)
+        storage.open()
+        storage.write([("books", "bad", record("bad", 1), False)])
+        storage.close()
+        with open(os.path.join(storage.root, "books", "bad"), "wb") as f:
+            f.write(b"{")
+        for _ in range(2):
+            again = FileStorage(data_dir)
+            again.open()
+            again.close()
+        self.assertEqual(sorted(os.listdir(os.path.join(storage.root, "books"))), [".damaged-bad"])

@@ -30,6 +30,7 @@ import os
 import threading
 from urllib.parse import unquote_to_bytes
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from minstore.interfaces import IStorage
@@ -39,6 +40,7 @@ _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01234567
 _MAX_NAME = 200
 _TMP_PREFIX = ".tmp-"
 _sync = getattr(os, "fdatasync", os.fsync)
+log = Logger("minstore.storage.files")
 
 
 def uid_to_filename(uid):
@@ -103,13 +105,23 @@ class FileStorage:
             self._dirs.add(collection)
             for name in os.listdir(directory):
                 path = os.path.join(directory, name)
-                if name.startswith(_TMP_PREFIX):
-                    # A write that never reached its rename (the log has it).
-                    os.unlink(path)
-                    continue
+                if name.startswith("."):
+                    if name.startswith(_TMP_PREFIX):
+                        # A write that never reached its rename (the log has it).
+                        os.unlink(path)
+                    continue  # no record's file name starts with "."
                 with open(path, "rb") as f:
-                    record = json.loads(f.read())
-                self._index.set(collection, record["uid"], not record.get("deleted"))
+                    content = f.read()
+                try:
+                    record = json.loads(content)
+                    uid, deleted = record["uid"], bool(record.get("deleted"))
+                except (ValueError, KeyError, TypeError):
+                    # Damaged outside minstore (every write of ours is atomic):
+                    # keep the node up, set the file aside, say so.
+                    os.replace(path, os.path.join(directory, ".damaged-" + name))
+                    log.error("set aside damaged record file {path}", path=path)
+                    continue
+                self._index.set(collection, uid, not deleted)
         self._wal = open(self.wal_path, "ab")
 
     def _replay(self):
