@@ -12,7 +12,7 @@ L{RecordAPI}, reached by its peers through L{tests.fakes.FakeNetwork}
 import json
 import os
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.logger import Logger
@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from minstore.api import RecordAPI
 from minstore.cluster.changelog import ChangeLog
 from minstore.cluster.lookup import Lookups
-from minstore.cluster.peers import PeerClient
+from minstore.cluster.peers import PeerClient, PeerError
 from minstore.cluster.replication import DOWN_AFTER, Replication, backoff_delay
 from minstore.cluster.servers import ServerList
 from minstore.cluster.service import ClusterService
@@ -941,3 +941,83 @@ class ClusterServiceTests(SynchronousTestCase):
         self.successResultOf(self.service.stopService())
         self.assertEqual(self.a.changelog.read_checkpoints(), {self.b.url: 0})
         self.assertEqual(self.cluster.clock.getDelayedCalls(), [])
+
+
+class RecordingHTTP:
+    """A treq stand-in that records each request and answers with a canned body."""
+
+    def __init__(self, code=200, body=b'{"applied": 2, "received": 2}'):
+        self.calls = []
+        self.code = code
+        self.body = body
+
+    def request(self, method, url, **kwargs):
+        self.calls.append((method, url, kwargs))
+        response = self
+
+        class Response:
+            code = response.code
+
+            def content(self):
+                return succeed(response.body)
+
+        return succeed(Response())
+
+
+class PeerClientTests(SynchronousTestCase):
+    def test_send_replicas(self):
+        """
+        send_replicas POSTs the records as NDJSON to /_cluster/replicas
+        (with bridge=1 when asked), names this node, always with a timeout,
+        and returns how many the peer applied.
+        """
+        http = RecordingHTTP()
+        client = PeerClient(http, "me", timeout=7.0)
+        applied = self.successResultOf(
+            ensureDeferred(client.send_replicas(url("b"), [b'{"a":1}', b'{"b":2}'], bridge=True))
+        )
+        self.assertEqual(applied, 2)
+        [(method, target, kwargs)] = http.calls
+        self.assertEqual((method, target), ("POST", url("b") + "/_cluster/replicas?bridge=1"))
+        self.assertEqual(kwargs["data"], b'{"a":1}\n{"b":2}\n')
+        self.assertEqual(kwargs["headers"][b"content-type"], [b"application/x-ndjson"])
+        self.assertEqual(kwargs["headers"][b"x-minstore-node"], [b"me"])
+        self.assertEqual(kwargs["timeout"], 7.0)
+
+        self.successResultOf(ensureDeferred(client.send_replicas(url("b"), [b"{}"], timeout=2.0)))
+        self.assertEqual(http.calls[1][1], url("b") + "/_cluster/replicas")
+        self.assertEqual(http.calls[1][2]["timeout"], 2.0)
+
+    def test_send_replicas_error(self):
+        """A peer answering anything but 200 fails the send with a PeerError carrying the code."""
+        client = PeerClient(RecordingHTTP(code=503, body=b"busy"), "me")
+        failure = self.failureResultOf(ensureDeferred(client.send_replicas(url("b"), [b"{}"])), PeerError)
+        self.assertEqual(failure.value.code, 503)
+
+    def test_replication_passes_its_timeout(self):
+        """Every replica batch is sent with the replication timeout, so a hung peer fails and is retried."""
+        clock = Clock()
+        http = RecordingHTTP()
+        node = Node(MemoryStorage(), node_id="a", now=clock.seconds)
+        replication = Replication(
+            node, ChangeLog(self.mktemp()), PeerClient(http, "a"), clock, run_inline, timeout=3.5
+        )
+        replication.start(ServerList([url("b")]))
+        self.addCleanup(replication.stop)
+        self.successResultOf(node.create("c", "x", 1))
+        [(_, _, kwargs)] = http.calls
+        self.assertEqual(kwargs["timeout"], 3.5)
+
+
+class SighupTests(SynchronousTestCase):
+    def test_sighup_reloads_on_the_reactor(self):
+        """SIGHUP schedules reload() on the reactor thread (signal handlers must not touch the reactor state)."""
+        scheduled = []
+
+        class Reactor:
+            def callFromThread(self, f, *args):
+                scheduled.append((f, args))
+
+        service = ClusterService(object(), ServerList(path="servers.list"), Reactor())
+        service._sighup(1, None)
+        self.assertEqual(scheduled, [(service.reload, ())])
