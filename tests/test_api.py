@@ -972,7 +972,7 @@ class FakeLookups:
     def __init__(self):
         self.asked = []
 
-    def answer(self, collection, uid, visited, method, if_match):
+    def answer(self, collection, uid, visited, method, if_match, asked=()):
         self.asked.append((method, collection, uid, visited, if_match))
         return succeed(json.dumps({"collection": collection, "uid": uid}).encode("utf-8"))
 

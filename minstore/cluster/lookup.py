@@ -63,17 +63,34 @@ class Lookups:
         self.clock = clock
         self.timeout = timeout
 
-    def ask_peers(self, collection, uid, visited, method="GET", if_match=None, timeout=None):
-        """Deferred record (or tombstone, for a DELETE) bytes, or None."""
+    def ask_peers(
+        self, collection, uid, visited, method="GET", if_match=None, timeout=None, asked=()
+    ):
+        """
+        Deferred record (or tombstone, for a DELETE) bytes, or None.
+
+        ``visited`` are the ids of the nodes on the walk so far (a node that
+        finds its own id there answers 404 at once); ``asked`` the URLs of
+        the peers some node on the walk is asking already, which this node
+        skips, so a full mesh of N nodes costs about 2N requests, not N!.
+        """
         timeout = self.timeout if timeout is None else timeout
-        peers = self.peers()
+        peers = [peer for peer in self.peers() if peer not in asked]
         if not peers or len(visited) > MAX_HOPS or timeout <= 0.01:
             return succeed(None)
+        asked = list(asked) + peers
         calls = []
         for peer in peers:
             d = ensureDeferred(
                 self.client.lookup(
-                    peer, collection, uid, visited, method=method, if_match=if_match, timeout=timeout
+                    peer,
+                    collection,
+                    uid,
+                    visited,
+                    method=method,
+                    if_match=if_match,
+                    timeout=timeout,
+                    asked=asked,
                 )
             )
 
@@ -106,7 +123,7 @@ class Lookups:
 
     # What a node does when a peer asks it.
 
-    async def answer(self, collection, uid, visited, method="GET", if_match=None):
+    async def answer(self, collection, uid, visited, method="GET", if_match=None, asked=()):
         """The bytes to answer a peer's lookup with, or None for a 404."""
         if self.node.node_id in visited:
             return None
@@ -121,7 +138,13 @@ class Lookups:
             else:
                 return tombstone.data
         found = await self.ask_peers(
-            collection, uid, list(visited) + [self.node.node_id], method, if_match, self.timeout * 0.8
+            collection,
+            uid,
+            list(visited) + [self.node.node_id],
+            method,
+            if_match,
+            self.timeout * 0.8,
+            asked,
         )
         if found is not None and method == "GET" and entry is not None:
             # Deleted here: a copy made before the delete is one the

@@ -7,9 +7,10 @@ The inter-node routes (served by L{minstore.cluster.routes}):
 * ``POST /_cluster/replicas[?bridge=1]``: a body of records or tombstones,
   one canonical JSON object per line (NDJSON), stored as sent when newer;
   answers ``{"applied": n, "received": n}``.
-* ``GET /_cluster/lookup/{collection}/{uid}?visited=id,id``: the live record
-  held by that node or, failing that, by any node it can reach that is not
-  in ``visited``; 404 when none has it.
+* ``GET /_cluster/lookup/{collection}/{uid}?visited=id,id&asked=url,url``:
+  the live record held by that node or, failing that, by any node it can
+  reach that is not in ``visited`` (node ids) nor ``asked`` (peer URLs that
+  another node of the walk asks); 404 when none has it.
 * ``DELETE /_cluster/lookup/{collection}/{uid}?visited=id,id``: the same
   walk, deleting on the node that holds the record.
 """
@@ -92,17 +93,21 @@ class PeerClient:
         )
         return json.loads(body).get("applied", 0)
 
-    async def lookup(self, peer, collection, uid, visited, method="GET", if_match=None, timeout=None):
+    async def lookup(
+        self, peer, collection, uid, visited, method="GET", if_match=None, timeout=None, asked=()
+    ):
         """
         The record bytes a peer (or a node it reaches) holds, or None when
         none of them has it.  ``visited`` is the list of node ids already
-        asked.
+        asked; ``asked`` the peer URLs that other nodes of the walk ask.
         """
         url = "%s/_cluster/lookup/%s?visited=%s" % (
             peer,
             record_path(collection, uid),
             quote(",".join(visited), safe=","),
         )
+        if asked:
+            url += "&asked=" + quote(",".join(asked), safe=",:/[]")
         try:
             headers = {b"if-match": [if_match.encode("latin-1")]} if if_match else {}
             _, body = await self._call(method, url, timeout=timeout, headers=headers)

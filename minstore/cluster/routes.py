@@ -78,6 +78,8 @@ class ClusterAPI:
             raise BadRequest("bad_uid", "a uid must be valid UTF-8")
         visited = request.args.get(b"visited", [b""])[-1].decode("utf-8", "replace")
         visited = [v for v in visited.split(",") if v]
+        asked = request.args.get(b"asked", [b""])[-1].decode("utf-8", "replace")
+        asked = [a for a in asked.split(",") if a]
         if_match = request.getHeader(b"if-match")
         d = self.lookups.answer(
             collection,
@@ -85,6 +87,7 @@ class ClusterAPI:
             visited,
             method=request.method.decode("ascii"),
             if_match=if_match.decode("latin-1") if if_match else None,
+            asked=asked,
         )
 
         def answer(data):
