@@ -18,9 +18,10 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
-from werkzeug.routing import PathConverter, RequestRedirect
+from werkzeug.routing import RequestRedirect
 
 from minstore import __version__
+from minstore._util import JSON_TYPE, UidConverter, json_response
 from minstore.cluster.routes import ClusterAPI
 from minstore.console import CONSOLE_HTML
 from minstore.errors import (
@@ -34,7 +35,6 @@ from minstore.node import etag_matches
 from minstore.openapi import openapi_document
 from minstore.records import canonical_json
 
-JSON_TYPE = b"application/json; charset=utf-8"
 DEFAULT_MAX_RECORD_SIZE = 1024 * 1024
 LIST_PARAMETERS = frozenset([b"limit", b"after", b"prefix", b"local", b"cache"])
 
@@ -153,16 +153,6 @@ class BoundedRequest(Request):
         Request.handleContentChunk(self, data)
 
 
-class UidConverter(PathConverter):
-    """
-    The rest of the path, whatever it holds: unlike ``path``, it may start
-    with ``/`` or hold ``//`` (a uid of ``/x`` arrives as ``/books//x``).
-    """
-
-    regex = ".+"
-    part_isolating = False
-
-
 class RecordAPI:
     app = Klein()
     app.url_map.converters["uid"] = UidConverter
@@ -200,11 +190,7 @@ class RecordAPI:
 
         request.notifyFinish().addBoth(done)
 
-    @staticmethod
-    def _json(request, code, obj):
-        request.setResponseCode(code)
-        request.responseHeaders.setRawHeaders(b"content-type", [JSON_TYPE])
-        return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    _json = staticmethod(json_response)
 
     @staticmethod
     def _record(request, entry):
@@ -405,8 +391,8 @@ class RecordAPI:
             lambda entry: self._record_or_304(request, entry)
         )
 
-    @app.route("/<collection>/<uid:uid>", methods=["POST"])
-    def post_record(self, request, collection, uid):
+    def _record_write(self, request, collection, write):
+        """POST or PUT /{collection}/{uid}: ``write(uid, value)`` on the node."""
         self._track(request, "record")
         uid = raw_uid(request)
         value, body_uid = parse_body(request, self.max_record_size)
@@ -414,19 +400,20 @@ class RecordAPI:
             raise BadRequest("uid_mismatch", "the body's uid %r is not the path's %r" % (body_uid, uid))
         if _flag(request.args, b"cache"):
             return self._bounce(request, collection, uid, value)
-        return self._written(request, collection, uid, self.node.create(collection, uid, value))
+        return self._written(request, collection, uid, write(uid, value))
+
+    @app.route("/<collection>/<uid:uid>", methods=["POST"])
+    def post_record(self, request, collection, uid):
+        return self._record_write(
+            request, collection, lambda uid, value: self.node.create(collection, uid, value)
+        )
 
     @app.route("/<collection>/<uid:uid>", methods=["PUT"])
     def put_record(self, request, collection, uid):
-        self._track(request, "record")
-        uid = raw_uid(request)
-        value, body_uid = parse_body(request, self.max_record_size)
-        if body_uid is not None and body_uid != uid:
-            raise BadRequest("uid_mismatch", "the body's uid %r is not the path's %r" % (body_uid, uid))
-        if _flag(request.args, b"cache"):
-            return self._bounce(request, collection, uid, value)
-        d = self.node.update(collection, uid, value, self._if_match(request))
-        return self._written(request, collection, uid, d)
+        if_match = self._if_match(request)
+        return self._record_write(
+            request, collection, lambda uid, value: self.node.update(collection, uid, value, if_match)
+        )
 
     @app.route("/<collection>/<uid:uid>", methods=["DELETE"])
     def delete_record(self, request, collection, uid):

@@ -47,6 +47,7 @@ from minstore.cluster.replication import backoff_delay
 from minstore.errors import BadGateway, MethodNotAllowed
 from minstore.lru import ByteLRU
 from minstore.node import etag_matches
+from minstore._util import JSON_TYPE
 from minstore.records import (
     check_collection,
     check_uid,
@@ -55,7 +56,6 @@ from minstore.records import (
     version_timestamp,
 )
 
-JSON_TYPE = b"application/json; charset=utf-8"
 DEFAULT_SIZE = 64 * 1024 * 1024
 DEFAULT_TTL = 60.0
 DEFAULT_TIMEOUT = 5.0

@@ -19,16 +19,10 @@ import threading
 
 from twisted.logger import Logger
 
+from minstore._util import fsync_dir, sync_data
+
 SEGMENT_BYTES = 8 * 1024 * 1024
-_sync = getattr(os, "fdatasync", os.fsync)
 
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Change:
@@ -79,7 +73,7 @@ class ChangeLog:
         """Read the checkpoints and every change after the lowest one."""
         if not os.path.isdir(self.directory):
             os.makedirs(self.directory)
-            _fsync_dir(os.path.dirname(self.directory))
+            fsync_dir(os.path.dirname(self.directory))
         self._segments = sorted(
             int(name[:-4]) for name in os.listdir(self.directory) if name.endswith(".log")
         )
@@ -119,7 +113,7 @@ class ChangeLog:
             chunk = b"".join(lines)
             self._file.write(chunk)
             self._file.flush()
-            _sync(self._file.fileno())
+            sync_data(self._file.fileno())
             self._file_size += len(chunk)
         return changes
 
@@ -134,7 +128,7 @@ class ChangeLog:
         self._file_size = 0
         if first not in self._segments:
             self._segments.append(first)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def close(self):
         with self._lock:
@@ -164,7 +158,7 @@ class ChangeLog:
         with open(path + ".tmp", "wb") as f:
             f.write(json.dumps(checkpoints, sort_keys=True).encode())
             f.flush()
-            _sync(f.fileno())
+            sync_data(f.fileno())
         os.replace(path + ".tmp", path)
         self.compact(min(checkpoints.values()) if checkpoints else self.last_seq)
 

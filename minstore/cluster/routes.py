@@ -1,35 +1,20 @@
 """The inter-node routes under ``/_cluster/`` (see L{minstore.cluster.peers})."""
 
-import json
 from urllib.parse import unquote_to_bytes
 
 from klein import Klein
 from twisted.internet.defer import ensureDeferred, gatherResults, maybeDeferred
 from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed, NotFound
-from werkzeug.routing import PathConverter
 
+from minstore._util import JSON_TYPE, UidConverter
+from minstore._util import json_response as _json
 from minstore.errors import BadRequest, MinstoreError
-
-JSON_TYPE = b"application/json; charset=utf-8"
-
-
-def _json(request, code, obj):
-    request.setResponseCode(code)
-    request.responseHeaders.setRawHeaders(b"content-type", [JSON_TYPE])
-    return json.dumps(obj).encode("utf-8")
-
-
-class _UidConverter(PathConverter):
-    """The rest of the path, even when it starts with / (a uid of "/x")."""
-
-    regex = ".+"
-    part_isolating = False
 
 
 class ClusterAPI:
     app = Klein()
-    app.url_map.converters["uid"] = _UidConverter
+    app.url_map.converters["uid"] = UidConverter
     log = Logger()
 
     def __init__(self, node, lookups=None):

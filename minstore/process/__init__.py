@@ -9,17 +9,14 @@ from twisted.internet.defer import succeed
 
 from minstore.process.lang import LanguageDetection
 from minstore.process.schema import SchemaValidation
-from minstore.storage import _entry_points
+from minstore._util import available, load
 
 BUILTIN = {"lang": LanguageDetection, "schema": SchemaValidation}
 DEFAULT = "lang,schema"
 
 
 def available_processes():
-    factories = dict(BUILTIN)
-    for ep in _entry_points("minstore.processes"):
-        factories.setdefault(ep.name, ep)
-    return factories
+    return available(BUILTIN, "minstore.processes")
 
 
 def make_processes(names, options):
@@ -28,15 +25,7 @@ def make_processes(names, options):
     KeyError names the first unknown one.
     """
     factories = available_processes()
-    processes = []
-    for name in names:
-        if name not in factories:
-            raise KeyError(name)
-        factory = factories[name]
-        if hasattr(factory, "load"):
-            factory = factory.load()
-        processes.append(factory(options))
-    return processes
+    return [load(factories, name)(options) for name in names]
 
 
 def run_pipeline(record, processes, in_thread):

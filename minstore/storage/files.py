@@ -33,13 +33,13 @@ from urllib.parse import unquote_to_bytes
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from minstore._util import fsync_dir, sync_data
 from minstore.interfaces import IStorage
 from minstore.storage._index import KeyIndex
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 _MAX_NAME = 200
 _TMP_PREFIX = ".tmp-"
-_sync = getattr(os, "fdatasync", os.fsync)
 log = Logger("minstore.storage.files")
 
 
@@ -67,13 +67,6 @@ def _is_json(data):
     return True
 
 
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 @implementer(IStorage)
 class FileStorage:
@@ -96,7 +89,7 @@ class FileStorage:
     def open(self):
         if not os.path.isdir(self.root):
             os.makedirs(self.root)
-            _fsync_dir(os.path.dirname(self.root))
+            fsync_dir(os.path.dirname(self.root))
         self._replay()
         for collection in os.listdir(self.root):
             directory = os.path.join(self.root, collection)
@@ -188,7 +181,7 @@ class FileStorage:
         with self._lock:
             self._wal.write(chunk)
             self._wal.flush()
-            _sync(self._wal.fileno())
+            sync_data(self._wal.fileno())
             # Durable from here on: the files below can be rebuilt from the log.
             for collection, uid, data, deleted in batch:
                 self._apply(collection, uid_to_filename(uid), data)

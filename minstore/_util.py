@@ -1,0 +1,61 @@
+"""Small pieces several modules share: durable files, JSON answers, plug-ins."""
+
+import json
+import os
+from importlib.metadata import entry_points
+
+from werkzeug.routing import PathConverter
+
+JSON_TYPE = b"application/json; charset=utf-8"
+
+#: Sync a file's data (and the size that reads need), not its other metadata.
+sync_data = getattr(os, "fdatasync", os.fsync)
+
+
+def fsync_dir(path):
+    """Make the names created or renamed in a directory durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def json_response(request, code, obj):
+    """Set the status and content type, and return the JSON body of ``obj``."""
+    request.setResponseCode(code)
+    request.responseHeaders.setRawHeaders(b"content-type", [JSON_TYPE])
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+
+
+class UidConverter(PathConverter):
+    """
+    The rest of the path, whatever it holds: unlike ``path``, it may start
+    with ``/`` or hold ``//`` (a uid of ``/x`` arrives as ``/books//x``).
+    """
+
+    regex = ".+"
+    part_isolating = False
+
+
+def _entry_points(group):
+    eps = entry_points()
+    if hasattr(eps, "select"):
+        return list(eps.select(group=group))
+    return list(eps.get(group, []))  # Python 3.9
+
+
+def available(builtin, group):
+    """Factories by name: the built-in ones, then those packages add to ``group``."""
+    factories = dict(builtin)
+    for ep in _entry_points(group):
+        factories.setdefault(ep.name, ep)
+    return factories
+
+
+def load(factories, name):
+    """The factory of a name (an entry point is imported now); KeyError when unknown."""
+    factory = factories[name]
+    if hasattr(factory, "load"):
+        factory = factory.load()
+    return factory
