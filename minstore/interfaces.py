@@ -35,6 +35,13 @@ class IStorage(Interface):
         call leaves each item either wholly old or wholly new.
         """
 
+    def is_live(collection, uid):
+        """
+        Whether a live record of that uid is held, from memory only: the
+        one method the node may call on the reactor thread, so it must not
+        block.  None means "cannot tell without reading" (the node reads).
+        """
+
     def list(collection, after, prefix, limit):
         """
         Up to ``limit`` live records (bytes) of a collection, in uid order,

@@ -226,6 +226,21 @@ class StorageContract:
         self.assertEqual(len(set(seen)), 250)
         self.assertEqual(pages, 10)  # 8 full pages, one of 10, one empty
 
+    def test_is_live(self):
+        """
+        is_live() answers from memory: True for a live record, False for a
+        missing or deleted one (or None, "cannot tell", for an engine that
+        does not know without reading).
+        """
+        storage = self.make_storage()
+        answers = {None, False}
+        self.assertIn(storage.is_live("books", "a"), answers)
+        self._put(storage, "books", "a")
+        self.assertIn(storage.is_live("books", "a"), {None, True})
+        self.assertIn(storage.is_live("films", "a"), answers)
+        self._put(storage, "books", "a", deleted=True)
+        self.assertIn(storage.is_live("books", "a"), answers)
+
     def test_count(self):
         """count() is the number of live records across collections."""
         storage = self.make_storage()

@@ -4,7 +4,7 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from minstore.records import encode_record, make_record
+from minstore.records import encode_record, make_record, make_tombstone
 from minstore.storage.files import FileStorage, uid_to_filename
 
 
@@ -108,3 +108,19 @@ class DamagedFileTests(SynchronousTestCase):
             again.open()
             again.close()
         self.assertEqual(sorted(os.listdir(os.path.join(storage.root, "books"))), [".damaged-bad"])
+
+
+class IsLiveAfterReopenTests(SynchronousTestCase):
+    def test_is_live_after_reopen(self):
+        """The files engine knows, from memory, what it held before a restart."""
+        data_dir = self.mktemp()
+        storage = FileStorage(data_dir)
+        storage.open()
+        tombstone = encode_record(make_tombstone("books", "b", "0000000000002-000000-n", 2.0))
+        storage.write([("books", "a", record("a", 1), False), ("books", "b", tombstone, True)])
+        storage.close()
+        again = FileStorage(data_dir)
+        again.open()
+        self.assertIs(again.is_live("books", "a"), True)
+        self.assertIs(again.is_live("books", "b"), False)
+        self.assertIs(again.is_live("books", "c"), False)

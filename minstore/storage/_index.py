@@ -25,6 +25,10 @@ class KeyIndex:
                 uids.discard(uid)
                 self._sorted.pop(collection, None)
 
+    def is_live(self, collection, uid):
+        with self._lock:
+            return uid in self._live.get(collection, ())
+
     def page(self, collection, after, prefix, limit):
         """Up to ``limit`` live uids after ``after`` starting with ``prefix``."""
         with self._lock:

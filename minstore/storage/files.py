@@ -214,6 +214,9 @@ class FileStorage:
                 out.append(data)
         return out
 
+    def is_live(self, collection, uid):
+        return self._index.is_live(collection, uid)
+
     def count(self):
         return self._index.count()
 

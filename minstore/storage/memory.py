@@ -37,6 +37,9 @@ class MemoryStorage:
             uids = self._index.page(collection, after, prefix, limit)
             return [self._records[(collection, uid)] for uid in uids]
 
+    def is_live(self, collection, uid):
+        return self._index.is_live(collection, uid)
+
     def count(self):
         return self._index.count()
 
