@@ -7,12 +7,13 @@ engine, fresh temporary data directories, free loopback ports) and stops
 them all at the end, whatever happens.  All traffic goes to 127.0.0.1.
 
 (a) Replication lag: a paced, open-loop writer POSTs new records on the
-    emitter A at ``--rate`` writes/s for ``--duration`` s; as soon as a POST
-    is acknowledged, a poller per receiver asks ``GET ?local=1`` for that
-    record (every 1 ms at first, backing off to 10 ms, and to a tenth of
-    the time waited past 100 ms, for at most ``--give-up`` s) and the lag is the time from the acknowledgement to the
-    first 200.  That is an upper bound: it includes the poll's round trip
-    and up to one poll interval.
+    emitter A at ``--rate`` writes/s for ``--duration`` s; a watcher per
+    receiver polls ``GET ?local=1`` for the acknowledged records it does not
+    serve yet, oldest first (one GET every ``--poll-interval`` while it
+    misses, the next few at once after a hit; a record missing for
+    ``--give-up`` s counts as not seen), and the lag of a record is the time
+    from its acknowledgement to the first 200 on the last receiver.  That is
+    an upper bound: it includes a GET's round trip and up to one interval.
       mirror   A->B, A->C     lag to the later of B and C
       bridge   A(*)->B(*)->C  lag to C
 (b) The emitter's POST throughput, ``wrk -t2 -c32`` with a Lua script making
@@ -33,6 +34,7 @@ throughput with two receivers >= 0.7 of standalone.
 import argparse
 import asyncio
 import http.client
+import itertools
 import json
 import os
 import platform
@@ -88,6 +90,14 @@ def log(text=""):
     print(text, flush=True)
 
 
+def loadavg():
+    """The 1, 5 and 15 minute load averages, as text: other work on the machine skews every figure."""
+    try:
+        return "%.2f %.2f %.2f" % os.getloadavg()
+    except OSError:
+        return "?"
+
+
 # -- nodes ----------------------------------------------------------------
 
 
@@ -117,7 +127,7 @@ def http_request(port, method, path, body=None, headers=None, timeout=10):
 class Node:
     """One ``twistd -n minstore`` child in its own session: SIGTERM, then SIGKILL."""
 
-    def __init__(self, name, python, work, port, peers=(), bridge=False, processes=None):
+    def __init__(self, name, python, work, port, peers=(), bridge=False, processes=None, storage="files"):
         self.name = name
         self.port = port
         self.dir = os.path.join(work, name)
@@ -128,7 +138,7 @@ class Node:
             "minstore",
             "--port", "tcp:%d:interface=127.0.0.1" % port,
             "--data", os.path.join(self.dir, "data"),
-            "--storage", "files",
+            "--storage", storage,
         ]
         if processes is not None:
             self.argv.append("--processes=" + processes)
@@ -207,7 +217,7 @@ class Cluster:
             self.nodes[name] = Node(
                 name, args.python, self.work, ports[name],
                 peers=[ports[p] for p in graph[name]], bridge=name in bridges,
-                processes=args.processes,
+                processes=args.processes, storage=args.storage,
             )
 
     def __getitem__(self, name):
@@ -345,42 +355,96 @@ def percentile(values, p):
     return ordered[k]
 
 
-async def measure_lag(emitter, receivers, rate, duration, give_up, tag):
+class Watcher:
+    """
+    Polls one receiver for the acknowledged records it does not serve yet,
+    oldest first: one ``GET ?local=1`` at a time while it misses (every
+    ``interval`` seconds), and after a hit the next few at once, since
+    replicas arrive in batches.  So a caught-up receiver costs about one GET
+    per interval plus one per record, not one per record per interval.
+    """
+
+    WINDOW = 8
+
+    def __init__(self, port, give_up, interval):
+        self.pool = Pool(port)
+        self.give_up = give_up
+        self.interval = interval
+        self.unseen = {}  # i -> (path, acked), in acknowledgement order
+        self.found = {}  # i -> seconds from acknowledgement to a 200, or None
+        self.errors = []
+        self.requests = 0
+        self.finished = False
+        self._wake = asyncio.Event()
+
+    def add(self, i, path, acked):
+        self.unseen[i] = (path, acked)
+        self._wake.set()
+
+    def finish(self):
+        self.finished = True
+        self._wake.set()
+
+    async def _get(self, path):
+        self.requests += 1
+        try:
+            status, _ = await self.pool.request("GET", path)
+        except Exception as e:  # a timeout or a reset: a miss, counted
+            self.errors.append("GET %s: %r" % (path, e))
+            status = None
+        return status, time.perf_counter()
+
+    async def run(self):
+        window = 1
+        while True:
+            if not self.unseen:
+                if self.finished:
+                    self.pool.close()
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            chosen = list(itertools.islice(self.unseen, window))
+            if window == 1 and len(self.unseen) > 1 and time.perf_counter() - self.unseen[chosen[0]][1] > 0.1:
+                chosen.append(next(reversed(self.unseen)))  # the oldest is late: look past it too
+            answers = await asyncio.gather(*[self._get(self.unseen[i][0]) for i in chosen])
+            hit = False
+            for i, (status, at) in zip(chosen, answers):
+                acked = self.unseen[i][1]
+                if status == 200:
+                    self.found[i] = at - acked
+                    del self.unseen[i]
+                    hit = True
+                elif status not in (404, None):
+                    raise BenchError("GET %s answered %d" % (self.unseen[i][0], status))
+                elif at - acked > self.give_up:
+                    self.found[i] = None
+                    del self.unseen[i]
+            window = self.WINDOW if hit else 1
+            if not hit:
+                await asyncio.sleep(self.interval)
+
+
+async def measure_lag(emitter, receivers, rate, duration, give_up, tag, interval=0.002):
     """
     Paced POSTs on ``emitter`` (open loop: one task per write, at its
-    scheduled time); for each acknowledged write, the seconds until every
-    receiver serves it with ``GET ?local=1`` (None when one does not within
-    ``give_up`` seconds).
+    scheduled time, over as many keep-alive connections as needed); for
+    each acknowledged write, the seconds until every receiver serves it with
+    ``GET ?local=1`` (None when one does not within ``give_up`` seconds).
     """
     writes = max(1, int(rate * duration))
     emitter_pool = Pool(emitter.port)
-    receiver_pools = [Pool(r.port) for r in receivers]
-    lags, errors, late = [], [], []
-
-    async def poll(pool, path, acked):
-        interval = 0.001
-        while True:
-            status, _ = await pool.request("GET", path)
-            now = time.perf_counter()
-            if status == 200:
-                return now - acked
-            if status != 404:
-                raise BenchError("GET %s answered %d" % (path, status))
-            if now - acked > give_up:
-                return None
-            await asyncio.sleep(interval)
-            # 1 ms, growing to 10 ms; past 100 ms, a tenth of the wait so far
-            # (a backlog of seconds must not be polled into a flood).
-            interval = min(max(0.010, 0.1 * (now - acked)), 0.25, interval * 1.5)
+    watchers = [Watcher(r.port, give_up, interval) for r in receivers]
+    watching = [asyncio.ensure_future(w.run()) for w in watchers]
+    errors, post_latency, acked_ids = [], [], []
+    scheduled = {}
 
     async def one(i):
         uid = "%s-%06d" % (tag, i)
         path = "/%s/%s" % (COLLECTION, uid)
         body = json.dumps({"value": "%s %s" % (TEXT, uid)}).encode()
         try:
-            status, data = await emitter_pool.request(
-                "POST", path, body, ["Content-Type: application/json"]
-            )
+            status, data = await emitter_pool.request("POST", path, body, ["Content-Type: application/json"])
         except Exception as e:
             errors.append("POST %s: %r" % (uid, e))
             return
@@ -388,17 +452,12 @@ async def measure_lag(emitter, receivers, rate, duration, give_up, tag):
         if status != 200:
             errors.append("POST %s answered %d: %r" % (uid, status, data[:200]))
             return
-        late_of = acked - scheduled[i]
-        late.append(late_of)
-        try:
-            found = await asyncio.gather(*[poll(p, path + "?local=1", acked) for p in receiver_pools])
-        except Exception as e:
-            errors.append("polling %s: %r" % (uid, e))
-            return
-        lags.append(None if None in found else max(found))
+        post_latency.append(acked - scheduled[i])
+        acked_ids.append(i)
+        for w in watchers:
+            w.add(i, path + "?local=1", acked)
 
     tasks = []
-    scheduled = {}
     start = time.perf_counter()
     for i in range(writes):
         at = start + i / rate
@@ -409,17 +468,26 @@ async def measure_lag(emitter, receivers, rate, duration, give_up, tag):
         tasks.append(asyncio.ensure_future(one(i)))
     sent_for = time.perf_counter() - start
     await asyncio.gather(*tasks)
-    for pool in [emitter_pool] + receiver_pools:
-        pool.close()
+    emitter_pool.close()
+    for w in watchers:
+        w.finish()
+    await asyncio.gather(*watching)
+    lags = []
+    for i in acked_ids:
+        found = [w.found.get(i) for w in watchers]
+        lags.append(None if None in found else max(found))
+    for w in watchers:
+        errors.extend(w.errors)
     return {
         "writes": writes,
         "send_seconds": sent_for,
-        "acknowledged": len(lags),
+        "acknowledged": len(acked_ids),
         "lags": lags,
         "errors": errors,
-        "ack_ms_p50": 1000 * percentile(late, 50) if late else None,
-        "ack_ms_p99": 1000 * percentile(late, 99) if late else None,
+        "ack_ms_p50": 1000 * percentile(post_latency, 50) if post_latency else None,
+        "ack_ms_p99": 1000 * percentile(post_latency, 99) if post_latency else None,
         "connections": emitter_pool.opened,
+        "polls_per_receiver_per_s": [w.requests / max(sent_for, 1e-9) for w in watchers],
     }
 
 
@@ -428,14 +496,16 @@ def run_lag(args, topology):
         graph, bridges, targets, label = {"A": ["B", "C"], "B": [], "C": []}, (), ["B", "C"], "mirror A->B, A->C"
     else:
         graph, bridges, targets, label = {"A": ["B"], "B": ["C"], "C": []}, ("A", "B"), ["C"], "bridge A(*)->B(*)->C"
-    log("== lag, %s: %d writes/s for %ds (lag to %s)" % (label, args.rate, args.duration, " and ".join(targets)))
+    log("== lag, %s: %d writes/s for %ds (lag to %s); load average before %s"
+        % (label, args.rate, args.duration, " and ".join(targets), loadavg()))
     with Cluster(args, graph, bridges) as cluster:
         # A short warm-up so the first connections and the lang model are not measured.
-        asyncio.run(measure_lag(cluster["A"], [cluster[t] for t in targets], args.rate, 1.0, args.give_up, "warm-" + topology))
+        receivers = [cluster[t] for t in targets]
+        asyncio.run(measure_lag(cluster["A"], receivers, args.rate, 1.0, args.give_up, "warm-" + topology,
+                                args.poll_interval))
         tag = "lag-%s-%d" % (topology, os.getpid())
-        result = asyncio.run(
-            measure_lag(cluster["A"], [cluster[t] for t in targets], args.rate, args.duration, args.give_up, tag)
-        )
+        result = asyncio.run(measure_lag(cluster["A"], receivers, args.rate, args.duration, args.give_up, tag,
+                                         args.poll_interval))
         cluster.check_alive()
         status = cluster["A"].status()
     seen = [x for x in result["lags"] if x is not None]
@@ -452,6 +522,7 @@ def run_lag(args, topology):
         "achieved_rate": result["writes"] / result["send_seconds"] if result["send_seconds"] else None,
         "post_ms_p50": result["ack_ms_p50"],
         "post_ms_p99": result["ack_ms_p99"],
+        "polls_per_receiver_per_s": result["polls_per_receiver_per_s"],
     }
     if seen:
         for p in (50, 90, 99):
@@ -459,6 +530,7 @@ def run_lag(args, topology):
         row["max"] = 1000 * max(seen)
     if result["errors"]:
         log("   %d errors, first: %s" % (len(result["errors"]), result["errors"][0]))
+    log("   polling cost: %s GETs/s per receiver" % ", ".join("%.0f" % x for x in row["polls_per_receiver_per_s"]))
     log(
         "   %d/%d seen, lag p50 %.1f ms p90 %.1f ms p99 %.1f ms max %.1f ms; POST p50 %.1f ms p99 %.1f ms"
         % (row["seen"], row["writes"], row.get("p50", float("nan")), row.get("p90", float("nan")),
@@ -518,8 +590,8 @@ def run_wrk(args, port, duration, tag, script):
 
 
 def run_throughput(args, script):
-    log("== throughput: wrk -t2 -c32 POST of new records on A for %ds (after a %ds warm-up)"
-        % (args.wrk_duration, args.wrk_warmup))
+    log("== throughput: wrk -t2 -c32 POST of new records on A for %ds (after a %ds warm-up); load average before %s"
+        % (args.wrk_duration, args.wrk_warmup, loadavg()))
     rows = {}
     for name, graph in (("standalone", {"A": []}), ("two receivers", {"A": ["B", "C"], "B": [], "C": []})):
         with Cluster(args, graph) as cluster:
@@ -595,11 +667,15 @@ def main(argv=None):
     parser.add_argument("--rate", type=float, default=200.0, help="writes/s of the lag test (200)")
     parser.add_argument("--duration", type=int, default=30, help="seconds of the lag test (30)")
     parser.add_argument("--give-up", type=float, default=10.0, help="seconds a poller waits for one record (10)")
+    parser.add_argument("--poll-interval", type=float, default=0.002,
+                        help="seconds between GETs of a record a receiver does not serve yet (0.002)")
     parser.add_argument("--topologies", nargs="+", choices=TOPOLOGIES, default=list(TOPOLOGIES))
     parser.add_argument("--wrk-duration", type=int, default=20, help="seconds of each wrk run (20)")
     parser.add_argument("--wrk-warmup", type=int, default=3, help="seconds of wrk warm-up before each (3)")
     parser.add_argument("--only", choices=("lag", "throughput"), help="run one part only")
     parser.add_argument("--python", default=sys.executable, help="interpreter running the nodes")
+    parser.add_argument("--storage", default="files",
+                        help="storage engine of every node (files; memory shows what replication costs without disk)")
     parser.add_argument("--processes", default=None, help="--processes of the nodes (default: the node's own)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
@@ -638,8 +714,11 @@ def main(argv=None):
         return 130
     finally:
         shutil.rmtree(lua_dir, ignore_errors=True)
+    results["loadavg_after"] = loadavg()
     log("")
     log(table(results, args))
+    log("")
+    log("load average at the end: %s (1, 5, 15 min; %d CPUs)" % (results["loadavg_after"], os.cpu_count()))
     if args.json:
         for row in results.get("lag", []):
             row.pop("emitter_peers", None)

@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -218,22 +219,64 @@ def seed(port, count, workers=8):
             f.result()
 
 
-def batch_stats(port):
-    """(sum, count) of the node's write batch size histogram, or None."""
+def cpu_seconds(pid):
+    """(user, system) CPU seconds used so far by a process (all its threads), or None."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        tick = float(os.sysconf("SC_CLK_TCK"))
+        return int(fields[11]) / tick, int(fields[12]) / tick
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+#: (name in the figures, metric series prefix) read from the node's /metrics.
+NODE_SERIES = (
+    ("batch", 'minstore_write_batch_size_'),
+    ("write", 'minstore_storage_operation_duration_seconds_{kind}{{operation="write"}}'),
+    ("get", 'minstore_storage_operation_duration_seconds_{kind}{{operation="get"}}'),
+)
+
+
+def node_stats(port):
+    """{name: (sum, count)} of a few of the node's histograms, or None."""
     try:
         status, text = request("127.0.0.1", port, "GET", "/metrics")
     except OSError:
         return None
     if status != 200:
         return None
-    found = {}
+    values = {}
     for line in text.decode("utf-8", "replace").splitlines():
-        for key in ("sum", "count"):
-            if line.startswith("minstore_write_batch_size_%s " % key):
-                found[key] = float(line.split()[1])
-    if len(found) != 2:
-        return None
-    return found["sum"], found["count"]
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        values[key] = value
+    found = {}
+    for name, series in NODE_SERIES:
+        try:
+            found[name] = tuple(
+                float(values[series.format(kind=kind) if "{kind}" in series else series + kind])
+                for kind in ("sum", "count")
+            )
+        except (KeyError, ValueError):
+            continue
+    return found
+
+
+def node_deltas(before, after):
+    """Average batch size, storage write and read time (ms) between two node_stats."""
+    out = {}
+    if not before or not after:
+        return out
+    for name, key, scale in (("batch", "avg_batch", 1.0), ("write", "avg_write_ms", 1000.0), ("get", "avg_read_ms", 1000.0)):
+        if name in before and name in after and after[name][1] > before[name][1]:
+            out[key] = scale * (after[name][0] - before[name][0]) / (after[name][1] - before[name][1])
+            if name == "write":
+                out["writes"] = after[name][1] - before[name][1]
+            if name == "get":
+                out["reads"] = after[name][1] - before[name][1]
+    return out
 
 
 # -- wrk ------------------------------------------------------------------
@@ -359,6 +402,7 @@ def bench_interpreter(args, python, log):
     ]
     if args.processes is not None:
         node_argv.append("--processes=" + args.processes)
+    node_argv += shlex.split(args.node_args or "")
 
     targets = [t for t in ("node", "bare") if t in args.targets]
     servers = {}
@@ -395,14 +439,23 @@ def bench_interpreter(args, python, log):
                     server = servers[name]
                     if args.warmup > 0:
                         run_wrk(args, server.port, op, args.warmup, "w%d-%d" % (next(tags), os.getpid()), lua_dir)
-                    before = batch_stats(server.port) if name == "node" else None
+                    before = node_stats(server.port) if name == "node" else None
                     spy = None
                     if args.py_spy and name == "node" and rep == 0:
                         spy = start_py_spy(args, server.proc.pid, op, args.duration)
+                    cpu_before = cpu_seconds(server.proc.pid)
                     try:
                         figures, output = run_wrk(
                             args, server.port, op, args.duration, "m%d-%d" % (next(tags), os.getpid()), lua_dir
                         )
+                        cpu_after = cpu_seconds(server.proc.pid)
+                        if cpu_before is not None and cpu_after is not None and figures.get("requests"):
+                            # CPU time per request hardly moves when other
+                            # processes take cores; requests/s does.
+                            n = figures["requests"]
+                            figures["cpu_user_us"] = (cpu_after[0] - cpu_before[0]) * 1e6 / n
+                            figures["cpu_sys_us"] = (cpu_after[1] - cpu_before[1]) * 1e6 / n
+                            figures["cpu_us"] = figures["cpu_user_us"] + figures["cpu_sys_us"]
                     finally:
                         if spy is not None:
                             try:
@@ -414,20 +467,22 @@ def bench_interpreter(args, python, log):
                         log("   py-spy samples (collapsed stacks): %s" % spy[1])
                     if not server.alive():
                         raise BenchError("%s died during %s:\n%s" % (server.name, op, server.log_tail()))
-                    if name == "node" and op != "get" and before:
-                        after = batch_stats(server.port)
-                        if after and after[1] > before[1]:
-                            figures["avg_batch"] = (after[0] - before[0]) / (after[1] - before[1])
+                    if name == "node":
+                        figures.update(node_deltas(before, node_stats(server.port)))
                     samples.setdefault((op, name), []).append(figures)
                     if args.verbose:
                         log(output)
                     log(
-                        "   %-4s %-4s %9.0f req/s  p50 %7.2f ms  p99 %8.2f ms%s%s"
+                        "   %-4s %-4s %9.0f req/s  p50 %7.2f ms  p99 %8.2f ms  cpu %6.0f us/req (sys %.0f)%s%s"
                         % (
                             op, name, figures["rps"], figures.get("p50", float("nan")),
-                            figures.get("p99", float("nan")),
+                            figures.get("p99", float("nan")), figures.get("cpu_us", float("nan")),
+                            figures.get("cpu_sys_us", float("nan")),
                             "  non-2xx %d" % figures["non_2xx"] if figures["non_2xx"] else "",
-                            "  avg batch %.1f" % figures["avg_batch"] if "avg_batch" in figures else "",
+                            "  batch %.1f, storage write %.1f ms (x%d), read %.2f ms (x%d)" % (
+                                figures["avg_batch"], figures.get("avg_write_ms", 0), figures.get("writes", 0),
+                                figures.get("avg_read_ms", 0), figures.get("reads", 0))
+                            if "avg_batch" in figures else "",
                         )
                     )
                     if figures["non_2xx"] or figures["socket_errors"]:
@@ -498,20 +553,39 @@ def _label(op, storage):
     return {"get": "GET existing", "post": "POST new (%s)" % storage, "put": "PUT existing (%s)" % storage}[op]
 
 
+def _fmt_cpu(row, name):
+    f = row.get(name)
+    return "%.0f" % f["cpu_us"] if f and "cpu_us" in f else "-"
+
+
+def _cpu_ratio(row):
+    """bare CPU per request / node CPU per request: the throughput ratio a core to itself would give."""
+    n, b = row.get("node"), row.get("bare")
+    if n and b and n.get("cpu_us") and b.get("cpu_us"):
+        return "%.2f" % (b["cpu_us"] / n["cpu_us"])
+    return "-"
+
+
 def table(runs, storage):
-    """A Markdown table: one column group per interpreter."""
+    """
+    Markdown: one row per operation; with two interpreters the main figures
+    side by side, then the latencies and CPU costs of each.
+    """
     lines = []
     if len(runs) == 1:
         run = runs[0]
-        lines.append("| operation | node req/s | node p50 / p99 | bare req/s | bare p50 / p99 | node/bare |")
-        lines.append("|---|---:|---:|---:|---:|---:|")
+        lines.append(
+            "| operation | node req/s | node p50 / p99 | node CPU µs/req | bare req/s "
+            "| bare p50 / p99 | bare CPU µs/req | node/bare req/s | node/bare by CPU |"
+        )
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for op, row in run["operations"].items():
             lines.append(
-                "| %s | %s | %s | %s | %s | %s |"
+                "| %s | %s | %s | %s | %s | %s | %s | %s | %s |"
                 % (
                     _label(op, storage), _fmt_rps(row, "node"), _fmt_lat(row, "node"),
-                    _fmt_rps(row, "bare"), _fmt_lat(row, "bare"),
-                    _fmt_ratio(row),
+                    _fmt_cpu(row, "node"), _fmt_rps(row, "bare"), _fmt_lat(row, "bare"),
+                    _fmt_cpu(row, "bare"), _fmt_ratio(row), _cpu_ratio(row),
                 )
             )
         return "\n".join(lines)
@@ -519,8 +593,8 @@ def table(runs, storage):
     head = "| operation |"
     rule = "|---|"
     for name in names:
-        head += " %s node req/s | node p50 / p99 | bare req/s | bare p50 / p99 | node/bare |" % name
-        rule += "---:|---:|---:|---:|---:|"
+        head += " %s node req/s | bare req/s | node/bare req/s | node/bare by CPU |" % name
+        rule += "---:|---:|---:|---:|"
     if len(runs) == 2:
         head += " node %s/%s |" % (names[1].split()[0], names[0].split()[0])
         rule += "---:|"
@@ -529,15 +603,27 @@ def table(runs, storage):
         line = "| %s |" % _label(op, storage)
         for run in runs:
             row = run["operations"].get(op, {})
-            line += " %s | %s | %s | %s | %s |" % (
-                _fmt_rps(row, "node"), _fmt_lat(row, "node"), _fmt_rps(row, "bare"),
-                _fmt_lat(row, "bare"), _fmt_ratio(row),
+            line += " %s | %s | %s | %s |" % (
+                _fmt_rps(row, "node"), _fmt_rps(row, "bare"), _fmt_ratio(row), _cpu_ratio(row),
             )
         if len(runs) == 2:
             a = runs[0]["operations"].get(op, {}).get("node")
             b = runs[1]["operations"].get(op, {}).get("node")
             line += " %s |" % ("%.2fx" % (b["rps"] / a["rps"]) if a and b and a["rps"] else "-")
         lines.append(line)
+    lines += [
+        "",
+        "| operation | interpreter | node p50 / p99 | bare p50 / p99 | node CPU µs/req | bare CPU µs/req |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for op in runs[0]["operations"]:
+        for name, run in zip(names, runs):
+            row = run["operations"].get(op, {})
+            lines.append(
+                "| %s | %s | %s | %s | %s | %s |"
+                % (_label(op, storage), name, _fmt_lat(row, "node"), _fmt_lat(row, "bare"),
+                   _fmt_cpu(row, "node"), _fmt_cpu(row, "bare"))
+            )
     return "\n".join(lines)
 
 
@@ -553,6 +639,7 @@ def parse_args(argv):
                    help="also run everything under PyPy (default %s, made by bench/pypy-venv.sh) and print both side by side" % DEFAULT_PYPY)
     p.add_argument("--storage", choices=("files", "memory"), default="files", help="the node's storage engine (default files)")
     p.add_argument("--processes", default=None, help="the node's --processes (default: the node's own default, lang,schema; '' for none)")
+    p.add_argument("--node-args", default="", help="more options for the node, e.g. '--threads 4' (one string)")
     p.add_argument("--ops", default=",".join(OPERATIONS), help="operations to run, of get,post,put (default all)")
     p.add_argument("--targets", default="node,bare", help="servers to measure, of node,bare (default both)")
     p.add_argument("--repeat", type=int, default=1,
