@@ -11,14 +11,21 @@ once as a warm-up and once measured:
   post  POST /bench/{unique uid} of a new ~200-byte JSON record
   put   PUT /bench/seed-{i} with a new ~200-byte value, rotating over the seeds
 
-and prints requests/s, p50 and p99 of both servers and the ratio node/bare.
-Every process it starts is stopped at the end, whatever happens.  All
-traffic goes to 127.0.0.1.  Standard library only, plus ``wrk`` on PATH.
+and prints requests/s, p50 and p99 of both servers, the ratio node/bare,
+and the CPU time each server spent per request (user + system, from /proc),
+which moves far less than requests/s when other processes share the cores.
+``--repeat N`` measures everything N times, node and bare back to back, and
+reports medians.  Every process it starts is stopped at the end, whatever
+happens.  All traffic goes to 127.0.0.1.  Standard library only, plus
+``wrk`` on PATH.  The servers run under ``--python`` (default: the
+interpreter running this script), which must have minstore's dependencies.
 
-    python3 bench/run.py                               # CPython (this interpreter)
+    /tmp/venv/bin/python bench/run.py                  # CPython
     python3 bench/run.py --python /tmp/pypy-venv/bin/python
-    python3 bench/run.py --compare-pypy                # both, one table
-    python3 bench/run.py --json out.json --duration 15
+    /tmp/venv/bin/python bench/run.py --compare-pypy --repeat 3 --warmup 5
+    /tmp/venv/bin/python bench/run.py --json out.json --duration 15
+
+Results and the profiling findings: bench/RESULTS.md.
 """
 
 import argparse
