@@ -19,7 +19,7 @@ setup(
         "zope.interface>=5.0",  # IStorage, IProcess
         "prometheus_client>=0.14.0",  # GET /metrics
         "jsonschema>=4.0",  # the schema process
-        "py3langid>=0.2.2",  # the lang process
+        "py3langid>=0.3.0",  # the lang process (0.3 on Python 3.9, 0.4 on 3.10+)
     ],
     extras_require={
         "test": ["openapi-spec-validator>=0.5.0"],  # checks GET /openapi.json

@@ -170,6 +170,7 @@ class Node:
         #: Extra sections of ``/_node/status``: name -> callable returning JSON.
         self.status_sections = {}
         self._locks = KeyedLock()
+        self._histograms = {}  # storage operation -> its histogram child
         self._cache = ByteLRU(read_cache_bytes)
         self._commit_seq = 0
         self._queue = []
@@ -181,7 +182,9 @@ class Node:
     # -- storage access -------------------------------------------------
 
     def _storage(self, operation, f, *args):
-        histogram = self.metrics.storage.labels(operation)
+        histogram = self._histograms.get(operation)
+        if histogram is None:
+            histogram = self._histograms[operation] = self.metrics.storage.labels(operation)
 
         def timed():
             start = time.perf_counter()

@@ -395,3 +395,70 @@ class ThirdPartyTests(SynchronousTestCase):
         finally:
             sys.path.insert(0, site)
             importlib.invalidate_caches()
+
+
+class LangModelLoadingTests(SynchronousTestCase):
+    def test_py3langid_03_api(self):
+        """
+        With py3langid 0.3 (what pip installs on Python 3.9 and PyPy 3.9),
+        which has no _load_identifier, the model loads through
+        LanguageIdentifier.from_pickled_model, kept to two-letter codes.
+        """
+        import sys
+        import types
+
+        from minstore.process import lang
+
+        loaded = []
+
+        class FakeIdentifier:
+            nb_classes = ["en", "fr", "ary"]
+
+            @classmethod
+            def from_pickled_model(cls, path, norm_probs=False):
+                loaded.append((path, norm_probs))
+                return cls()
+
+            def set_languages(self, langs):
+                self.languages = langs
+
+            def classify(self, text):
+                return ("fr", 0.9)
+
+        old_langid = types.ModuleType("py3langid.langid")
+        old_langid.MODEL_FILE = "data/model.plzma"
+        old_langid.LanguageIdentifier = FakeIdentifier
+        package = types.ModuleType("py3langid")
+        package.langid = old_langid
+        self.patch(lang, "_identifier", None)
+        self.addCleanup(setattr, lang, "_identifier", None)
+        saved = {name: sys.modules.get(name) for name in ("py3langid", "py3langid.langid")}
+
+        def restore():
+            for name, module in saved.items():
+                if module is None:
+                    sys.modules.pop(name, None)
+                else:
+                    sys.modules[name] = module
+
+        self.addCleanup(restore)
+        sys.modules["py3langid"] = package
+        sys.modules["py3langid.langid"] = old_langid
+        self.assertEqual(lang.detect_language("Bonjour à tous"), "fr")
+        self.assertEqual(loaded, [("data/model.plzma", True)])
+        self.assertEqual(lang._identifier.languages, ["en", "fr"])
+
+    def test_long_text_is_cut(self):
+        """Only the first MAX_TEXT characters of a value's text are classified."""
+        from minstore.process import lang
+
+        seen = []
+
+        class Recorder:
+            def classify(self, text):
+                seen.append(len(text))
+                return ("en", 0.99)
+
+        self.patch(lang, "_identifier", Recorder())
+        self.assertEqual(lang.detect_language("word " * 5000), "en")
+        self.assertEqual(seen, [lang.MAX_TEXT])

@@ -8,6 +8,9 @@ from minstore.interfaces import IProcess
 
 #: Below this normalised probability the language is undecidable.
 MIN_CONFIDENCE = 0.5
+#: Characters of a value's text that are classified: enough to tell a
+#: language, and a bound on the CPU one record can cost.
+MAX_TEXT = 1000
 
 _identifier = None
 _identifier_lock = threading.Lock()
@@ -18,9 +21,14 @@ def _get_identifier():
     global _identifier
     with _identifier_lock:
         if _identifier is None:
-            from py3langid.langid import _load_identifier
+            from py3langid import langid
 
-            identifier = _load_identifier(norm_probs=True)
+            if hasattr(langid, "_load_identifier"):  # py3langid 0.4 (Python 3.10+)
+                identifier = langid._load_identifier(norm_probs=True)
+            else:  # py3langid 0.3, what pip gives Python 3.9 and PyPy 3.9
+                identifier = langid.LanguageIdentifier.from_pickled_model(
+                    langid.MODEL_FILE, norm_probs=True
+                )
             identifier.set_languages([l for l in identifier.nb_classes if len(l) == 2])
             _identifier = identifier
         return _identifier
@@ -46,7 +54,7 @@ def text_of(value):
 def detect_language(text):
     if not any(ch.isalpha() for ch in text):
         return None
-    lang, confidence = _get_identifier().classify(text)
+    lang, confidence = _get_identifier().classify(text[:MAX_TEXT])
     return lang if confidence >= MIN_CONFIDENCE else None
 
 
