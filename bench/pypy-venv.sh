@@ -9,7 +9,7 @@
 # pypy3 7.3.11), no compiler needed: numpy 2.0.2 and rpds-py 0.27.1 have pp39
 # wheels, cryptography 43.0.3 (via pyOpenSSL, for treq) too; prometheus_client,
 # klein, treq, Twisted 25.5 are pure Python.  pip picks the newest release
-# whose requires-python admits 3.9.  One catch: py3langid (see below).
+# whose requires-python admits 3.9.
 set -eu
 
 VENV=${1:-/tmp/pypy-venv}
@@ -35,18 +35,8 @@ fi
 # shellcheck disable=SC2086
 "$VENV/bin/python" -m pip install $BINARY "$HERE"
 
-# py3langid 0.4 needs Python >= 3.10, so on PyPy 3.9 pip takes py3langid 0.3.0,
-# which lacks py3langid.langid._load_identifier, the (private) function that
-# minstore/process/lang.py calls: every node start then fails with an
-# ImportError.  Until lang.py falls back to the 0.3 API
-# (LanguageIdentifier.from_pickled_model(MODEL_FILE, norm_probs=True)), put
-# py3langid 0.4.0 in this venv regardless of its requires-python: it is pure
-# Python over numpy and runs on PyPy 3.9 (checked with numpy 2.0.2).
-if ! "$VENV/bin/python" -c "from py3langid.langid import _load_identifier" 2>/dev/null; then
-    echo "pypy-venv.sh: py3langid $("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("py3langid"))') has no _load_identifier (minstore's lang process needs it);" \
-         "installing py3langid 0.4.0 with --ignore-requires-python" >&2
-    "$VENV/bin/python" -m pip install --quiet --no-deps --ignore-requires-python "py3langid==0.4.0"
-fi
+# py3langid: pip takes 0.3 on Python 3.9 (0.4 needs 3.10); minstore's lang
+# process loads either.
 
 # Smoke test: every import the node makes, and the lang model loads.
 "$VENV/bin/python" - <<'EOF'
