@@ -7,10 +7,11 @@ engine, fresh temporary data directories, free loopback ports) and stops
 them all at the end, whatever happens.  All traffic goes to 127.0.0.1.
 
 (a) Replication lag: a paced, open-loop writer POSTs new records on the
-    emitter A at ``--rate`` writes/s for ``--duration`` s; a watcher per
+    emitter A at ``--rate`` writes/s for ``--warmup`` + ``--duration`` s
+    (the warm-up's figures are printed apart); a watcher per
     receiver polls ``GET ?local=1`` for the acknowledged records it does not
     serve yet, oldest first (one GET every ``--poll-interval`` while it
-    misses, the next few at once after a hit; a record missing for
+    misses, more at once after hits; a record missing for
     ``--give-up`` s counts as not seen), and the lag of a record is the time
     from its acknowledgement to the first 200 on the last receiver.  That is
     an upper bound: it includes a GET's round trip and up to one interval.
@@ -54,32 +55,12 @@ TOPOLOGIES = ("mirror", "bridge")
 LAG_TARGET_MS = 50.0
 RATIO_TARGET = 0.7
 
-#: About 200 bytes of English, as in bench/run.py.
-TEXT = (
-    "The quick brown fox jumps over the lazy dog while a patient engineer "
-    "measures how many small records per second a replicated store keeps "
-    "durable on a modest machine with two cores and one disk"
-)
+sys.path.insert(0, HERE)
+from run import POST_LUA as _RUN_POST_LUA  # noqa: E402  (bench/run.py, beside this file)
+from run import TEXT  # noqa: E402
 
-POST_LUA = r"""
-local threads = 0
-function setup(thread)
-  threads = threads + 1
-  thread:set("id", threads)
-end
-function init(args)
-  prefix = args[1] or "r"
-  text = args[2] or "x"
-  counter = 0
-  wrk.headers["Content-Type"] = "application/json"
-end
-function request()
-  counter = counter + 1
-  local uid = prefix .. "-" .. id .. "-" .. counter
-  local body = '{"value": "' .. text .. " " .. uid .. '"}'
-  return wrk.format("POST", "/%s/" .. uid, nil, body)
-end
-""" % COLLECTION
+#: New records with unique uids, the same script as bench/run.py's POST runs.
+POST_LUA = _RUN_POST_LUA % {"collection": COLLECTION}
 
 
 class BenchError(Exception):
@@ -124,6 +105,16 @@ def http_request(port, method, path, body=None, headers=None, timeout=10):
         conn.close()
 
 
+def _die_with_parent():
+    """In the child (Linux): SIGTERM when the benchmark dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 class Node:
     """One ``twistd -n minstore`` child in its own session: SIGTERM, then SIGKILL."""
 
@@ -153,7 +144,7 @@ class Node:
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=env, cwd=self.dir, start_new_session=True,
+                env=env, cwd=self.dir, start_new_session=True, preexec_fn=_die_with_parent,
             )
 
     def log_tail(self, lines=15):
@@ -358,13 +349,15 @@ def percentile(values, p):
 class Watcher:
     """
     Polls one receiver for the acknowledged records it does not serve yet,
-    oldest first: one ``GET ?local=1`` at a time while it misses (every
-    ``interval`` seconds), and after a hit the next few at once, since
-    replicas arrive in batches.  So a caught-up receiver costs about one GET
-    per interval plus one per record, not one per record per interval.
+    oldest first.  Replicas arrive in order and in batches, so after a hit
+    the next round asks for more records at once (twice as many after a
+    round of hits only, as many as were hit after a partial one) and after
+    a round of misses one record, ``interval`` seconds later.  A caught-up
+    receiver costs about one GET per record plus one per interval, not one
+    per record per interval.
     """
 
-    WINDOW = 8
+    MAX_WINDOW = 64
 
     def __init__(self, port, give_up, interval):
         self.pool = Pool(port)
@@ -408,24 +401,28 @@ class Watcher:
             if window == 1 and len(self.unseen) > 1 and time.perf_counter() - self.unseen[chosen[0]][1] > 0.1:
                 chosen.append(next(reversed(self.unseen)))  # the oldest is late: look past it too
             answers = await asyncio.gather(*[self._get(self.unseen[i][0]) for i in chosen])
-            hit = False
+            hits = 0
             for i, (status, at) in zip(chosen, answers):
                 acked = self.unseen[i][1]
                 if status == 200:
                     self.found[i] = at - acked
                     del self.unseen[i]
-                    hit = True
+                    hits += 1
                 elif status not in (404, None):
                     raise BenchError("GET %s answered %d" % (self.unseen[i][0], status))
                 elif at - acked > self.give_up:
                     self.found[i] = None
                     del self.unseen[i]
-            window = self.WINDOW if hit else 1
-            if not hit:
+            if hits == len(chosen):
+                window = min(2 * window, self.MAX_WINDOW)
+            elif hits:
+                window = hits
+            else:
+                window = 1
                 await asyncio.sleep(self.interval)
 
 
-async def measure_lag(emitter, receivers, rate, duration, give_up, tag, interval=0.002):
+async def measure_lag(emitter, receivers, rate, duration, give_up, tag, interval=0.005):
     """
     Paced POSTs on ``emitter`` (open loop: one task per write, at its
     scheduled time, over as many keep-alive connections as needed); for
@@ -452,7 +449,7 @@ async def measure_lag(emitter, receivers, rate, duration, give_up, tag, interval
         if status != 200:
             errors.append("POST %s answered %d: %r" % (uid, status, data[:200]))
             return
-        post_latency.append(acked - scheduled[i])
+        post_latency.append((i, acked - scheduled[i]))
         acked_ids.append(i)
         for w in watchers:
             w.add(i, path + "?local=1", acked)
@@ -472,10 +469,10 @@ async def measure_lag(emitter, receivers, rate, duration, give_up, tag, interval
     for w in watchers:
         w.finish()
     await asyncio.gather(*watching)
-    lags = []
+    lags = []  # (write number, lag or None), in acknowledgement order
     for i in acked_ids:
         found = [w.found.get(i) for w in watchers]
-        lags.append(None if None in found else max(found))
+        lags.append((i, None if None in found else max(found)))
     for w in watchers:
         errors.extend(w.errors)
     return {
@@ -484,11 +481,33 @@ async def measure_lag(emitter, receivers, rate, duration, give_up, tag, interval
         "acknowledged": len(acked_ids),
         "lags": lags,
         "errors": errors,
-        "ack_ms_p50": 1000 * percentile(post_latency, 50) if post_latency else None,
-        "ack_ms_p99": 1000 * percentile(post_latency, 99) if post_latency else None,
+        "post_latency": post_latency,
         "connections": emitter_pool.opened,
         "polls_per_receiver_per_s": [w.requests / max(sent_for, 1e-9) for w in watchers],
     }
+
+
+def lag_figures(lags, posts):
+    """Percentiles (ms) of ``[(i, lag or None)]`` and ``[(i, POST latency)]``."""
+    seen = [x for _, x in lags if x is not None]
+    row = {"acknowledged": len(lags), "seen": len(seen), "not_seen": len(lags) - len(seen)}
+    if seen:
+        for p in (50, 90, 99):
+            row["p%d" % p] = 1000 * percentile(seen, p)
+        row["max"] = 1000 * max(seen)
+    posts = [x for _, x in posts]
+    if posts:
+        row["post_ms_p50"] = 1000 * percentile(posts, 50)
+        row["post_ms_p99"] = 1000 * percentile(posts, 99)
+    return row
+
+
+def _describe(row):
+    return "%d/%d seen, lag p50 %.1f ms p90 %.1f ms p99 %.1f ms max %.1f ms; POST p50 %.1f ms p99 %.1f ms" % (
+        row["seen"], row["acknowledged"], row.get("p50", float("nan")), row.get("p90", float("nan")),
+        row.get("p99", float("nan")), row.get("max", float("nan")),
+        row.get("post_ms_p50", float("nan")), row.get("post_ms_p99", float("nan")),
+    )
 
 
 def run_lag(args, topology):
@@ -496,47 +515,40 @@ def run_lag(args, topology):
         graph, bridges, targets, label = {"A": ["B", "C"], "B": [], "C": []}, (), ["B", "C"], "mirror A->B, A->C"
     else:
         graph, bridges, targets, label = {"A": ["B"], "B": ["C"], "C": []}, ("A", "B"), ["C"], "bridge A(*)->B(*)->C"
-    log("== lag, %s: %d writes/s for %ds (lag to %s); load average before %s"
-        % (label, args.rate, args.duration, " and ".join(targets), loadavg()))
+    log("== lag, %s: %d writes/s, %ds of warm-up then %ds measured (lag to %s); load average before %s"
+        % (label, args.rate, args.warmup, args.duration, " and ".join(targets), loadavg()))
     with Cluster(args, graph, bridges) as cluster:
-        # A short warm-up so the first connections and the lang model are not measured.
         receivers = [cluster[t] for t in targets]
-        asyncio.run(measure_lag(cluster["A"], receivers, args.rate, 1.0, args.give_up, "warm-" + topology,
-                                args.poll_interval))
         tag = "lag-%s-%d" % (topology, os.getpid())
-        result = asyncio.run(measure_lag(cluster["A"], receivers, args.rate, args.duration, args.give_up, tag,
-                                         args.poll_interval))
+        # One steady stream: the first --warmup seconds are reported apart.
+        result = asyncio.run(measure_lag(cluster["A"], receivers, args.rate, args.warmup + args.duration,
+                                         args.give_up, tag, args.poll_interval))
         cluster.check_alive()
         status = cluster["A"].status()
-    seen = [x for x in result["lags"] if x is not None]
+    first = int(args.rate * args.warmup)
     row = {
         "topology": topology,
         "label": label,
         "rate": args.rate,
         "duration": args.duration,
-        "writes": result["writes"],
-        "acknowledged": result["acknowledged"],
-        "seen": len(seen),
-        "not_seen": result["acknowledged"] - len(seen),
+        "warmup": args.warmup,
+        "writes": result["writes"] - first,
         "errors": len(result["errors"]),
         "achieved_rate": result["writes"] / result["send_seconds"] if result["send_seconds"] else None,
-        "post_ms_p50": result["ack_ms_p50"],
-        "post_ms_p99": result["ack_ms_p99"],
         "polls_per_receiver_per_s": result["polls_per_receiver_per_s"],
     }
-    if seen:
-        for p in (50, 90, 99):
-            row["p%d" % p] = 1000 * percentile(seen, p)
-        row["max"] = 1000 * max(seen)
+    row.update(lag_figures([x for x in result["lags"] if x[0] >= first],
+                           [x for x in result["post_latency"] if x[0] >= first]))
+    if first:
+        row["warmup_figures"] = lag_figures([x for x in result["lags"] if x[0] < first],
+                                            [x for x in result["post_latency"] if x[0] < first])
     if result["errors"]:
         log("   %d errors, first: %s" % (len(result["errors"]), result["errors"][0]))
-    log("   polling cost: %s GETs/s per receiver" % ", ".join("%.0f" % x for x in row["polls_per_receiver_per_s"]))
-    log(
-        "   %d/%d seen, lag p50 %.1f ms p90 %.1f ms p99 %.1f ms max %.1f ms; POST p50 %.1f ms p99 %.1f ms"
-        % (row["seen"], row["writes"], row.get("p50", float("nan")), row.get("p90", float("nan")),
-           row.get("p99", float("nan")), row.get("max", float("nan")),
-           row["post_ms_p50"] or float("nan"), row["post_ms_p99"] or float("nan"))
-    )
+    log("   polling cost: %s GETs/s per receiver; writes sent at %.1f/s"
+        % (", ".join("%.0f" % x for x in row["polls_per_receiver_per_s"]), row["achieved_rate"] or 0))
+    if first:
+        log("   warm-up  (first %ds): %s" % (args.warmup, _describe(row["warmup_figures"])))
+    log("   measured (next %ds):  %s" % (args.duration, _describe(row)))
     row["emitter_peers"] = status.get("peers")
     return row
 
@@ -626,7 +638,7 @@ def table(results, args):
     if results.get("lag"):
         lines.append(
             "Replication lag: POST acknowledged on A -> readable with GET ?local=1 on the last receiver "
-            "(%d writes/s for %ds, files engine)" % (args.rate, args.duration)
+            "(%d writes/s for %ds after %ds of warm-up, %s engine)" % (args.rate, args.duration, args.warmup, args.storage)
         )
         lines.append("")
         lines.append("| topology | writes | seen | lag p50 | lag p90 | lag p99 | lag max | POST p99 | target p99 < %d ms |"
@@ -639,12 +651,13 @@ def table(results, args):
             lines.append("| %s | %d | %d | %.1f ms | %.1f ms | %.1f ms | %.1f ms | %.1f ms | %s |" % (
                 row["label"], row["writes"], row["seen"], row.get("p50", float("nan")),
                 row.get("p90", float("nan")), row.get("p99", float("nan")), row.get("max", float("nan")),
-                row["post_ms_p99"] or float("nan"), target or "-",
+                row.get("post_ms_p99", float("nan")), target or "-",
             ))
         lines.append("")
     t = results.get("throughput")
     if t:
-        lines.append("Emitter POST throughput, wrk -t2 -c32 for %ds, unique uids, files engine" % args.wrk_duration)
+        lines.append("Emitter POST throughput, wrk -t2 -c32 for %ds, unique uids, %s engine"
+                     % (args.wrk_duration, args.storage))
         lines.append("")
         lines.append("| node A | req/s | p50 | p99 | non-2xx |")
         lines.append("|---|---:|---:|---:|---:|")
@@ -666,9 +679,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=200.0, help="writes/s of the lag test (200)")
     parser.add_argument("--duration", type=int, default=30, help="seconds of the lag test (30)")
+    parser.add_argument("--warmup", type=int, default=10,
+                        help="seconds of writes at the same rate before the measured ones, reported apart (10)")
     parser.add_argument("--give-up", type=float, default=10.0, help="seconds a poller waits for one record (10)")
-    parser.add_argument("--poll-interval", type=float, default=0.002,
-                        help="seconds between GETs of a record a receiver does not serve yet (0.002)")
+    parser.add_argument("--poll-interval", type=float, default=0.005,
+                        help="seconds between GETs of a record a receiver does not serve yet (0.005)")
     parser.add_argument("--topologies", nargs="+", choices=TOPOLOGIES, default=list(TOPOLOGIES))
     parser.add_argument("--wrk-duration", type=int, default=20, help="seconds of each wrk run (20)")
     parser.add_argument("--wrk-warmup", type=int, default=3, help="seconds of wrk warm-up before each (3)")
@@ -681,8 +696,8 @@ def main(argv=None):
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
     parser.add_argument("--verbose", action="store_true", help="print wrk's output")
     args = parser.parse_args(argv)
-    if args.rate <= 0 or args.duration <= 0:
-        parser.error("--rate and --duration must be above 0")
+    if args.rate <= 0 or args.duration <= 0 or args.warmup < 0:
+        parser.error("--rate and --duration must be above 0, --warmup at least 0")
     if args.only != "lag" and not shutil.which("wrk"):
         parser.error("wrk is not on PATH (or run --only lag)")
 
