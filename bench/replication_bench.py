@@ -170,6 +170,15 @@ class Node:
             time.sleep(0.1)
         raise BenchError("%s did not answer within %.0fs:\n%s" % (self.name, timeout, self.log_tail()))
 
+    def cpu_seconds(self):
+        """User + system CPU time of the node so far (Linux /proc), or None."""
+        try:
+            with open("/proc/%d/stat" % self.proc.pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
     def status(self):
         code, body = http_request(self.port, "GET", "/_node/status")
         if code != 200:
@@ -612,15 +621,24 @@ def run_throughput(args, script):
                 run_wrk(args, port, args.wrk_warmup, "w%d" % os.getpid(), script)
             if len(graph) > 1:
                 cluster.wait_drained()
+            cpu_before = {n: node.cpu_seconds() for n, node in cluster.nodes.items()}
             figures = run_wrk(args, port, args.wrk_duration, "m%d" % os.getpid(), script)
             cluster.check_alive()
+            # Where the two cores went: each node's CPU per acknowledged POST on A.
+            requests = figures.get("requests") or figures["rps"] * args.wrk_duration
+            figures["cpu_ms_per_post"] = {
+                n: 1000.0 * (node.cpu_seconds() - cpu_before[n]) / requests
+                for n, node in cluster.nodes.items()
+                if cpu_before[n] is not None and node.cpu_seconds() is not None
+            }
             if len(graph) > 1:
                 figures["drain_seconds"] = cluster.wait_drained()
                 counts = [cluster[n].status()["records"] for n in ("A", "B", "C")]
                 figures["records"] = counts
             rows[name] = figures
-            log("   %-13s %8.0f req/s  p50 %6.1f ms  p99 %6.1f ms%s%s" % (
+            log("   %-13s %8.0f req/s  p50 %6.1f ms  p99 %6.1f ms  CPU ms per POST %s%s%s" % (
                 name, figures["rps"], figures.get("p50", float("nan")), figures.get("p99", float("nan")),
+                " ".join("%s %.2f" % kv for kv in sorted(figures["cpu_ms_per_post"].items())),
                 "  non-2xx %d" % figures["non_2xx"] if figures["non_2xx"] else "",
                 "  backlog drained %.1fs after, records A/B/C %s" % (figures["drain_seconds"], figures["records"])
                 if figures.get("drain_seconds") is not None else
@@ -659,12 +677,13 @@ def table(results, args):
         lines.append("Emitter POST throughput, wrk -t2 -c32 for %ds, unique uids, %s engine"
                      % (args.wrk_duration, args.storage))
         lines.append("")
-        lines.append("| node A | req/s | p50 | p99 | non-2xx |")
-        lines.append("|---|---:|---:|---:|---:|")
+        lines.append("| node A | req/s | p50 | p99 | non-2xx | CPU ms per POST (A / B / C) |")
+        lines.append("|---|---:|---:|---:|---:|---|")
         for name in ("standalone", "two receivers"):
             f = t[name]
-            lines.append("| %s | %.0f | %.1f ms | %.1f ms | %d |" % (
-                name, f["rps"], f.get("p50", float("nan")), f.get("p99", float("nan")), f["non_2xx"]))
+            lines.append("| %s | %.0f | %.1f ms | %.1f ms | %d | %s |" % (
+                name, f["rps"], f.get("p50", float("nan")), f.get("p99", float("nan")), f["non_2xx"],
+                " / ".join("%.2f" % v for _, v in sorted(f.get("cpu_ms_per_post", {}).items()))))
         lines.append("")
         lines.append("ratio two receivers / standalone: **%.2f** (target >= %.1f: %s)" % (
             t["ratio"], RATIO_TARGET, "met" if t["ratio"] >= RATIO_TARGET else "MISSED"))
