@@ -17,9 +17,9 @@ import uuid
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from minstore import __version__
+from minstore.batch import BatchedCalls, Batcher
 from minstore.errors import (
     BadRequest,
     NotFound,
@@ -156,7 +156,6 @@ class Node:
         self.metrics = metrics or NodeMetrics()
         self.now = now
         self.started = now()
-        self.max_inflight_writes = max_inflight_writes
         #: What follows each stored batch of ``(collection, uid, data,
         #: deleted)`` items: an observer's ``stored(items, forwarded)`` runs
         #: in the writer thread before the batch is acknowledged (what it
@@ -173,8 +172,12 @@ class Node:
         self._histograms = {}  # storage operation -> its histogram child
         self._cache = ByteLRU(read_cache_bytes)
         self._commit_seq = 0
-        self._queue = []
-        self._inflight = 0
+        #: Group commit: writes that arrive while ``max_inflight_writes``
+        #: storage writes are in flight go together in the next one.
+        self._commits = Batcher(self._commit_batch, max_inflight_writes)
+        self._commits.idle_observers.append(self._check_drained)
+        #: Threaded processes of the records that arrive together run in one hop.
+        self._process_calls = BatchedCalls(in_thread)
         self._active = 0
         self._drained = []
         self.stopping = False
@@ -205,6 +208,11 @@ class Node:
         hit = self._cache.get((collection, uid))
         return hit[1] if hit is not None else None
 
+    def _holds(self, collection, uid):
+        """The engine's L{IStorage.holds}, None for an engine without it."""
+        holds = getattr(self.storage, "holds", None)
+        return None if holds is None else holds(collection, uid)
+
     def read(self, collection, uid):
         """Deferred L{Entry} of a record or tombstone held here, or None."""
         key = (collection, uid)
@@ -227,47 +235,37 @@ class Node:
     # -- writes ---------------------------------------------------------
 
     def _commit(self, collection, uid, data, deleted, version, forward=True):
-        d = Deferred()
-        item = (collection, uid, data, deleted)
-        self._queue.append((item, Entry(data, version, deleted), forward, d))
-        self._flush()
-        return d
+        """Deferred L{Entry}, once the write is durable (in a group commit)."""
+        return self._commits.submit(((collection, uid, data, deleted), Entry(data, version, deleted), forward))
 
-    def _flush(self):
-        while self._queue and self._inflight < self.max_inflight_writes:
-            batch, self._queue = self._queue, []
-            self._inflight += 1
-            items = [item for item, _, _, _ in batch]
-            forwarded = [item for item, _, forward, _ in batch if forward]
-            self.metrics.batch_size.observe(len(items))
-            d = self._storage("write", self._write_batch, items, forwarded)
-            d.addBoth(self._flushed, batch, items, forwarded)
+    def _commit_batch(self, batch):
+        items = [item for item, _, _ in batch]
+        forwarded = [item for item, _, forward in batch if forward]
+        self.metrics.batch_size.observe(len(items))
+        d = self._storage("write", self._write_batch, items, forwarded)
+        d.addCallbacks(self._committed, self._commit_failed, (batch, items, forwarded), None, (len(batch),))
+        return d
 
     def _write_batch(self, items, forwarded):
         self.storage.write(items)
         return [observer.stored(items, forwarded) for observer in self.commit_observers]
 
-    def _flushed(self, result, batch, items, forwarded):
-        self._inflight -= 1
-        if isinstance(result, Failure):
-            self.log.failure("storage write of {n} records failed", result, n=len(batch))
-            for _, _, _, d in batch:
-                d.errback(result)
-        else:
-            self._commit_seq += 1
-            for (collection, uid, data, _), entry, _, _ in batch:
-                self._cache.put((collection, uid), data, entry)
-            # Observers first: a sync=1 write that waits for its replicas
-            # must find them pending when its acknowledgement fires.
-            for observer, token in zip(self.commit_observers, result):
-                try:
-                    observer.committed(items, forwarded, token)
-                except Exception:
-                    self.log.failure("commit observer failed")
-            for _, entry, _, d in batch:
-                d.callback(entry)
-        self._flush()
-        self._check_drained()
+    def _commit_failed(self, failure, n):
+        self.log.failure("storage write of {n} records failed", failure, n=n)
+        return failure
+
+    def _committed(self, tokens, batch, items, forwarded):
+        self._commit_seq += 1
+        for (collection, uid, data, _), entry, _ in batch:
+            self._cache.put((collection, uid), data, entry)
+        # Observers first: a sync=1 write that waits for its replicas
+        # must find them pending when its acknowledgement fires.
+        for observer, token in zip(self.commit_observers, tokens):
+            try:
+                observer.committed(items, forwarded, token)
+            except Exception:
+                self.log.failure("commit observer failed")
+        return [entry for _, entry, _ in batch]
 
     def _locked(self, key, f, *args):
         """Run a write under the uid's lock, counted until it has finished."""
@@ -284,10 +282,10 @@ class Node:
 
     def pending(self):
         """Writes taken and not yet acknowledged."""
-        return self._active + len(self._queue)
+        return self._active + self._commits.queued()
 
     def _check_drained(self):
-        if not self._queue and not self._inflight and not self._active:
+        if self._commits.idle() and not self._active:
             drained, self._drained = self._drained, []
             for d in drained:
                 d.callback(None)
@@ -307,7 +305,7 @@ class Node:
     async def _new_version(self, collection, uid, value, current=None):
         version = self.clock.now()
         record = make_record(collection, uid, value, version, self.now())
-        record = await run_pipeline(record, self.processes, self.in_thread)
+        record = await run_pipeline(record, self.processes, self._process_calls)
         if self.processes:
             # A process may have changed the value: check_sum and size are the stored value's.
             body = canonical_json(record["value"])
@@ -397,9 +395,12 @@ class Node:
         )
 
     async def _apply(self, collection, uid, data, version, deleted, forward):
-        current = await self.read(collection, uid)
-        if current is not None and current.version >= version:
-            return False
+        if self._holds(collection, uid) is not False:
+            # Held (or cannot tell): store only what is newer.  A uid never
+            # seen here, the common case of a receiver, needs no read.
+            current = await self.read(collection, uid)
+            if current is not None and current.version >= version:
+                return False
         await self._commit(collection, uid, data, deleted, version, forward)
         return True
 
@@ -454,7 +455,7 @@ class Node:
             "records": self.storage.count(),
             "storage": getattr(self.storage, "name", type(self.storage).__name__),
             "processes": [getattr(p, "name", type(p).__name__) for p in self.processes],
-            "pending_writes": len(self._queue) + self._inflight,
+            "pending_writes": self._commits.queued() + self._commits.inflight,
         }
         for name, section in self.status_sections.items():
             status[name] = section()

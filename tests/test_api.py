@@ -44,6 +44,8 @@ class ManualThreads:
     def __init__(self):
         self.pending = []
         self.called = []
+        #: True while a queued call runs: "in the thread pool".
+        self.running = False
 
     def __call__(self, f, *args):
         d = Deferred()
@@ -53,13 +55,20 @@ class ManualThreads:
 
     def flush(self):
         while self.pending:
-            f, args, d = self.pending.pop(0)
-            try:
-                result = f(*args)
-            except BaseException:
-                d.errback()
-            else:
-                d.callback(result)
+            self.run_one()
+
+    def run_one(self):
+        """Run the oldest queued call (what it queues in turn waits)."""
+        f, args, d = self.pending.pop(0)
+        self.running = True
+        try:
+            result = f(*args)
+        except BaseException:
+            d.errback()
+        else:
+            d.callback(result)
+        finally:
+            self.running = False
 
 
 class Response:
@@ -850,16 +859,45 @@ class ProcessTests(APITestCase):
 
     def test_threaded_process_runs_through_in_thread(self):
         """A threaded process runs through the node's in_thread, not inline."""
-        upper = Upper()
-        upper.threaded = True
-        self.use_node(self.make_node([upper]))
+        threads = self.threads
+        in_pool = []
+
+        class PooledUpper(Upper):
+            threaded = True
+
+            def __call__(self, record):
+                in_pool.append(threads.running)
+                return Upper.__call__(self, record)
+
+        self.use_node(self.make_node([PooledUpper()]))
         d = self.start("POST", "/books/a", json={"value": "x"})
         self.http.flush()
         for _ in range(5):
             self.threads.flush()
             self.http.flush()
         self.assertRecord(self.successResultOf(d), "books", "a", "X")
-        self.assertIn(upper, self.threads.called)
+        self.assertEqual(in_pool, [True])
+
+    def test_threaded_processes_of_concurrent_writes_share_a_hop(self):
+        """The threaded processes of writes that arrive together run in one thread-pool call."""
+        threads = self.threads
+        self.use_node(self.make_node([type("PooledUpper", (Upper,), {"threaded": True})()]))
+        first = self.start("POST", "/books/a", json={"value": "a"})
+        self.http.flush()
+        # The first write's process is in the pool; these three wait for it...
+        rest = [self.start("POST", "/books/%s" % uid, json={"value": uid}) for uid in "bcd"]
+        self.http.flush()
+        self.assertEqual(len(threads.pending), 1)
+        threads.run_one()
+        self.http.flush()
+        # ...and then go together, in one call.
+        process_calls = [args for f, args, _ in threads.pending if f.__name__ == "_call_each"]
+        self.assertEqual([len(calls) for (calls,) in process_calls], [3])
+        for _ in range(5):
+            threads.flush()
+            self.http.flush()
+        for d, uid in zip([first] + rest, "abcd"):
+            self.assertRecord(self.successResultOf(d), "books", uid, uid.upper())
 
 
 class NodeRouteTests(APITestCase):
