@@ -42,6 +42,13 @@ class IStorage(Interface):
         block.  None means "cannot tell without reading" (the node reads).
         """
 
+    def holds(collection, uid):
+        """
+        Whether a record or a tombstone of that uid is held, from memory
+        only, like L{is_live}: False lets the node store a replica of a uid
+        it has never seen without reading first.  None means "cannot tell".
+        """
+
     def list(collection, after, prefix, limit):
         """
         Up to ``limit`` live records (bytes) of a collection, in uid order,

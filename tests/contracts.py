@@ -241,6 +241,21 @@ class StorageContract:
         self._put(storage, "books", "a", deleted=True)
         self.assertIn(storage.is_live("books", "a"), answers)
 
+    def test_holds(self):
+        """
+        holds() answers from memory whether a record or a tombstone is held:
+        False only for a uid never written (None: "cannot tell").
+        """
+        storage = self.make_storage()
+        self.assertIn(storage.holds("books", "a"), {None, False})
+        self._put(storage, "books", "a")
+        self.assertIn(storage.holds("books", "a"), {None, True})
+        self.assertIn(storage.holds("films", "a"), {None, False})
+        self._put(storage, "books", "a", deleted=True)
+        self.assertIn(storage.holds("books", "a"), {None, True})
+        self._put(storage, "books", "a")
+        self.assertIn(storage.holds("books", "a"), {None, True})
+
     def test_count(self):
         """count() is the number of live records across collections."""
         storage = self.make_storage()

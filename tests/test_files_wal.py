@@ -124,3 +124,7 @@ class IsLiveAfterReopenTests(SynchronousTestCase):
         self.assertIs(again.is_live("books", "a"), True)
         self.assertIs(again.is_live("books", "b"), False)
         self.assertIs(again.is_live("books", "c"), False)
+        # A tombstone is held, so a late replica older than it is refused.
+        self.assertEqual(
+            [again.holds("books", uid) for uid in "abc"], [True, True, False]
+        )

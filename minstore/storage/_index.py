@@ -6,28 +6,38 @@ import threading
 
 class KeyIndex:
     """
-    Which uids of each collection are live, with a sorted view rebuilt only
-    when the set of live uids changes.
+    Which uids of each collection are live, and which are tombstones, with
+    a sorted view of the live ones rebuilt only when that set changes.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
         self._live = {}  # collection -> set of live uids
+        self._deleted = {}  # collection -> set of uids whose tombstone is held
         self._sorted = {}  # collection -> sorted list, or absent when stale
 
     def set(self, collection, uid, live):
         with self._lock:
             uids = self._live.setdefault(collection, set())
-            if live and uid not in uids:
-                uids.add(uid)
-                self._sorted.pop(collection, None)
-            elif not live and uid in uids:
-                uids.discard(uid)
-                self._sorted.pop(collection, None)
+            deleted = self._deleted.setdefault(collection, set())
+            if live:
+                deleted.discard(uid)
+                if uid not in uids:
+                    uids.add(uid)
+                    self._sorted.pop(collection, None)
+            else:
+                deleted.add(uid)
+                if uid in uids:
+                    uids.discard(uid)
+                    self._sorted.pop(collection, None)
 
     def is_live(self, collection, uid):
         with self._lock:
             return uid in self._live.get(collection, ())
+
+    def holds(self, collection, uid):
+        with self._lock:
+            return uid in self._live.get(collection, ()) or uid in self._deleted.get(collection, ())
 
     def page(self, collection, after, prefix, limit):
         """Up to ``limit`` live uids after ``after`` starting with ``prefix``."""

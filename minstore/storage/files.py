@@ -217,6 +217,9 @@ class FileStorage:
     def is_live(self, collection, uid):
         return self._index.is_live(collection, uid)
 
+    def holds(self, collection, uid):
+        return self._index.holds(collection, uid)
+
     def count(self):
         return self._index.count()
 
