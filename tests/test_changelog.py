@@ -221,3 +221,65 @@ class ChangeLogTests(SynchronousTestCase):
             self.assertEqual(checkpoints, {}, garbage)
             self.assertEqual([c.seq for c in changes], [1, 2], garbage)
             self.assertEqual(log.last_seq, 2)
+
+    def test_checkpoints_synced_only_for_new_peers(self):
+        """
+        save_checkpoints does not sync the file (a stale or lost one only
+        means resending), except when it names a peer that the file on disk
+        may not hold yet (a restart would take that peer for a new one):
+        the first save, an added peer, a peer added back after a removal.
+        A reopened log knows which peers its file holds.
+        """
+        import minstore.cluster.changelog as changelog
+
+        synced = []
+        self.patch(changelog, "sync_data", lambda fd: synced.append("file"))
+        self.patch(changelog, "fsync_dir", lambda path: synced.append("dir"))
+        directory = self.mktemp()
+        log, _, _ = self.open_log(directory)
+        log.append([item("a", 1), item("b", 2)])
+
+        def save(checkpoints):
+            del synced[:]
+            log.save_checkpoints(checkpoints)
+            self.assertEqual(log.read_checkpoints(), checkpoints)
+            self.assertNotIn("checkpoints.json.tmp", os.listdir(directory))
+            return bool(synced)
+
+        b, c = "http://b:1", "http://c:1"
+        self.assertTrue(save({b: 0}))
+        self.assertEqual(synced, ["file", "dir"])
+        self.assertFalse(save({b: 1}))
+        self.assertFalse(save({b: 2}))
+        self.assertTrue(save({b: 2, c: 2}))
+        self.assertFalse(save({b: 2, c: 2}))
+        self.assertFalse(save({c: 2}))
+        self.assertTrue(save({b: 2, c: 2}))
+        log.close()
+
+        log, _, _ = self.open_log(directory)
+        self.assertFalse(save({b: 2, c: 2}))
+        self.assertTrue(save({b: 2, c: 2, "http://d:1": 2}))
+
+    def test_checkpoints_never_go_back(self):
+        """
+        A save with older checkpoints than the last one written (a save
+        overtaken by the final one at stop) keeps the newer ones, and
+        compacts with them; a peer left out is dropped.
+        """
+        directory = self.mktemp()
+        log, _, _ = self.open_log(directory, segment_bytes=1)
+        for n in range(1, 5):
+            log.append([item("u%d" % n, n)])
+        log.save_checkpoints({"http://b:1": 4, "http://c:1": 2})
+        self.assertEqual(segments(directory), ["%020d.log" % n for n in (3, 4)])
+        log.save_checkpoints({"http://b:1": 2, "http://c:1": 1})
+        self.assertEqual(log.read_checkpoints(), {"http://b:1": 4, "http://c:1": 2})
+        self.assertEqual(segments(directory), ["%020d.log" % n for n in (3, 4)])
+        log.save_checkpoints({"http://b:1": 4})
+        self.assertEqual(log.read_checkpoints(), {"http://b:1": 4})
+        self.assertEqual(segments(directory), ["%020d.log" % 4])
+        log.close()
+        log, checkpoints, _ = self.open_log(directory)
+        log.save_checkpoints({"http://b:1": 1})
+        self.assertEqual(log.read_checkpoints(), {"http://b:1": 4})

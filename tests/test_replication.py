@@ -310,6 +310,7 @@ class RetryScheduleTests(SynchronousTestCase):
             sorted(self.client.delivered),
             sorted([self.node.storage.get("c", "x"), self.node.storage.get("c", "y")]),
         )
+        self.clock.advance(Replication.CHECKPOINT_INTERVAL)
         self.assertEqual(self.replication.changelog.read_checkpoints(), {url("b"): 3})
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -322,6 +323,168 @@ class RetryScheduleTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.clock.advance(100)
         self.assertEqual(len(self.client.calls), 1)
+
+
+class CountingChangeLog(ChangeLog):
+    """A ChangeLog that records the checkpoints of each save."""
+
+    def __init__(self, *args, **kwargs):
+        ChangeLog.__init__(self, *args, **kwargs)
+        self.saves = []
+
+    def save_checkpoints(self, checkpoints):
+        self.saves.append(dict(checkpoints))
+        return ChangeLog.save_checkpoints(self, checkpoints)
+
+
+class CheckpointSaveTests(SynchronousTestCase):
+    """Checkpoints are saved once per CHECKPOINT_INTERVAL while peers acknowledge, not once per batch."""
+
+    interval = Replication.CHECKPOINT_INTERVAL
+
+    def make(self, peers=("b",), in_thread=run_inline, **kwargs):
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.node = Node(MemoryStorage(), node_id="a", now=self.clock.seconds)
+        self.client = FlakyClient(self.clock)
+        self.client.failing = False
+        self.changelog = CountingChangeLog(self.mktemp(), **kwargs)
+        self.replication = Replication(self.node, self.changelog, self.client, self.clock, in_thread)
+        self.replication.start(ServerList([url(p) for p in peers]))
+        self.addCleanup(self.replication.stop)
+
+    def test_interval(self):
+        self.assertEqual(Replication.CHECKPOINT_INTERVAL, 1.0)
+
+    def test_many_deliveries_one_save(self):
+        """
+        Twenty batches acknowledged within the interval cause no save until
+        the interval after the first has passed, then one, with the last
+        checkpoint; nothing more while nothing more is delivered.
+        """
+        self.make()
+        for n in range(20):
+            self.successResultOf(self.node.create("c", "u%d" % n, n))
+            self.clock.advance(self.interval / 40)
+        self.assertEqual(len(self.client.calls), 20)
+        self.assertEqual(self.changelog.saves, [])
+        self.assertEqual(self.changelog.read_checkpoints(), {})
+        self.clock.advance(self.interval / 2 - 0.001)
+        self.assertEqual(self.changelog.saves, [])
+        self.clock.advance(0.001)
+        self.assertEqual(self.changelog.saves, [{url("b"): 20}])
+        self.assertEqual(self.changelog.read_checkpoints(), {url("b"): 20})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(10 * self.interval)
+        self.assertEqual(len(self.changelog.saves), 1)
+
+    def test_next_save_after_the_interval(self):
+        """A delivery after a save schedules the next one an interval later, not sooner."""
+        self.make()
+        self.successResultOf(self.node.create("c", "x", 1))
+        self.clock.advance(self.interval)
+        self.assertEqual(self.changelog.saves, [{url("b"): 1}])
+        self.clock.advance(5.0)
+        self.successResultOf(self.node.create("c", "y", 1))
+        self.clock.advance(self.interval - 0.001)
+        self.assertEqual(len(self.changelog.saves), 1)
+        self.clock.advance(0.001)
+        self.assertEqual(self.changelog.saves, [{url("b"): 1}, {url("b"): 2}])
+
+    def test_steady_deliveries_save_once_per_interval(self):
+        """Under a steady flow of deliveries there is one save per interval."""
+        self.make()
+        for n in range(40):
+            self.successResultOf(self.node.create("c", "u%d" % n, n))
+            self.clock.advance(self.interval / 4)
+        self.assertEqual(len(self.client.calls), 40)
+        self.assertEqual(len(self.changelog.saves), 10)
+        seqs = [save[url("b")] for save in self.changelog.saves]
+        self.assertEqual(seqs, sorted(seqs))
+
+    def test_save_in_a_thread(self):
+        """
+        With saves run in a thread pool, a save that falls due while the
+        previous one is still running follows it, with the newer
+        checkpoints; two never run at once.
+        """
+        pool = []  # (f, args, Deferred) handed to the "thread pool", not run yet
+
+        def in_thread(f, *args):
+            d = Deferred()
+            pool.append((f, args, d))
+            return d
+
+        def run_one():
+            f, args, d = pool.pop(0)
+            d.callback(f(*args))
+
+        self.make(in_thread=in_thread)
+        self.successResultOf(self.node.create("c", "x", 1))
+        self.clock.advance(self.interval)
+        self.assertEqual(len(pool), 1)
+        self.successResultOf(self.node.create("c", "y", 1))
+        self.clock.advance(self.interval)
+        self.assertEqual(len(pool), 1)  # the second waits for the first
+        run_one()
+        self.assertEqual(self.changelog.saves, [{url("b"): 1}])
+        self.assertEqual(len(pool), 1)
+        run_one()
+        self.assertEqual(self.changelog.saves, [{url("b"): 1}, {url("b"): 2}])
+        self.assertEqual((pool, self.clock.getDelayedCalls()), ([], []))
+
+    def test_compaction_waits_for_the_save(self):
+        """
+        Segments every peer has passed are deleted when the checkpoints are
+        saved (so at most an interval later), never those a peer still lacks.
+        """
+        self.make(peers=("b", "c"), segment_bytes=1)
+        directory = self.changelog.directory
+
+        def segments():
+            return sorted(int(n[:-4]) for n in os.listdir(directory) if n.endswith(".log"))
+
+        for n in range(1, 4):
+            self.successResultOf(self.node.create("c", "u%d" % n, n))
+        self.assertEqual(segments(), [1, 2, 3])
+        self.clock.advance(self.interval)
+        self.assertEqual(segments(), [3])
+
+        self.replication.peers[url("c")].stop()  # c is sent nothing more: it holds the log back
+        for n in range(4, 6):
+            self.successResultOf(self.node.create("c", "u%d" % n, n))
+        self.clock.advance(self.interval)
+        self.assertEqual(self.changelog.read_checkpoints(), {url("b"): 5, url("c"): 3})
+        self.assertEqual(segments(), [4, 5])
+
+    def test_reconfigure_saves_at_once(self):
+        """
+        Adding or removing a peer saves the checkpoints at once (an added
+        peer must be in the file before a crash), replacing a save that was
+        due; no second save follows.
+        """
+        self.make()
+        self.successResultOf(self.node.create("c", "x", 1))
+        self.replication.reconfigure(ServerList([url("b"), url("c")]))
+        self.assertEqual(self.changelog.saves, [{url("b"): 1, url("c"): 1}])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.replication.reconfigure(ServerList([url("c")]))
+        self.assertEqual(self.changelog.saves[-1], {url("c"): 1})
+        self.clock.advance(10 * self.interval)
+        self.assertEqual(len(self.changelog.saves), 2)
+
+    def test_stop_cancels_the_pending_save(self):
+        """
+        stop() leaves no save on the clock and none runs after it (the
+        final save is ClusterService's: see ClusterServiceTests).
+        """
+        self.make()
+        self.successResultOf(self.node.create("c", "x", 1))
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.replication.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(10 * self.interval)
+        self.assertEqual(self.changelog.saves, [])
 
 
 class MirrorTests(SynchronousTestCase):
@@ -673,6 +836,7 @@ class CheckpointTests(SynchronousTestCase):
         x, y = self.a.write("x", 1), self.a.write("y", 1)
         self.cluster.net.down(self.b.url)
         z = self.a.write("z", 1)
+        self.cluster.advance(Replication.CHECKPOINT_INTERVAL)
         self.assertEqual(self.a.changelog.read_checkpoints(), {self.b.url: 2, self.c.url: 0})
 
         self.cluster.net.up(self.b.url)
@@ -680,11 +844,30 @@ class CheckpointTests(SynchronousTestCase):
         self.restart_a()
         self.assertEqual([d for d, _, _ in self.b.received], [z])
         self.assertEqual(sorted(d for d, _, _ in self.c.received), sorted([x, y, z]))
+        self.cluster.advance(Replication.CHECKPOINT_INTERVAL)
         self.assertEqual(self.a.changelog.read_checkpoints(), {self.b.url: 3, self.c.url: 3})
 
         # And once everything is acknowledged, a restart sends nothing.
         self.restart_a(save=True)
         self.assertEqual((self.b.received, self.c.received), ([], []))
+
+    def test_crash_before_the_save_resends(self):
+        """
+        A crash before the acknowledged batches' checkpoints were saved only
+        makes the restarted node send those writes again: the peers do not
+        apply them twice, and they end holding the same records.
+        """
+        x = self.a.write("x", 1)
+        self.cluster.advance(Replication.CHECKPOINT_INTERVAL)
+        y = self.a.write("y", 1)
+        self.assertEqual(self.b.received_uids(), ["x", "y"])
+        self.assertEqual(self.a.changelog.read_checkpoints(), {self.b.url: 1, self.c.url: 1})
+        self.restart_a()  # no final save: as after kill -9
+        for member in (self.b, self.c):
+            self.assertEqual(member.received, [(y, False, False)])
+            self.assertEqual((member.stored("x"), member.stored("y")), (x, y))
+        self.cluster.advance(Replication.CHECKPOINT_INTERVAL)
+        self.assertEqual(self.a.changelog.read_checkpoints(), {self.b.url: 2, self.c.url: 2})
 
     def test_restart_before_any_delivery(self):
         """
@@ -716,6 +899,7 @@ class CheckpointTests(SynchronousTestCase):
     def test_new_peer_at_restart_gets_only_later_writes(self):
         """A peer first listed at a restart is not sent the log's older writes, only those made after."""
         self.a.write("x", 1)
+        self.cluster.advance(Replication.CHECKPOINT_INTERVAL)
         d = self.cluster.add("d")
         self.a.replication.stop()
         self.a = self.cluster.add("a", peers=["b", "c", "d"], directory=self.directory, storage=self.storage)
@@ -851,6 +1035,7 @@ class ReconfigureTests(SynchronousTestCase):
         y = self.a.write("y", 1)
         self.assertEqual([d for d, _, _ in self.c.received], [y])
         self.assertEqual(self.b.received_uids(), ["x", "y"])
+        self.cluster.advance(Replication.CHECKPOINT_INTERVAL)
         self.assertEqual(
             self.a.changelog.read_checkpoints(), {self.b.url: 2, self.c.url: 2}
         )
@@ -933,6 +1118,18 @@ class ClusterServiceTests(SynchronousTestCase):
         self.assertIsNone(self.service.reload())
         self.assertEqual(list(self.a.replication.peers), [self.b.url])
         self.assertEqual(self.events[0]["log_level"].name, "error")
+
+    def test_stop_makes_the_pending_save(self):
+        """
+        stopService saves the checkpoints a delivery left waiting for the
+        interval (a clean restart resends nothing), and no save runs after.
+        """
+        self.a.write("x", 1)
+        self.a.write("y", 1)
+        self.assertEqual(self.a.changelog.read_checkpoints(), {})
+        self.successResultOf(self.service.stopService())
+        self.assertEqual(self.a.changelog.read_checkpoints(), {self.b.url: 2})
+        self.assertEqual(self.cluster.clock.getDelayedCalls(), [])
 
     def test_stop_saves_checkpoints(self):
         """stopService saves every peer's checkpoint and stops retrying."""

@@ -9,6 +9,12 @@ sequence number up to which it has everything (CouchDB's ``_changes`` and
 replication checkpoints are the model).  Segments wholly below every peer's
 checkpoint are deleted.
 
+The change log is synced before a write is acknowledged; the checkpoints
+file is not (except when it names a peer for the first time, see
+L{ChangeLog.save_checkpoints}): a checkpoint that is stale, or a file that
+is lost, only makes the node resend changes the peer already holds, and
+replicas are idempotent.
+
 Files, under ``DATA/changes/``: ``{first_seq:020d}.log`` segments of lines
 ``SEQ RECORD-JSON``, and ``checkpoints.json``.
 """
@@ -65,6 +71,11 @@ class ChangeLog:
         self._file = None
         self._file_size = 0
         self._segments = []  # first seqs, ascending
+        # Checkpoint saves come from the thread pool and, at stop, from the
+        # reactor thread: one at a time, never going back (see save_checkpoints).
+        self._checkpoint_lock = threading.Lock()
+        self._saved = {}  # peer -> the checkpoint last written
+        self._durable_peers = set()  # peers that checkpoints.json holds even after a power loss
 
     def _segment_path(self, first_seq):
         return os.path.join(self.directory, "%020d.log" % first_seq)
@@ -78,6 +89,10 @@ class ChangeLog:
             int(name[:-4]) for name in os.listdir(self.directory) if name.endswith(".log")
         )
         checkpoints = self.read_checkpoints()
+        with self._checkpoint_lock:
+            self._saved = dict(checkpoints)
+            # Every peer in the file was synced when it was first written there.
+            self._durable_peers = set(checkpoints)
         floor = min(checkpoints.values()) if checkpoints else None
         changes = []
         for first in self._segments:
@@ -153,13 +168,45 @@ class ChangeLog:
             return {}
 
     def save_checkpoints(self, checkpoints):
-        """Write ``{peer: seq}`` atomically, then drop segments no peer needs."""
+        """
+        Write ``{peer: seq}`` atomically, then drop the segments no peer needs.
+
+        The file is written aside and renamed over the old one, so it is
+        never seen half-written, but it is not synced: after a crash of the
+        machine it may be an older version, or empty (read as no
+        checkpoints at all).  Either way the node only resends changes
+        its peers already hold, which replicas make harmless; segments
+        deleted below a checkpoint that was lost held only changes every
+        peer had acknowledged.  The one thing an older file must not do is
+        miss a peer: at start a peer absent from a non-empty file counts as
+        new and is sent only the writes made from then on.  So a save that
+        names a peer not yet durably in the file is synced, with the
+        directory (once per added peer, not per batch).
+
+        Checkpoints only move forward: a save that finishes after a newer
+        one (a thread-pool save overtaken by the final save at stop) keeps
+        the newer checkpoints.
+        """
         path = self._checkpoint_path()
-        with open(path + ".tmp", "wb") as f:
-            f.write(json.dumps(checkpoints, sort_keys=True).encode())
-            f.flush()
-            sync_data(f.fileno())
-        os.replace(path + ".tmp", path)
+        with self._checkpoint_lock:
+            checkpoints = {
+                peer: max(seq, self._saved.get(peer, seq)) for peer, seq in checkpoints.items()
+            }
+            sync = not self._durable_peers.issuperset(checkpoints)
+            with open(path + ".tmp", "wb") as f:
+                f.write(json.dumps(checkpoints, sort_keys=True).encode())
+                if sync:
+                    f.flush()
+                    sync_data(f.fileno())
+            os.replace(path + ".tmp", path)
+            if sync:
+                fsync_dir(self.directory)
+                self._durable_peers = set(checkpoints)
+            else:
+                # A peer dropped from this (unsynced) version may be back in
+                # a later one: that later one is then synced again.
+                self._durable_peers &= set(checkpoints)
+            self._saved = checkpoints
         self.compact(min(checkpoints.values()) if checkpoints else self.last_seq)
 
     def compact(self, floor):

@@ -8,8 +8,11 @@ A L{PeerReplicator} per peer keeps the changes the peer has not stored yet
 (newest per uid, in sequence order) and sends them in batches to the peer's
 ``POST /_cluster/replicas``, with ``bridge=1`` when this node is a bridge.
 When the peer has stored a batch, its checkpoint moves to the batch's last
-sequence number and is saved, so after a restart the node resends only what
-was not acknowledged.
+sequence number.  The checkpoints are saved at most once a
+L{Replication.CHECKPOINT_INTERVAL} while peers acknowledge batches, at once
+when peers are added or removed, and at stop (L{ClusterService}), so after a
+restart the node resends only what was not acknowledged (after a crash, also
+what was acknowledged in the last interval: replicas are idempotent).
 """
 
 import random
@@ -161,6 +164,10 @@ class Replication:
 
     log = Logger()
 
+    #: Seconds between two saves of the checkpoints while peers acknowledge
+    #: batches (a save per batch cost a thread hop and a file write each).
+    CHECKPOINT_INTERVAL = 1.0
+
     def __init__(
         self,
         node,
@@ -187,6 +194,8 @@ class Replication:
         self._waiters = {}  # key -> [(version, Deferred, set of peers that stored it)]
         self._saving = False
         self._save_again = False
+        self._save_timer = None
+        self._stopped = False
 
     def bridge(self):
         return bool(self.servers and self.servers.bridge)
@@ -217,6 +226,13 @@ class Replication:
             replicator.kick()
 
     def stop(self):
+        """
+        Stop sending and saving.  The final save of the checkpoints is the
+        caller's (L{ClusterService.stopService} makes it, blocking): one
+        pending here is dropped, so none runs in a thread pool that stops.
+        """
+        self._stopped = True
+        self._cancel_save()
         for replicator in self.peers.values():
             replicator.stop()
         for waiters in self._waiters.values():
@@ -237,6 +253,10 @@ class Replication:
         for url in added:
             self.peers[url] = PeerReplicator(url, self, self.changelog.last_seq)
         if added or removed:
+            # At once, not on the timer: an added peer must be in the file
+            # (a restart would otherwise take it for a new one and skip what
+            # it was owed), and a removed one no longer hold compaction back.
+            self._cancel_save()
             self._save_checkpoints()
         return {
             "added": added,
@@ -273,7 +293,7 @@ class Replication:
             self._waiters[change.key] = [w for w in waiters if not w[1].called]
             if not self._waiters[change.key]:
                 del self._waiters[change.key]
-        self._save_checkpoints()
+        self._schedule_save()
 
     def wait_stored(self, collection, uid, version, timeout):
         """
@@ -293,8 +313,25 @@ class Replication:
         d.addTimeout(timeout, self.clock, onTimeoutCancel=lambda result, t: None)
         return d.addCallback(lambda _: (len(stored), expected))
 
+    def _schedule_save(self):
+        """Save the checkpoints CHECKPOINT_INTERVAL from now, unless a save is already due."""
+        if self._save_timer is None and not self._stopped:
+            self._save_timer = self.clock.callLater(self.CHECKPOINT_INTERVAL, self._save_due)
+
+    def _save_due(self):
+        self._save_timer = None
+        self._save_checkpoints()
+
+    def _cancel_save(self):
+        if self._save_timer is not None:
+            if self._save_timer.active():
+                self._save_timer.cancel()
+            self._save_timer = None
+
     def _save_checkpoints(self):
         # One save in flight at a time; a save asked meanwhile follows it.
+        if self._stopped:
+            return
         if self._saving:
             self._save_again = True
             return
