@@ -14,6 +14,7 @@ import hashlib
 import json
 import time
 import uuid
+from inspect import iscoroutine
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.logger import Logger
@@ -77,15 +78,23 @@ class KeyedLock:
         return key in self._waiters
 
     def run(self, key, f, *args):
-        """Deferred result of the coroutine function ``f(*args)``, run under the key's lock."""
-        return ensureDeferred(self._run(key, f, *args))
+        """
+        Deferred result of ``f(*args)`` (a Deferred, a coroutine or a value),
+        run under the key's lock.
+        """
+        # Plain callbacks: no coroutine layer of its own on every write.
+        d = self.acquire(key).addCallback(lambda _: _call(f, args))
 
-    async def _run(self, key, f, *args):
-        await self.acquire(key)
-        try:
-            return await f(*args)
-        finally:
+        def release(result):
             self.release(key)
+            return result
+
+        return d.addBoth(release)
+
+
+def _call(f, args):
+    result = f(*args)
+    return ensureDeferred(result) if iscoroutine(result) else result
 
 
 def etag_matches(header, version):
@@ -302,18 +311,22 @@ class Node:
         self.stopping = True
         return self.drain()
 
-    async def _new_version(self, collection, uid, value, current=None):
+    def _new_version(self, collection, uid, value, current=None):
+        """Deferred L{Entry}: the value through the processes, then committed."""
         version = self.clock.now()
         record = make_record(collection, uid, value, version, self.now())
-        record = await run_pipeline(record, self.processes, self._process_calls)
-        if self.processes:
-            # A process may have changed the value: check_sum and size are the stored value's.
-            body = canonical_json(record["value"])
-            record["check_sum"], record["size"] = hashlib.sha256(body).hexdigest(), len(body)
-            if current is not None and json.loads(current.data).get("check_sum") == record["check_sum"]:
-                return current  # the same value once processed: PUT is idempotent
-        data = encode_record(record)
-        return await self._commit(collection, uid, data, False, version)
+        if not self.processes:
+            return self._commit(collection, uid, encode_record(record), False, version)
+        d = run_pipeline(record, self.processes, self._process_calls)
+        return d.addCallback(self._processed, collection, uid, version, current)
+
+    def _processed(self, record, collection, uid, version, current):
+        # A process may have changed the value: check_sum and size are the stored value's.
+        body = canonical_json(record["value"])
+        record["check_sum"], record["size"] = hashlib.sha256(body).hexdigest(), len(body)
+        if current is not None and json.loads(current.data).get("check_sum") == record["check_sum"]:
+            return current  # the same value once processed: PUT is idempotent
+        return self._commit(collection, uid, encode_record(record), False, version)
 
     def create(self, collection, uid, value):
         """POST: store a new record; Deferred L{Entry}."""
@@ -321,14 +334,16 @@ class Node:
         check_uid(uid)
         return self._locked((collection, uid), self._create, collection, uid, value)
 
-    async def _create(self, collection, uid, value):
+    def _create(self, collection, uid, value):
         if self.storage.is_live(collection, uid) is False:
             # Known absent (or deleted) without a read: one thread hop fewer per POST.
-            return await self._new_version(collection, uid, value)
-        current = await self.read(collection, uid)
+            return self._new_version(collection, uid, value)
+        return self.read(collection, uid).addCallback(self._create_unless_live, collection, uid, value)
+
+    def _create_unless_live(self, current, collection, uid, value):
         if current is not None and not current.deleted:
             raise RecordExists(message="%s/%s exists already; PUT updates it" % (collection, uid))
-        return await self._new_version(collection, uid, value)
+        return self._new_version(collection, uid, value)
 
     def update(self, collection, uid, value, if_match=None):
         """PUT: replace an existing record's value; Deferred L{Entry}."""
@@ -394,15 +409,17 @@ class Node:
             (collection, uid), self._apply, collection, uid, data, version, deleted, forward
         )
 
-    async def _apply(self, collection, uid, data, version, deleted, forward):
-        if self._holds(collection, uid) is not False:
-            # Held (or cannot tell): store only what is newer.  A uid never
-            # seen here, the common case of a receiver, needs no read.
-            current = await self.read(collection, uid)
-            if current is not None and current.version >= version:
-                return False
-        await self._commit(collection, uid, data, deleted, version, forward)
-        return True
+    def _apply(self, collection, uid, data, version, deleted, forward):
+        if self._holds(collection, uid) is False:
+            # Never held here, the common case of a receiver: no read.
+            return self._apply_if_newer(None, collection, uid, data, version, deleted, forward)
+        d = self.read(collection, uid)
+        return d.addCallback(self._apply_if_newer, collection, uid, data, version, deleted, forward)
+
+    def _apply_if_newer(self, current, collection, uid, data, version, deleted, forward):
+        if current is not None and current.version >= version:
+            return False
+        return self._commit(collection, uid, data, deleted, version, forward).addCallback(lambda _: True)
 
     # -- reads ----------------------------------------------------------
 
