@@ -999,6 +999,61 @@ class SyncTests(SynchronousTestCase):
         self.cluster.advance(1.0)
         self.assertEqual(self.successResultOf(d), (2, 2))
 
+    def test_sync_pending_newer_version_does_not_count(self):
+        """
+        A peer with a newer version of the uid still pending (not delivered)
+        does not count as holding the version waited for: the wait lasts
+        until that newer version is delivered.
+        """
+        self.cluster.net.down(self.c.url)
+        first = self.successResultOf(self.a.node.create("c", "x", 1))
+        self.a.write("x", 2)
+        d = self.a.replication.wait_stored("c", "x", first.version, 5.0)
+        self.assertNoResult(d)
+        self.assertEqual(self.c.stored("x"), None)
+        self.cluster.net.up(self.c.url)
+        self.cluster.advance(1.0)
+        self.assertEqual(self.successResultOf(d), (2, 2))
+        self.assertEqual(self.c.stored("x"), self.a.stored("x"))
+
+    def test_sync_batch_in_flight(self):
+        """
+        A version in a batch being sent counts only once the peer
+        acknowledges that batch; a newer version written meanwhile is waited
+        for until its own batch is acknowledged.
+        """
+        sends = []  # (records, Deferred) of the sends not answered yet
+
+        class HeldClient:
+            def send_replicas(self, peer, records, bridge=False, timeout=None):
+                d = Deferred()
+                sends.append((list(records), d))
+                return d
+
+        clock = Clock()
+        node = Node(MemoryStorage(), node_id="a", now=clock.seconds)
+        replication = Replication(node, ChangeLog(self.mktemp()), HeldClient(), clock, run_inline)
+        replication.start(ServerList([url("b")]))
+        self.addCleanup(replication.stop)
+
+        first = self.successResultOf(node.create("c", "x", 1))
+        waiting_first = replication.wait_stored("c", "x", first.version, 5.0)
+        second = self.successResultOf(node.update("c", "x", 2))
+        waiting_second = replication.wait_stored("c", "x", second.version, 5.0)
+        self.assertEqual([records for records, _ in sends], [[first.data]])
+        self.assertNoResult(waiting_first)
+        self.assertNoResult(waiting_second)
+
+        sends.pop(0)[1].callback(1)
+        self.assertEqual(self.successResultOf(waiting_first), (1, 1))
+        self.assertNoResult(waiting_second)
+        self.assertEqual([records for records, _ in sends], [[second.data]])
+        self.assertNoResult(replication.wait_stored("c", "x", first.version, 5.0))
+
+        sends.pop(0)[1].callback(1)
+        self.assertEqual(self.successResultOf(waiting_second), (1, 1))
+        self.assertEqual(self.successResultOf(replication.wait_stored("c", "x", first.version, 5.0)), (1, 1))
+
     def test_sync_delete(self):
         """DELETE ?sync=1 answers with the replica counts once the tombstone is on both peers."""
         self.a.write("x", 1)

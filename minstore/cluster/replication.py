@@ -300,12 +300,17 @@ class Replication:
         For ``sync=1``: a Deferred firing with ``(stored, expected)``, the
         number of peers holding this version (or a newer one) when all have
         it or when ``timeout`` seconds have passed.
+
+        A peer holds it when nothing of that uid is pending for it (a change
+        being sent stays in ``pending`` until the peer acknowledges it, or
+        a newer version of the uid takes its place there).
+        A pending newer version does not count: it is not delivered yet.
+        Otherwise the peer counts once a change of the uid with this version
+        or a newer one is delivered to it.
         """
         key = (collection, uid)
         expected = len(self.peers)
-        stored = set(
-            url for url, r in self.peers.items() if key not in r.pending or r.pending[key].version > version
-        )
+        stored = set(url for url, r in self.peers.items() if key not in r.pending)
         if len(stored) >= expected:
             return succeed((len(stored), expected))
         d = Deferred()
