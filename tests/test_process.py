@@ -11,7 +11,7 @@ import textwrap
 
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from minstore.api import RecordAPI
@@ -104,6 +104,31 @@ class LanguageTests(SynchronousTestCase):
         original = record(ENGLISH)
         result = self.lang(dict(original))
         self.assertEqual(result, dict(original, lang="en"))
+
+    def test_float32_table_scores_as_py3langid(self):
+        """
+        The widened float32 table gives py3langid's own answers and confidences
+        (its float16 table, as loaded), sentence after sentence.
+        """
+        from minstore.process import lang
+
+        try:
+            from py3langid import langid as upstream
+        except ImportError:
+            raise SkipTest("py3langid is not installed")
+        if not hasattr(upstream, "_load_identifier"):
+            raise SkipTest("py3langid 0.3 has no float16 table to widen")
+        widened = lang._get_identifier()
+        stock = upstream._load_identifier(norm_probs=True)
+        stock.set_languages([l for l in stock.nb_classes if len(l) == 2])
+        self.assertEqual(str(widened.nb_ptc.dtype), "float32")
+        self.assertEqual(str(stock.nb_ptc.dtype), "float16")
+        texts = [ENGLISH, FRENCH, GERMAN, "ok", "x", "Ciao, come stai oggi?", "Быстрая лиса", "素早い茶色の狐"]
+        texts += [(ENGLISH + " " + GERMAN)[i : i + 40] for i in range(0, 200, 7)]
+        for text in texts:
+            (code, confidence), (stock_code, stock_confidence) = widened.classify(text), stock.classify(text)
+            self.assertEqual(code, stock_code, text)
+            self.assertAlmostEqual(confidence, stock_confidence, places=5, msg=text)
 
     def test_detect_language(self):
         """detect_language gives an ISO 639-1 code (two letters), or None."""
