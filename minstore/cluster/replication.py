@@ -281,18 +281,20 @@ class Replication:
             replicator.kick()
 
     def delivered(self, replicator, batch):
-        for change in batch:
-            waiters = self._waiters.get(change.key)
-            if not waiters:
-                continue
-            for version, d, stored in waiters:
-                if change.version >= version:
-                    stored.add(replicator.url)
-                    if len(stored) >= len(self.peers) and not d.called:
-                        d.callback(None)
-            self._waiters[change.key] = [w for w in waiters if not w[1].called]
-            if not self._waiters[change.key]:
-                del self._waiters[change.key]
+        # Only sync=1 writes wait: most batches have nothing to look up.
+        if self._waiters:
+            for change in batch:
+                waiters = self._waiters.get(change.key)
+                if not waiters:
+                    continue
+                for version, d, stored in waiters:
+                    if change.version >= version:
+                        stored.add(replicator.url)
+                        if len(stored) >= len(self.peers) and not d.called:
+                            d.callback(None)
+                self._waiters[change.key] = [w for w in waiters if not w[1].called]
+                if not self._waiters[change.key]:
+                    del self._waiters[change.key]
         self._schedule_save()
 
     def wait_stored(self, collection, uid, version, timeout):
