@@ -39,7 +39,6 @@ import itertools
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import socket
@@ -57,14 +56,10 @@ RATIO_TARGET = 0.7
 
 sys.path.insert(0, HERE)
 from run import POST_LUA as _RUN_POST_LUA  # noqa: E402  (bench/run.py, beside this file)
-from run import TEXT  # noqa: E402
+from run import TEXT, BenchError, parse_wrk  # noqa: E402  (one wrk parser, one error type)
 
 #: New records with unique uids, the same script as bench/run.py's POST runs.
 POST_LUA = _RUN_POST_LUA % {"collection": COLLECTION}
-
-
-class BenchError(Exception):
-    pass
 
 
 def log(text=""):
@@ -563,37 +558,6 @@ def run_lag(args, topology):
 
 
 # -- (b) throughput -------------------------------------------------------
-
-_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
-
-
-def _to_ms(text):
-    m = re.match(r"([\d.]+)(us|ms|s|m|h)$", text)
-    if not m:
-        raise BenchError("cannot read a wrk duration %r" % text)
-    return float(m.group(1)) * _UNITS_MS[m.group(2)]
-
-
-def parse_wrk(output):
-    result = {"non_2xx": 0, "socket_errors": 0}
-    m = re.search(r"Requests/sec:\s+([\d.]+)", output)
-    if not m:
-        raise BenchError("no Requests/sec in wrk output:\n%s" % output)
-    result["rps"] = float(m.group(1))
-    for pct in ("50", "99"):
-        m = re.search(r"^\s+%s(?:\.0+)?%%\s+([\d.]+\w+)" % pct, output, re.M)
-        if m:
-            result["p" + pct] = _to_ms(m.group(1))
-    m = re.search(r"(\d+) requests in", output)
-    if m:
-        result["requests"] = int(m.group(1))
-    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
-    if m:
-        result["non_2xx"] = int(m.group(1))
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
-    if m:
-        result["socket_errors"] = sum(int(x) for x in m.groups())
-    return result
 
 
 def run_wrk(args, port, duration, tag, script):
