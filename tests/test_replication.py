@@ -662,6 +662,23 @@ class VersionOrderTests(SynchronousTestCase):
         self.assertTrue(self.apply(replica("x", 30, "again")))
         self.assertEqual(self.successResultOf(self.node.get("c", "x")).data, replica("x", 30, "again"))
 
+    def test_new_uid_applied_without_a_read(self):
+        """
+        A replica of a uid the node has never held is stored without reading
+        storage first (a receiver's common case); one of a held uid is compared.
+        """
+        reads = []
+        storage = self.node.storage
+        get = storage.get
+        storage.get = lambda collection, uid: reads.append(uid) or get(collection, uid)
+        self.assertTrue(self.apply(replica("x", 10)))
+        self.assertEqual(reads, [])
+        self.node._cache.clear()
+        self.assertFalse(self.apply(replica("x", 5)))
+        self.assertTrue(self.apply(replica("x", 20)))
+        self.assertEqual(reads, ["x"])
+        self.assertEqual(storage.get("c", "x"), replica("x", 20))
+
     def test_tombstone_arriving_first(self):
         """A tombstone for a uid never seen is kept, so the older record arriving after it is refused."""
         self.assertTrue(self.apply(tombstone("x", 20)))
