@@ -80,6 +80,10 @@ class IProcess(Interface):
         Return the record (a dict), transformed, or a Deferred of it.  Raise
         L{minstore.errors.Rejected} (or fail the Deferred with it) to refuse
         the record with a 400 and a reason.
+
+        A process may also have ``start()`` and ``stop()`` (returning None
+        or a Deferred): the node calls them when it starts and, after its
+        last write, when it stops.
         """
 
 

@@ -1,7 +1,7 @@
 """The long-lived parts of a node, as Twisted services."""
 
 from twisted.application.service import Service
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import gatherResults, maybeDeferred
 from twisted.logger import Logger
 from twisted.web.server import Site
 
@@ -45,6 +45,10 @@ class NodeService(Service):
     def startService(self):
         Service.startService(self)
         self.node.open()
+        for process in self.node.processes:
+            # A process may have a life of its own (lang's child process).
+            if hasattr(process, "start"):
+                process.start()
         self.log.info(
             "minstore node {node_id} started: {describe}; {records} records",
             node_id=self.node.node_id,
@@ -56,6 +60,14 @@ class NodeService(Service):
         Service.stopService(self)
         self.log.info("stopping: finishing {n} writes in flight", n=self.node.pending())
         d = self.node.stop()
+
+        def stop_processes(_):
+            stops = [maybeDeferred(p.stop) for p in self.node.processes if hasattr(p, "stop")]
+            return gatherResults(stops, consumeErrors=True).addErrback(
+                lambda f: self.log.failure("a process did not stop cleanly", f)
+            )
+
+        d.addCallback(stop_processes)
 
         def closed(_):
             self.node.storage.close()

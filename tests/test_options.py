@@ -174,6 +174,18 @@ class GoodOptionTests(OptionsTestCase):
         self.assertEqual(options["server_list"].peers, ())
         self.assertFalse(options["server_list"].bridge)
         self.assertTrue(os.path.isdir(self.data))
+        # lang runs in a child process, started with the node.
+        lang = options["process_list"][0]
+        self.assertIsNotNone(lang.worker)
+        self.assertFalse(lang.threaded)
+        self.assertFalse(lang.worker.running)
+
+    def test_no_lang_worker(self):
+        """--no-lang-worker: lang runs in the thread pool, with no child."""
+        options = self.parse("--no-lang-worker", processes="lang")
+        lang = options["process_list"][0]
+        self.assertIsNone(lang.worker)
+        self.assertTrue(lang.threaded)
 
     def test_servers_and_sizes(self):
         """A servers.list, sizes and processes are parsed into their values."""
@@ -218,6 +230,32 @@ class MakeServiceTests(OptionsTestCase):
         # The thread pool stops after the other services (it is started first).
         self.assertLess(children.index(pools[0]), children.index(nodes[0]))
         self.assertLess(children.index(nodes[0]), children.index(https[0]))
+
+    def test_processes_start_and_stop_with_the_node(self):
+        """A process's start() runs when the node starts, its stop() after the node's last write."""
+        options = self.parse("--storage", "memory")
+        calls = []
+
+        class Lifecycle:
+            name = "lifecycle"
+            threaded = False
+
+            def __call__(self, record):
+                return record
+
+            def start(self):
+                calls.append("start")
+
+            def stop(self):
+                calls.append("stop (writes pending: %d)" % node.pending())
+
+        options["process_list"] = [Lifecycle()]
+        service = [s for s in makeService(options, reactor=MemoryReactorClock()) if isinstance(s, NodeService)][0]
+        node = service.node
+        service.startService()
+        self.assertEqual(calls, ["start"])
+        self.successResultOf(service.stopService())
+        self.assertEqual(calls, ["start", "stop (writes pending: 0)"])
 
     def test_node_id_kept(self):
         """A node keeps its id across service builds over the same data directory."""

@@ -69,8 +69,12 @@ def text_of(value):
     return " ".join(parts)
 
 
+def _has_letters(text):
+    return any(ch.isalpha() for ch in text)
+
+
 def detect_language(text):
-    if not any(ch.isalpha() for ch in text):
+    if not _has_letters(text):
         return None
     lang, confidence = _get_identifier().classify(text[:MAX_TEXT])
     return lang if confidence >= MIN_CONFIDENCE else None
@@ -78,12 +82,56 @@ def detect_language(text):
 
 @implementer(IProcess)
 class LanguageDetection:
+    """
+    The ``lang`` process.  With the option ``lang-worker`` (what a node
+    started by twistd has, unless ``--no-lang-worker``) texts are classified
+    in a child process (L{minstore.process.langworker}); otherwise in the
+    node's thread pool.
+    """
+
     name = "lang"
-    threaded = True
 
     def __init__(self, options=None):
-        _get_identifier()
+        options = options or {}
+        self.worker = None
+        if options.get("lang-worker"):
+            from minstore.process.langworker import LanguageWorker
+
+            self.worker = LanguageWorker()
+        else:
+            _get_identifier()
+        #: In the thread pool only without a worker: with one, the reactor just waits.
+        self.threaded = self.worker is None
+
+    def start(self):
+        if self.worker is not None:
+            self.worker.start()
+
+    def stop(self):
+        if self.worker is not None:
+            return self.worker.stop()
 
     def __call__(self, record):
-        record["lang"] = detect_language(text_of(record.get("value")))
-        return record
+        text = text_of(record.get("value"))
+        if self.worker is None or not _has_letters(text):
+            record["lang"] = detect_language(text)
+            return record
+        from minstore.process.langworker import WorkerGone
+
+        text = text[:MAX_TEXT]
+
+        def detected(code):
+            record["lang"] = code
+            return record
+
+        def in_this_process(failure):
+            # The worker died twice in a row: answer anyway, on this thread
+            # (loading the model here once), rather than fail the write.
+            failure.trap(WorkerGone)
+            return detected(detect_language(text))
+
+        def again(failure):
+            failure.trap(WorkerGone)  # the next batch starts a new worker
+            return self.worker.detect(text).addCallbacks(detected, in_this_process)
+
+        return self.worker.detect(text).addCallbacks(detected, again)
