@@ -98,7 +98,9 @@ def parse_body(request, max_size):
     media_type = content_type.split(b";", 1)[0].strip().lower()
     if media_type == b"application/json" or media_type.endswith(b"+json"):
         try:
-            document = json.loads(body)
+            # JSON is UTF-8 (RFC 8259): decoding here spares json its
+            # encoding sniffing; bad UTF-8 is a ValueError like bad JSON.
+            document = json.loads(body.decode("utf-8"))
         except ValueError as e:
             raise BadRequest("invalid_json", "the body is not JSON: %s" % (e,))
         if not isinstance(document, dict):

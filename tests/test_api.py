@@ -380,7 +380,7 @@ class CreateTests(APITestCase):
 
     def test_malformed_json(self):
         """A body that is not JSON is refused with 400 invalid_json."""
-        for body in [b"{", b"{'value': 1}", b"", b'{"value": 1,}', b"\xff\xfe"]:
+        for body in [b"{", b"{'value': 1}", b"", b'{"value": 1,}', b"\xff\xfe", b'{"value": "\xff"}']:
             response = self.raw("POST", "/books/a", body, "application/json")
             self.assertError(response, 400, "invalid_json")
         self.assertError(self.get("/books/a"), 404, "not_found")

@@ -27,6 +27,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import threading
 from urllib.parse import unquote_to_bytes
 
@@ -43,7 +44,12 @@ _TMP_PREFIX = ".tmp-"
 log = Logger("minstore.storage.files")
 
 
+_ALREADY_SAFE = re.compile(r"[A-Za-z0-9_-]{1,%d}" % _MAX_NAME, re.ASCII)
+
+
 def uid_to_filename(uid):
+    if _ALREADY_SAFE.fullmatch(uid):
+        return uid  # what the general case gives, without a loop per character
     raw = uid.encode("utf-8")
     name = "".join(chr(b) if b in _SAFE else "%%%02X" % b for b in raw)
     if len(name) > _MAX_NAME:
