@@ -14,8 +14,10 @@ from urllib.parse import parse_qs, unquote_to_bytes
 
 from klein import Klein
 from klein.resource import KleinResource
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.web.server import Request
+from twisted.python.failure import Failure
+from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.exceptions import NotFound as WerkzeugNotFound
 from werkzeug.routing import RequestRedirect
@@ -179,7 +181,7 @@ class RecordAPI:
         self.metrics = node.metrics
 
     def resource(self):
-        return _Resource(self.app)
+        return _Resource(self.app, self)
 
     # -- helpers --------------------------------------------------------
 
@@ -430,7 +432,24 @@ class RecordAPI:
 
 
 class _Resource(KleinResource):
-    """The app's resource: a path that is not UTF-8 gets a JSON 400, not Klein's plain text."""
+    """
+    The app's resource.  A path that is not UTF-8 gets a JSON 400, not
+    Klein's plain text.  A plain record path, ``/{collection}/{uid}`` with
+    one segment each, goes straight to its handler: routing it through
+    Klein and werkzeug (binding a URL map, matching it, wrapping the result)
+    cost a POST about a fifth of the node's time.  Every other path is
+    Klein's.
+    """
+
+    def __init__(self, app, api):
+        KleinResource.__init__(self, app)
+        self.api = api
+        self.direct = {
+            b"GET": api.get_record,
+            b"POST": api.post_record,
+            b"PUT": api.put_record,
+            b"DELETE": api.delete_record,
+        }
 
     def render(self, request):
         try:
@@ -439,4 +458,50 @@ class _Resource(KleinResource):
             return RecordAPI._json(
                 request, 400, {"error": "bad_path", "message": "the path is not percent-encoded UTF-8"}
             )
+        handler = self.direct.get(request.method)
+        if handler is not None:
+            collection = _plain_record_path(request.path)
+            if collection is not None:
+                return self._render_direct(request, handler, collection)
         return KleinResource.render(self, request)
+
+    def _render_direct(self, request, handler, collection):
+        try:
+            # The handlers read the uid from the raw path (raw_uid).
+            result = handler(request, collection, None)
+        except Exception:
+            return self._error(Failure(), request)
+        if not isinstance(result, Deferred):
+            return result
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def write(body):
+            if not gone:
+                request.setHeader(b"content-length", b"%d" % len(body))
+                request.write(body)
+                request.finish()
+
+        result.addErrback(self._error, request).addCallback(write)
+        result.addErrback(lambda f: self.api.log.failure("answering {path} failed", f, path=request.path))
+        return NOT_DONE_YET
+
+    def _error(self, failure, request):
+        """The JSON answer Klein's error handlers would give."""
+        if failure.check(MinstoreError):
+            return self.api._minstore_error(request, failure)
+        return self.api._internal_error(request, failure)
+
+
+def _plain_record_path(path):
+    """
+    The collection of ``/{collection}/{uid}`` when both are one non-empty
+    segment that is not reserved (``_node``, ``_cluster``), else None.
+    """
+    parts = path.split(b"/")
+    if len(parts) != 3 or parts[0] or not parts[1] or not parts[2] or parts[1].startswith(b"_"):
+        return None
+    try:
+        return unquote_to_bytes(parts[1]).decode("utf-8")
+    except UnicodeDecodeError:
+        return None

@@ -900,6 +900,48 @@ class ProcessTests(APITestCase):
             self.assertRecord(self.successResultOf(d), "books", uid, uid.upper())
 
 
+class DirectRecordPathTests(APITestCase):
+    """
+    Plain record paths are answered by their handlers without Klein's
+    routing: the same answers, errors included, as through Klein.
+    """
+
+    def test_plain_record_path(self):
+        from minstore.api import _plain_record_path
+
+        self.assertEqual(_plain_record_path(b"/books/a"), "books")
+        self.assertEqual(_plain_record_path(b"/b%C3%BCcher/a%2Fb"), "b\u00fccher")
+        for path in [b"/books/", b"/books", b"/", b"/books/a/b", b"/books//a", b"//a",
+                     b"/_node/health", b"/_cluster/replicas", b"/b%FF/a"]:
+            self.assertIsNone(_plain_record_path(path), path)
+
+    def test_exception_in_handler_is_json_500(self):
+        def broken(*args, **kwargs):
+            raise RuntimeError("boom")
+
+        self.node.create = broken
+        response = self.request("POST", "/books/a", json={"value": 1})
+        self.assertError(response, 500, "internal_error")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_failed_deferred_is_json_500(self):
+        from twisted.internet.defer import fail
+
+        self.node.update = lambda *args, **kwargs: fail(RuntimeError("boom"))
+        self.post("/books/a", 1)
+        response = self.request("PUT", "/books/a", json={"value": 2})
+        self.assertError(response, 500, "internal_error")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_same_answers_as_klein_for_other_paths(self):
+        """A uid with a slash, a reserved name, or an empty uid still go through Klein."""
+        self.post("/books/a", 1)
+        self.assertEqual(self.get("/books/a%2Fb").code, 404)
+        self.assertEqual(self.request("POST", "/books/a/b", json={"value": 2}).code, 200)
+        self.assertEqual(self.get("/books/a/b").json()["uid"], "a/b")
+        self.assertEqual(self.get("/_node/health").code, 200)
+
+
 class NodeRouteTests(APITestCase):
     def test_health(self):
         """GET /_node/health answers 200 ok with the node id."""
