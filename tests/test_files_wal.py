@@ -33,6 +33,32 @@ class WriteAheadLogTests(SynchronousTestCase):
         self.assertEqual(again.get("books", "dune"), data)
         self.assertEqual(again.count(), 1)
 
+    def test_torn_first_file_rebuilt_from_log(self):
+        """
+        A uid's first file is written in place, not renamed into place: a
+        crash in the middle leaves it torn, and the log's replay repairs it.
+        """
+        data_dir = self.mktemp()
+        storage = self.open(data_dir)
+        data = record("dune", "spice")
+        storage.write([("books", "dune", data, False)])
+        path = os.path.join(storage.root, "books", "dune")
+        with open(path, "r+b") as f:
+            f.truncate(len(data) // 2)
+        again = self.open(data_dir)
+        self.assertEqual(again.get("books", "dune"), data)
+        self.assertEqual(os.listdir(os.path.join(storage.root, "books")), ["dune"])
+
+    def test_uid_being_created_is_not_read(self):
+        """Until its first write returns, a uid reads as absent, whatever is on disk."""
+        storage = self.open(self.mktemp())
+        directory = os.path.join(storage.root, "books")
+        os.makedirs(directory)
+        with open(os.path.join(directory, "dune"), "wb") as f:
+            f.write(b'{"collection":"bo')  # a first write under way
+        self.assertIsNone(storage.get("books", "dune"))
+        self.assertEqual(storage.list("books", None, None, 10), [])
+
     def test_replay_keeps_the_last_write_of_a_uid(self):
         """Several writes of one uid in the log replay to the last one."""
         data_dir = self.mktemp()
