@@ -56,6 +56,31 @@ class ChangeLogTests(SynchronousTestCase):
         self.assertEqual(first[0].version, json.loads(item("x", 1)[2])["version"])
         self.assertEqual(first[1].time, T0 + 2)
 
+    def test_failed_append_takes_its_seqs_back(self):
+        """
+        An append whose sync fails raises and leaves neither seqs nor lines
+        behind: the replication hands changes on in seq order and would
+        otherwise wait for the lost ones forever.
+        """
+        from minstore.cluster import changelog as module
+
+        directory = self.mktemp()
+        log, _, _ = self.open_log(directory)
+        log.append([item("x", 1)])
+
+        def broken(fd):
+            raise OSError(5, "Input/output error")
+
+        self.patch(module, "sync_data", broken)
+        self.assertRaises(OSError, log.append, [item("y", 2), item("z", 3)])
+        self.assertEqual(log.last_seq, 1)
+        self.patch(module, "sync_data", lambda fd: None)
+        again = log.append([item("w", 4)])
+        self.assertEqual([c.seq for c in again], [2])
+        log.close()
+        _, _, changes = self.open_log(directory)
+        self.assertEqual([(c.seq, c.key[1]) for c in changes], [(1, "x"), (2, "w")])
+
     def test_reopen_returns_changes_after_lowest_checkpoint(self):
         """
         A reopened log returns its checkpoints and every change after the

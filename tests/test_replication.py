@@ -824,6 +824,57 @@ class BridgeTests(SynchronousTestCase):
             self.assertEqual(node.stored("x"), data)
 
 
+class HeldThreads:
+    """
+    An ``in_thread`` whose calls run when the test says, and whose results
+    reach the reactor when the test says, in any order: two storage writes
+    that finish in the reverse of the order they were logged in.
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, f, *args):
+        d = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def run_all(self):
+        """Run every queued call in order; their Deferreds, not fired yet."""
+        done = []
+        for f, args, d in self.calls:
+            done.append((f(*args), d))
+        self.calls = []
+        return done
+
+
+class OutOfOrderCommitTests(SynchronousTestCase):
+    def test_later_batch_committed_first_waits_for_the_earlier(self):
+        """
+        Two group commits in flight: the second, logged after the first,
+        comes back first.  Its changes wait for the first's, so the peer's
+        checkpoint never passes a change it has not had, and it gets both.
+        """
+        threads = HeldThreads()
+        cluster = Cluster(self)
+        b = cluster.add("b")
+        a = cluster.add("a", peers=["b"], in_thread=threads)
+        first = a.node.create("c", "x", 1)
+        second = a.node.create("c", "y", 2)
+        (x_result, x_done), (y_result, y_done) = threads.run_all()  # logged as seq 1, then seq 2
+        y_done.callback(y_result)
+        cluster.advance(0)
+        self.assertEqual(b.received_uids(), [])  # y waits for x
+        self.assertEqual(a.replication.peers[b.url].checkpoint, 0)
+        x_done.callback(x_result)
+        cluster.advance(0)
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertEqual(b.received_uids(), ["x", "y"])
+        self.assertEqual(a.replication.peers[b.url].checkpoint, 2)
+        self.assertEqual(b.stored("x"), a.stored("x"))
+
+
 class CheckpointTests(SynchronousTestCase):
     def setUp(self):
         self.cluster = Cluster(self)

@@ -120,17 +120,29 @@ class ChangeLog:
             if self._file is None or self._file_size >= self.segment_bytes:
                 self._rotate()
             parts = []
+            seq = self.last_seq
             for collection, uid, data, deleted in items:
-                self.last_seq += 1
-                change = Change.from_record(self.last_seq, data)
+                seq += 1
+                change = Change.from_record(seq, data)
                 changes.append(change)
                 # Joined once: formatting a line per record first copied
                 # each record's bytes twice.
                 parts += (b"%d " % change.seq, data, b"\n")
             chunk = b"".join(parts)
-            self._file.write(chunk)
-            self._file.flush()
-            sync_data(self._file.fileno())
+            try:
+                self._file.write(chunk)
+                self._file.flush()
+                sync_data(self._file.fileno())
+            except BaseException:
+                # Take the seqs back: the replication hands changes to the
+                # peers in seq order, and would wait for these forever.
+                try:
+                    self._file.seek(self._file_size)
+                    self._file.truncate()
+                except Exception:
+                    self._file = None  # the next append starts a new segment
+                raise
+            self.last_seq = seq
             self._file_size += len(chunk)
         return changes
 

@@ -196,6 +196,10 @@ class Replication:
         self._save_again = False
         self._save_timer = None
         self._stopped = False
+        #: Changes committed out of order, by seq, and the next seq to hand
+        #: to the replicators (see committed()).
+        self._unreleased = {}
+        self._next_release = 1
 
     def bridge(self):
         return bool(self.servers and self.servers.bridge)
@@ -205,6 +209,7 @@ class Replication:
     def start(self, servers):
         """Open the change log (blocking, at start) and resume every peer."""
         checkpoints, changes = self.changelog.open()
+        self._next_release = self.changelog.last_seq + 1
         self.servers = servers
         # No checkpoint at all (none saved before a crash, or an unreadable
         # file): every change in the log may still be owed, resend it all.
@@ -274,11 +279,22 @@ class Replication:
         return []
 
     def committed(self, items, forwarded, changes):
+        # Two storage writes run at once (the node's group commit keeps two
+        # in flight), so a batch logged later may be committed first.  Its
+        # changes wait for the earlier ones: a peer's checkpoint (the seq it
+        # has everything up to) must never pass a change it has not had.
         for change in changes:
+            self._unreleased[change.seq] = change
+        released = False
+        while self._next_release in self._unreleased:
+            change = self._unreleased.pop(self._next_release)
+            self._next_release += 1
+            released = True
             for replicator in self.peers.values():
                 replicator.add(change)
-        for replicator in self.peers.values():
-            replicator.kick()
+        if released:
+            for replicator in self.peers.values():
+                replicator.kick()
 
     def delivered(self, replicator, batch):
         # Only sync=1 writes wait: most batches have nothing to look up.
