@@ -652,9 +652,11 @@ def table(results, args):
         lines.append("ratio two receivers / standalone: **%.2f** (target >= %.1f: %s)" % (
             t["ratio"], RATIO_TARGET, "met" if t["ratio"] >= RATIO_TARGET else "MISSED"))
         drain = t["two receivers"].get("drain_seconds")
-        lines.append("replication backlog drained %s after the run; records on A/B/C: %s" % (
+        records = t["two receivers"].get("records", [])
+        lines.append("replication backlog drained %s after the run; records on A/B/C: %s%s" % (
             "%.1fs" % drain if drain is not None else "NOT within 120s",
-            "/".join(str(n) for n in t["two receivers"].get("records", []))))
+            "/".join(str(n) for n in records),
+            "" if len(set(records)) <= 1 else "  **RECORDS MISSING on a receiver**"))
     return "\n".join(lines)
 
 
