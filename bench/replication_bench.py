@@ -38,6 +38,7 @@ import http.client
 import itertools
 import json
 import os
+import shlex
 import platform
 import shutil
 import signal
@@ -113,7 +114,7 @@ def _die_with_parent():
 class Node:
     """One ``twistd -n minstore`` child in its own session: SIGTERM, then SIGKILL."""
 
-    def __init__(self, name, python, work, port, peers=(), bridge=False, processes=None, storage="files"):
+    def __init__(self, name, python, work, port, peers=(), bridge=False, processes=None, storage="files", extra=()):
         self.name = name
         self.port = port
         self.dir = os.path.join(work, name)
@@ -128,6 +129,7 @@ class Node:
         ]
         if processes is not None:
             self.argv.append("--processes=" + processes)
+        self.argv += list(extra)
         if peers:
             servers = os.path.join(self.dir, "servers.list")
             with open(servers, "w") as f:
@@ -212,7 +214,7 @@ class Cluster:
             self.nodes[name] = Node(
                 name, args.python, self.work, ports[name],
                 peers=[ports[p] for p in graph[name]], bridge=name in bridges,
-                processes=args.processes, storage=args.storage,
+                processes=args.processes, storage=args.storage, extra=shlex.split(args.node_args),
             )
 
     def __getitem__(self, name):
@@ -677,6 +679,7 @@ def main(argv=None):
     parser.add_argument("--storage", default="files",
                         help="storage engine of every node (files; memory shows what replication costs without disk)")
     parser.add_argument("--processes", default=None, help="--processes of the nodes (default: the node's own)")
+    parser.add_argument("--node-args", default="", help="more options for every node, e.g. '--no-lang-worker' (one string)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
     parser.add_argument("--verbose", action="store_true", help="print wrk's output")
