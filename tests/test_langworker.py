@@ -119,6 +119,25 @@ class WorkerProtocolTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.spawned), 1)
 
 
+class UnstartableWorkerTests(SynchronousTestCase):
+    def test_node_starts_and_detects_without_a_child(self):
+        """
+        A child that cannot be spawned does not stop the node: the error is
+        logged, and each write's language is detected in the node instead.
+        """
+        reactor = FakeReactor()
+
+        def refuse(*args, **kwargs):
+            raise OSError(2, "No such file or directory")
+
+        reactor.spawnProcess = refuse
+        lang = LanguageDetection({"lang-worker": True})
+        lang.worker = LanguageWorker(reactor)
+        lang.start()
+        self.assertFalse(lang.worker.running)
+        self.assertEqual(self.successResultOf(lang(record(GERMAN)))["lang"], "de")
+
+
 class LanguageDetectionWithWorkerTests(SynchronousTestCase):
     def setUp(self):
         self.reactor = FakeReactor()

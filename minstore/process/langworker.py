@@ -56,14 +56,22 @@ class LanguageWorker(ProcessProtocol):
 
             self._reactor = reactor
         self.stopping = False
-        self._spawn()
+        try:
+            self._spawn()
+        except WorkerGone as e:
+            # The node still starts: each write then tries a new child, and
+            # falls back to detection in the node (LanguageDetection).
+            self.log.error("{error}", error=e)
 
     def _spawn(self):
         self._buffer = b""
+        try:
+            transport = self._reactor.spawnProcess(
+                self, self.argv[0], list(self.argv), env=dict(os.environ), childFDs={0: "w", 1: "r", 2: 2}
+            )
+        except Exception as e:
+            raise WorkerGone("cannot start the language worker %s: %s" % (" ".join(self.argv), e))
         self.running = True
-        transport = self._reactor.spawnProcess(
-            self, self.argv[0], list(self.argv), env=dict(os.environ), childFDs={0: "w", 1: "r", 2: 2}
-        )
         self.pid = getattr(transport, "pid", None)
         self.log.info("language worker started (pid {pid})", pid=self.pid)
 
