@@ -76,6 +76,17 @@ def _is_json(data):
 
 
 
+def _write_file(path, data):
+    """Create or truncate ``path`` and write all of ``data`` (no sync: see checkpoints)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
 @implementer(IStorage)
 class FileStorage:
     name = "files"
@@ -175,13 +186,7 @@ class FileStorage:
         """Write one record file: a temporary file renamed over it."""
         directory = self._directory(collection)
         tmp = os.path.join(directory, "%s%d" % (_TMP_PREFIX, next(self._tmp_counter)))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
+        _write_file(tmp, data)
         os.replace(tmp, os.path.join(directory, filename))
 
     def _create(self, collection, filename, data):
@@ -190,15 +195,7 @@ class FileStorage:
         Nobody reads it half-written: get() and list() skip a uid the index
         does not hold yet, and after a crash the log's replay rewrites it.
         """
-        fd = os.open(
-            os.path.join(self._directory(collection), filename), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644
-        )
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
+        _write_file(os.path.join(self._directory(collection), filename), data)
 
     def write(self, batch):
         chunk = b"".join(
