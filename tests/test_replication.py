@@ -325,6 +325,38 @@ class RetryScheduleTests(SynchronousTestCase):
         self.assertEqual(len(self.client.calls), 1)
 
 
+class SendIntervalTests(SynchronousTestCase):
+    def test_one_request_per_interval_carries_what_arrived(self):
+        """
+        With send_interval, writes arriving within the interval after a send
+        wait for it and go in one request; with 0, each goes at once.
+        """
+        cluster = Cluster(self)
+        b = cluster.add("b")
+        a = cluster.add("a", peers=["b"], send_interval=0.02)
+        a.write("x", 1)
+        cluster.advance(0)
+        self.assertEqual(len(cluster.replica_posts("b")), 1)
+        for uid in "yzw":
+            a.write(uid, 1)
+            cluster.advance(0.005)
+        self.assertEqual(len(cluster.replica_posts("b")), 1)  # 15 ms: still waiting
+        cluster.advance(0.005)
+        self.assertEqual(len(cluster.replica_posts("b")), 2)
+        self.assertEqual(b.received_uids(), ["x", "y", "z", "w"])
+        a.replication.stop()
+        self.assertEqual(cluster.clock.getDelayedCalls(), [])
+
+    def test_no_interval_sends_each_write_at_once(self):
+        cluster = Cluster(self)
+        cluster.add("b")
+        a = cluster.add("a", peers=["b"])
+        for uid in "xyz":
+            a.write(uid, 1)
+            cluster.advance(0)
+        self.assertEqual(len(cluster.replica_posts("b")), 3)
+
+
 class CountingChangeLog(ChangeLog):
     """A ChangeLog that records the checkpoints of each save."""
 

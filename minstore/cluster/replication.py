@@ -56,6 +56,8 @@ class PeerReplicator:
         self.errors = 0
         self._sending = None
         self._retry = None
+        self._pause = None  # the wait for send_interval to pass
+        self._next_send = 0.0
         self._stopped = False
 
     def add(self, change):
@@ -71,10 +73,19 @@ class PeerReplicator:
 
     def kick(self):
         """Send what is pending, unless a send or a retry wait is under way."""
-        if self._stopped or self._sending is not None or self._retry is not None:
+        if self._stopped or self._sending is not None or self._retry is not None or self._pause is not None:
             return
         if not self.pending:
             return
+        r = self.replication
+        now = r.clock.seconds()
+        if now < self._next_send and len(self.pending) < BATCH_RECORDS:
+            # At most one request per send_interval: under load, batches
+            # grow instead of requests multiplying (each costs the emitter
+            # about as much as a few records).
+            self._pause = r.clock.callLater(self._next_send - now, self._paused)
+            return
+        self._next_send = now + r.send_interval
         self._sending = ensureDeferred(self._send())
 
         def done(_):
@@ -133,11 +144,16 @@ class PeerReplicator:
         self._retry = None
         self.kick()
 
+    def _paused(self):
+        self._pause = None
+        self.kick()
+
     def stop(self):
         self._stopped = True
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
+        for call in (self._retry, self._pause):
+            if call is not None and call.active():
+                call.cancel()
+        self._retry = self._pause = None
         if self._sending is not None:
             self._sending.cancel()
 
@@ -179,6 +195,7 @@ class Replication:
         retry_base=0.1,
         retry_cap=30.0,
         rng=random.random,
+        send_interval=0.0,
     ):
         self.node = node
         self.changelog = changelog
@@ -189,6 +206,8 @@ class Replication:
         self.retry_base = retry_base
         self.retry_cap = retry_cap
         self.rng = rng
+        #: Least time between the starts of two sends to one peer.
+        self.send_interval = send_interval
         self.servers = None
         self.peers = OrderedDict()  # url -> PeerReplicator
         self._waiters = {}  # key -> [(version, Deferred, set of peers that stored it)]
