@@ -473,11 +473,11 @@ class _Resource(KleinResource):
             return self._error(Failure(), request)
         if not isinstance(result, Deferred):
             return result
-        gone = []
-        request.notifyFinish().addErrback(gone.append)
 
         def write(body):
-            if not gone:
+            # twisted.web drops the channel of a request whose connection
+            # was lost: nothing to answer then.
+            if request.channel is not None:
                 request.setHeader(b"content-length", b"%d" % len(body))
                 request.write(body)
                 request.finish()

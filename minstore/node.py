@@ -82,14 +82,24 @@ class KeyedLock:
         Deferred result of ``f(*args)`` (a Deferred, a coroutine or a value),
         run under the key's lock.
         """
-        # Plain callbacks: no coroutine layer of its own on every write.
-        d = self.acquire(key).addCallback(lambda _: _call(f, args))
-
         def release(result):
             self.release(key)
             return result
 
-        return d.addBoth(release)
+        if key in self._waiters:
+            return self.acquire(key).addCallback(lambda _: _call(f, args)).addBoth(release)
+        # Free, the common case: take it and call at once, with no Deferred
+        # of the lock's own (nor a coroutine layer) on every write.
+        self._waiters[key] = []
+        try:
+            result = _call(f, args)
+        except BaseException:
+            self.release(key)
+            return fail()
+        if isinstance(result, Deferred):
+            return result.addBoth(release)
+        self.release(key)
+        return succeed(result)
 
 
 def _call(f, args):

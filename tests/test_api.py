@@ -933,6 +933,30 @@ class DirectRecordPathTests(APITestCase):
         self.assertError(response, 500, "internal_error")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    def test_client_gone_before_the_answer(self):
+        """
+        A client that hangs up while its write is in the pool gets nothing
+        written (no error either); the write itself still completes.
+        """
+        import io
+
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+        from twisted.web.server import NOT_DONE_YET, Request
+        from twisted.web.test.requesthelper import DummyChannel
+
+        channel = DummyChannel()
+        request = Request(channel, False)
+        request.method, request.uri, request.path = b"POST", b"/books/a", b"/books/a"
+        request.args, request.prepath, request.postpath = {}, [], [b"books", b"a"]
+        request.requestHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        request.content = io.BytesIO(b'{"value": 1}')
+        self.assertIs(self.api.resource().render(request), NOT_DONE_YET)
+        request.connectionLost(Failure(ConnectionDone()))
+        self.threads.flush()
+        self.assertEqual(channel.transport.written.getvalue(), b"")
+        self.assertEqual(self.get("/books/a").json()["value"], 1)
+
     def test_same_answers_as_klein_for_other_paths(self):
         """A uid with a slash, a reserved name, or an empty uid still go through Klein."""
         self.post("/books/a", 1)

@@ -115,3 +115,33 @@ class BatchedCallsTests(unittest.TestCase):
         d.callback(f(*args))
         self.assertEqual(self.successResultOf(b), "B")
         self.failureResultOf(c, ValueError)
+
+
+class KeyedLockTests(unittest.SynchronousTestCase):
+    def test_free_key_runs_at_once_and_is_released(self):
+        from minstore.node import KeyedLock
+
+        lock = KeyedLock()
+        self.assertEqual(self.successResultOf(lock.run("k", lambda: 7)), 7)
+        self.assertFalse(lock.locked("k"))
+
+    def test_exception_is_a_failed_deferred_and_releases(self):
+        from minstore.node import KeyedLock
+
+        lock = KeyedLock()
+        self.failureResultOf(lock.run("k", lambda: 1 / 0), ZeroDivisionError)
+        self.assertFalse(lock.locked("k"))
+
+    def test_second_caller_waits_for_the_first(self):
+        from minstore.node import KeyedLock
+
+        lock = KeyedLock()
+        first = Deferred()
+        order = []
+        a = lock.run("k", lambda: first)
+        b = lock.run("k", lambda: order.append("b") or "B")
+        self.assertEqual(order, [])
+        self.assertTrue(lock.locked("k"))
+        first.callback("A")
+        self.assertEqual((self.successResultOf(a), self.successResultOf(b)), ("A", "B"))
+        self.assertFalse(lock.locked("k"))
