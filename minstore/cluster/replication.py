@@ -339,9 +339,8 @@ class Replication:
         it or when ``timeout`` seconds have passed.
 
         A peer holds it when nothing of that uid is pending for it (a change
-        being sent stays in ``pending`` until the peer acknowledges it, or
-        a newer version of the uid takes its place there).
-        A pending newer version does not count: it is not delivered yet.
+        being sent stays in ``pending`` until the peer acknowledges it); a
+        pending newer version does not count, it is not delivered yet.
         Otherwise the peer counts once a change of the uid with this version
         or a newer one is delivered to it.
         """

@@ -5,6 +5,7 @@ import threading
 from zope.interface import implementer
 
 from minstore.interfaces import IProcess
+from minstore.process.langworker import LanguageWorker, WorkerGone
 
 #: Below this normalised probability the language is undecidable.
 MIN_CONFIDENCE = 0.5
@@ -95,8 +96,6 @@ class LanguageDetection:
         options = options or {}
         self.worker = None
         if options.get("lang-worker"):
-            from minstore.process.langworker import LanguageWorker
-
             self.worker = LanguageWorker()
         else:
             _get_identifier()
@@ -116,8 +115,6 @@ class LanguageDetection:
         if self.worker is None or not _has_letters(text):
             record["lang"] = detect_language(text)
             return record
-        from minstore.process.langworker import WorkerGone
-
         text = text[:MAX_TEXT]
 
         def detected(code):
