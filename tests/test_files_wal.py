@@ -16,6 +16,9 @@ class WriteAheadLogTests(SynchronousTestCase):
     def open(self, data_dir):
         storage = FileStorage(data_dir)
         storage.open()
+        # A kill -9 is simulated by never closing: end the writer process
+        # at the end of the test all the same.
+        self.addCleanup(storage._writer.close)
         return storage
 
     def test_acknowledged_write_rebuilt_from_log(self):
@@ -27,6 +30,7 @@ class WriteAheadLogTests(SynchronousTestCase):
         storage = self.open(data_dir)
         data = record("dune", "spice")
         storage.write([("books", "dune", data, False)])
+        storage.flush()
         # kill -9: no close(); and the record file never reached the disk.
         os.unlink(os.path.join(storage.root, "books", uid_to_filename("dune")))
         again = self.open(data_dir)
@@ -42,6 +46,7 @@ class WriteAheadLogTests(SynchronousTestCase):
         storage = self.open(data_dir)
         data = record("dune", "spice")
         storage.write([("books", "dune", data, False)])
+        storage.flush()
         path = os.path.join(storage.root, "books", "dune")
         with open(path, "r+b") as f:
             f.truncate(len(data) // 2)
@@ -66,6 +71,7 @@ class WriteAheadLogTests(SynchronousTestCase):
         first, second = record("dune", 1), record("dune", 2)
         storage.write([("books", "dune", first, False)])
         storage.write([("books", "dune", second, False)])
+        storage.flush()
         os.unlink(os.path.join(storage.root, "books", "dune"))
         self.assertEqual(self.open(data_dir).get("books", "dune"), second)
 

@@ -140,6 +140,7 @@ class FileStorageTests(SynchronousTestCase):
         """A completed write leaves exactly one file per uid, no temporary file."""
         storage = self.open()
         storage.write([("books", u, record("books", u, u), False) for u in ["a", "b", "a"]])
+        storage.flush()
         names = sorted(os.listdir(os.path.join(self.data, "records", "books")))
         self.assertEqual(names, ["a", "b"])
 
@@ -196,6 +197,7 @@ class FileStorageTests(SynchronousTestCase):
         storage = self.open()
         batch = [("books", uid, record("books", uid, i), False) for i, uid in enumerate(HOSTILE_UIDS)]
         storage.write(batch)
+        storage.flush()  # the writer process has written every file
         for _, uid, data, _ in batch:
             self.assertEqual(storage.get("books", uid), data, uid)
         dirs, files = _all_paths(self.base)
@@ -273,6 +275,7 @@ class FileStorageTests(SynchronousTestCase):
         short = "k" * 200
         uids = [long_ascii, long_encoded, long_unicode, short]
         storage.write([("books", uid, record("books", uid, uid), False) for uid in uids])
+        storage.flush()
         names = set(os.listdir(os.path.join(self.data, "records", "books")))
         self.assertIn(short, names)
         hashed = names - {short}
