@@ -66,8 +66,10 @@ class WorkerProtocolTests(SynchronousTestCase):
         self.worker.outReceived(json.dumps(codes).encode() + b"\n")
 
     def test_spawns_the_module(self):
+        """The child runs this interpreter, and the worker's serve() loop."""
         args, _ = self.reactor.spawned[0]
-        self.assertEqual(args, [sys.executable, "-m", "minstore.process.langworker"])
+        self.assertEqual(args[:2], [sys.executable, "-c"])
+        self.assertIn("from minstore.process.langworker import serve", args[2])
 
     def test_texts_asked_meanwhile_go_in_one_batch(self):
         first = self.worker.detect("one")

@@ -9,8 +9,8 @@ answers one line, the JSON array of their codes (or null), in order.  The
 child ends when its stdin closes, so it goes with the node, even after a
 ``kill -9``.
 
-Run as ``python -m minstore.process.langworker`` (what L{LanguageWorker}
-spawns).
+L{LanguageWorker} runs L{serve} in the child (``LanguageWorker.argv``);
+``python -m minstore.process.langworker`` does the same by hand.
 """
 
 import json
@@ -38,7 +38,8 @@ class LanguageWorker(ProcessProtocol):
     """
 
     log = Logger()
-    argv = (sys.executable, "-m", "minstore.process.langworker")
+    # -c, not -m: running a module of an imported package makes runpy warn.
+    argv = (sys.executable, "-c", "import sys; from minstore.process.langworker import serve; serve(sys.stdin.buffer, sys.stdout.buffer)")
 
     def __init__(self, reactor=None, max_inflight=2):
         self._reactor = reactor
