@@ -51,6 +51,51 @@ class FakeReactor(Clock):
         return transport
 
 
+class _Pipe:
+    """The write end of a real pipe, as a child process transport's ``pipes[0]``."""
+
+    def __init__(self, test):
+        self.read_end, self.write_end = os.pipe()
+        os.set_blocking(self.write_end, False)
+        os.set_blocking(self.read_end, False)  # a test that finds nothing fails, not hangs
+        test.addCleanup(os.close, self.read_end)
+        test.addCleanup(os.close, self.write_end)
+
+    def fileno(self):
+        return self.write_end
+
+
+class DirectWriteTests(SynchronousTestCase):
+    """Batches go down the child's stdin at once, not at the reactor's next turn."""
+
+    def setUp(self):
+        self.reactor = FakeReactor()
+        self.worker = LanguageWorker(self.reactor, max_inflight=1)
+        self.worker.start()
+        self.transport = self.reactor.spawned[0][1]
+        self.transport.pipes = {0: _Pipe(self)}
+        self.pipe = self.transport.pipes[0]
+
+    def test_batch_written_to_the_pipe_at_once(self):
+        self.worker.detect("one")
+        self.assertEqual(os.read(self.pipe.read_end, 1000), b'["one"]\n')
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_full_pipe_falls_back_to_the_transport_in_order(self):
+        """What does not fit, and every later batch, go through the transport."""
+        filler = b"x" * 65536
+        while True:
+            try:
+                os.write(self.pipe.write_end, filler)
+            except BlockingIOError:
+                break
+        self.worker.detect("one")
+        self.worker.outReceived(b'["en"]\n')
+        os.read(self.pipe.read_end, 65536)  # room again: still through the transport
+        self.worker.detect("two")
+        self.assertEqual(self.transport.value(), b'["one"]\n["two"]\n')
+
+
 class WorkerProtocolTests(SynchronousTestCase):
     def setUp(self):
         self.reactor = FakeReactor()

@@ -47,6 +47,7 @@ class LanguageWorker(ProcessProtocol):
         self._waiting = []  # Deferreds of the batches sent, oldest first
         self._buffer = b""
         self._ended = []
+        self._direct = True
         self.running = False
         self.stopping = False
         self.pid = None
@@ -73,6 +74,7 @@ class LanguageWorker(ProcessProtocol):
         except Exception as e:
             raise WorkerGone("cannot start the language worker %s: %s" % (" ".join(self.argv), e))
         self.running = True
+        self._direct = True
         self.pid = getattr(transport, "pid", None)
         self.log.info("language worker started (pid {pid})", pid=self.pid)
 
@@ -86,7 +88,7 @@ class LanguageWorker(ProcessProtocol):
             self._spawn()
         d = Deferred()
         self._waiting.append(d)
-        self.transport.write(json.dumps(texts).encode("utf-8") + b"\n")
+        self._write(json.dumps(texts).encode("utf-8") + b"\n")
 
         def checked(codes):
             if not isinstance(codes, list) or len(codes) != len(texts):
@@ -94,6 +96,26 @@ class LanguageWorker(ProcessProtocol):
             return codes
 
         return d.addCallback(checked)
+
+    def _write(self, line):
+        """
+        Write to the child's stdin now.  The transport's write() would only
+        buffer it until the reactor's next turn, which under load is
+        milliseconds later on every batch.  Once a write cannot go whole
+        (the child is far behind), the rest and everything after go through
+        the transport, in order.
+        """
+        if self._direct:
+            pipe = getattr(self.transport, "pipes", {}).get(0)
+            if pipe is not None:
+                try:
+                    line = line[os.write(pipe.fileno(), line):]
+                except OSError:
+                    pass  # full (or the child is gone: the transport will say so)
+                if not line:
+                    return
+            self._direct = False
+        self.transport.write(line)
 
     def outReceived(self, data):
         self._buffer += data
