@@ -13,7 +13,9 @@ once as a warm-up and once measured:
 
 and prints requests/s, p50 and p99 of both servers, the ratio node/bare,
 and the CPU time each server spent per request (user + system, from /proc),
-which moves far less than requests/s when other processes share the cores.
+which moves far less than requests/s when other processes share the cores;
+the node's children (its language worker and file writer) are counted
+apart, as ``(+N)``, and the ratio by CPU leaves them out.
 ``--repeat N`` measures everything N times, node and bare back to back, and
 reports medians.  Every process it starts is stopped at the end, whatever
 happens.  All traffic goes to 127.0.0.1.  Standard library only, plus
@@ -224,6 +226,23 @@ def seed(port, count, workers=8):
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         for f in [pool.submit(part, indexes[k::workers]) for k in range(workers)]:
             f.result()
+
+
+def children_cpu_seconds(pid):
+    """User + system CPU seconds used so far by a process's children (the
+    node's language worker and file writer), or None."""
+    try:
+        pids = set()
+        for task in os.listdir("/proc/%d/task" % pid):
+            with open("/proc/%d/task/%s/children" % (pid, task)) as f:
+                pids.update(int(p) for p in f.read().split())
+        total = 0.0
+        for child in pids:
+            user, system = cpu_seconds(child) or (0.0, 0.0)
+            total += user + system
+        return total
+    except (OSError, ValueError):
+        return None
 
 
 def cpu_seconds(pid):
@@ -451,11 +470,13 @@ def bench_interpreter(args, python, log):
                     if args.py_spy and name == "node" and rep == 0:
                         spy = start_py_spy(args, server.proc.pid, op, args.duration)
                     cpu_before = cpu_seconds(server.proc.pid)
+                    children_before = children_cpu_seconds(server.proc.pid)
                     try:
                         figures, output = run_wrk(
                             args, server.port, op, args.duration, "m%d-%d" % (next(tags), os.getpid()), lua_dir
                         )
                         cpu_after = cpu_seconds(server.proc.pid)
+                        children_after = children_cpu_seconds(server.proc.pid)
                         if cpu_before is not None and cpu_after is not None and figures.get("requests"):
                             # CPU time per request hardly moves when other
                             # processes take cores; requests/s does.
@@ -463,6 +484,9 @@ def bench_interpreter(args, python, log):
                             figures["cpu_user_us"] = (cpu_after[0] - cpu_before[0]) * 1e6 / n
                             figures["cpu_sys_us"] = (cpu_after[1] - cpu_before[1]) * 1e6 / n
                             figures["cpu_us"] = figures["cpu_user_us"] + figures["cpu_sys_us"]
+                            if children_before is not None and children_after is not None:
+                                # The node's children: its language worker and file writer.
+                                figures["cpu_children_us"] = (children_after - children_before) * 1e6 / n
                     finally:
                         if spy is not None:
                             try:
@@ -480,11 +504,12 @@ def bench_interpreter(args, python, log):
                     if args.verbose:
                         log(output)
                     log(
-                        "   %-4s %-4s %9.0f req/s  p50 %7.2f ms  p99 %8.2f ms  cpu %6.0f us/req (sys %.0f)%s%s"
+                        "   %-4s %-4s %9.0f req/s  p50 %7.2f ms  p99 %8.2f ms  cpu %6.0f us/req (sys %.0f)%s%s%s"
                         % (
                             op, name, figures["rps"], figures.get("p50", float("nan")),
                             figures.get("p99", float("nan")), figures.get("cpu_us", float("nan")),
                             figures.get("cpu_sys_us", float("nan")),
+                            " +%.0f in children" % figures["cpu_children_us"] if figures.get("cpu_children_us") else "",
                             "  non-2xx %d" % figures["non_2xx"] if figures["non_2xx"] else "",
                             "  batch %.1f, storage write %.1f ms (x%d), read %.2f ms (x%d)" % (
                                 figures["avg_batch"], figures.get("avg_write_ms", 0), figures.get("writes", 0),
@@ -562,7 +587,11 @@ def _label(op, storage):
 
 def _fmt_cpu(row, name):
     f = row.get(name)
-    return "%.0f" % f["cpu_us"] if f and "cpu_us" in f else "-"
+    if not f or "cpu_us" not in f:
+        return "-"
+    if f.get("cpu_children_us"):
+        return "%.0f (+%.0f)" % (f["cpu_us"], f["cpu_children_us"])
+    return "%.0f" % f["cpu_us"]
 
 
 def _cpu_ratio(row):
