@@ -128,6 +128,13 @@ class ServeTests(SynchronousTestCase):
         with open(os.path.join(root, "books", "messiah"), "rb") as f:
             self.assertEqual(f.read(), b'{"deleted":true}')
 
+    def test_overwrite_with_shorter_record(self):
+        """A record file written over a longer one holds exactly the new record."""
+        lines = b"0\tbooks\tdune\t{\"v\":\"a long first value\"}\n0\tbooks\tdune\t{\"v\":2}\n"
+        root, answers = self.run_serve(lines)
+        with open(os.path.join(root, "books", "dune"), "rb") as f:
+            self.assertEqual(f.read(), b'{"v":2}')
+
     def test_incomplete_last_line_not_written(self):
         """A line cut by the end of input (the node died mid-send) is not written."""
         root, answers = self.run_serve(b"0\tbooks\tdune\t{\"v\":1}\n0\tbooks\tcut\t{\"v\"")

@@ -165,12 +165,20 @@ class FileWriter:
 
 
 def write_file(path, data):
-    """Create or truncate ``path`` and write all of ``data`` (no sync: see the engine's checkpoints)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    """
+    Make ``data`` the whole content of ``path``, written in place (no sync:
+    see the engine's checkpoints).  Not with O_TRUNC: on ext4, a file
+    truncated to nothing and written again is flushed at its close
+    (``auto_da_alloc``), which made overwriting a record file ten times
+    dearer (272 against 23 µs here); the file is cut to the data's length
+    after the write instead.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        os.ftruncate(fd, len(data))
     finally:
         os.close(fd)
 
