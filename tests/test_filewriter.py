@@ -91,6 +91,26 @@ class FileWriterTests(SynchronousTestCase):
         with open(self.path(storage, "books", "dune"), "rb") as f:
             self.assertEqual(f.read(), data)
 
+    def test_child_outlives_sigterm(self):
+        """
+        SIGTERM to the writer (systemd sends it to the whole unit) does not
+        end it: it goes on writing until the engine closes its stdin.
+        """
+        storage = self.open()
+        storage.write([("books", "a", record("books", "a", 1), False)])
+        storage.flush()  # the child has answered: it is up, its handlers set
+        proc = storage._writer._proc
+        os.kill(proc.pid, signal.SIGTERM)
+        data = record("books", "b", 2)
+        storage.write([("books", "b", data, False)])
+        storage.flush()
+        self.assertTrue(storage._writer.running)
+        self.assertIsNone(proc.poll())
+        with open(self.path(storage, "books", "b"), "rb") as f:
+            self.assertEqual(f.read(), data)
+        storage.close()
+        self.assertEqual(proc.wait(10), 0)
+
     def test_close_ends_the_child(self):
         """close() writes what is pending, then the child exits."""
         storage = self.open()

@@ -114,7 +114,7 @@ class WorkerProtocolTests(SynchronousTestCase):
         """The child runs this interpreter, and the worker's serve() loop."""
         args, _ = self.reactor.spawned[0]
         self.assertEqual(args[:2], [sys.executable, "-c"])
-        self.assertIn("from minstore.process.langworker import serve", args[2])
+        self.assertIn("from minstore.process.langworker import main", args[2])
 
     def test_texts_asked_meanwhile_go_in_one_batch(self):
         first = self.worker.detect("one")
@@ -265,6 +265,26 @@ class RealChildTests(TestCase):
         self.assertEqual((yield worker.detect(GERMAN)), "de")
         self.assertNotEqual(worker.pid, first)
         yield worker.stop()
+
+
+    @inlineCallbacks
+    def test_child_outlives_sigterm(self):
+        """
+        SIGTERM to the child (systemd sends it to the whole unit) does not
+        end it: the node's closing of its stdin does.
+        """
+        worker = LanguageWorker(reactor)
+        worker.start()
+        self.addCleanup(lambda: worker.stop() if worker.running else None)
+        self.assertEqual((yield worker.detect(ENGLISH)), "en")  # the child is up, handlers set
+        pid = worker.pid
+        os.kill(pid, signal.SIGTERM)
+        yield deferLater(reactor, 0.2, lambda: None)
+        self.assertTrue(worker.running)
+        self.assertEqual((yield worker.detect(FRENCH)), "fr")
+        self.assertEqual(worker.pid, pid)
+        yield worker.stop()
+        self.assertFalse(_alive(pid))
 
 
 def _alive(pid):

@@ -9,12 +9,13 @@ answers one line, the JSON array of their codes (or null), in order.  The
 child ends when its stdin closes, so it goes with the node, even after a
 ``kill -9``.
 
-L{LanguageWorker} runs L{serve} in the child (``LanguageWorker.argv``);
+L{LanguageWorker} runs L{main} in the child (``LanguageWorker.argv``);
 ``python -m minstore.process.langworker`` does the same by hand.
 """
 
 import json
 import os
+import signal
 import sys
 
 from twisted.internet.defer import Deferred, succeed
@@ -39,7 +40,7 @@ class LanguageWorker(ProcessProtocol):
 
     log = Logger()
     # -c, not -m: running a module of an imported package makes runpy warn.
-    argv = (sys.executable, "-c", "import sys; from minstore.process.langworker import serve; serve(sys.stdin.buffer, sys.stdout.buffer)")
+    argv = (sys.executable, "-c", "from minstore.process.langworker import main; main()")
 
     def __init__(self, reactor=None, max_inflight=2):
         self._reactor = reactor
@@ -185,5 +186,16 @@ def serve(stdin, stdout, stderr=None):
         stdout.flush()
 
 
-if __name__ == "__main__":
+def main():
+    """
+    The child's entry point.  It ignores SIGTERM and SIGINT, which systemd
+    (without ``KillMode=mixed``) and a terminal's Ctrl-C send to the whole
+    group: the node stops first, and its closing of the pipe ends the child.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     serve(sys.stdin.buffer, sys.stdout.buffer)
+
+
+if __name__ == "__main__":
+    main()

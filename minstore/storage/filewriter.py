@@ -10,7 +10,7 @@ bench/RESULTS.md).  So the engine hands the batch's log lines to a child
 process on a pipe and returns; until the child says a file is written,
 reads of that uid are answered from memory (L{FileWriter.pending}).
 
-The child runs L{serve} (``FileWriter.argv``).  It reads log
+The child runs L{main} (``FileWriter.argv``).  It reads log
 lines on stdin, writes each record's file in place under ``ROOT`` (nobody
 reads a file the node has not been told is written, and after a crash the
 log's replay rewrites it), and answers, after each read, how many lines it
@@ -26,6 +26,7 @@ as it did before the child existed, and the log says so once.
 import collections
 import os
 import select
+import signal
 import subprocess
 import sys
 
@@ -41,7 +42,7 @@ class FileWriter:
     """
 
     # -c, not -m: running a module of an imported package makes runpy warn.
-    argv = (sys.executable, "-c", "import sys; from minstore.storage.filewriter import serve; serve(sys.argv[1])")
+    argv = (sys.executable, "-c", "import sys; from minstore.storage.filewriter import main; main(sys.argv[1:])")
 
     def __init__(self, root, write_here):
         self.root = root
@@ -203,3 +204,15 @@ def serve(root, stdin=0, stdout=1, parent=None):
                 os.write(stdout, b"%d\n" % len(lines))
             except BrokenPipeError:
                 return  # the node no longer listens: it is gone or has given up on us
+
+
+def main(argv):
+    """
+    The child's entry point.  It ignores SIGTERM and SIGINT, which systemd
+    (without ``KillMode=mixed``) and a terminal's Ctrl-C send to the whole
+    group: the node stops first, and its closing of the pipe ends the child
+    once every file sent is written.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    serve(argv[0])
