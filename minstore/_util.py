@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 from importlib.metadata import entry_points
 
 from werkzeug.routing import PathConverter
@@ -10,6 +11,17 @@ JSON_TYPE = b"application/json; charset=utf-8"
 
 #: Sync a file's data (and the size that reads need), not its other metadata.
 sync_data = getattr(os, "fdatasync", os.fsync)
+
+
+def ignore_stop_signals():
+    """
+    For a node's child process (file writer, language worker): ignore
+    SIGTERM and SIGINT, which systemd (without ``KillMode=mixed``) and a
+    terminal's Ctrl-C send to the whole group.  The node stops first and
+    ends the child by closing its stdin, once it has done what it was sent.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def fsync_dir(path):

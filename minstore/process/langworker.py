@@ -15,7 +15,6 @@ L{LanguageWorker} runs L{main} in the child (``LanguageWorker.argv``);
 
 import json
 import os
-import signal
 import sys
 
 from twisted.internet.defer import Deferred, succeed
@@ -23,6 +22,7 @@ from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
+from minstore._util import ignore_stop_signals
 from minstore.batch import Batcher
 
 
@@ -187,13 +187,8 @@ def serve(stdin, stdout, stderr=None):
 
 
 def main():
-    """
-    The child's entry point.  It ignores SIGTERM and SIGINT, which systemd
-    (without ``KillMode=mixed``) and a terminal's Ctrl-C send to the whole
-    group: the node stops first, and its closing of the pipe ends the child.
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """The child's entry point."""
+    ignore_stop_signals()
     serve(sys.stdin.buffer, sys.stdout.buffer)
 
 

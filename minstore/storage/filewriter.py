@@ -26,11 +26,12 @@ as it did before the child existed, and the log says so once.
 import collections
 import os
 import select
-import signal
 import subprocess
 import sys
 
 from twisted.logger import Logger
+
+from minstore._util import ignore_stop_signals
 
 log = Logger("minstore.storage.files")
 
@@ -207,12 +208,6 @@ def serve(root, stdin=0, stdout=1, parent=None):
 
 
 def main(argv):
-    """
-    The child's entry point.  It ignores SIGTERM and SIGINT, which systemd
-    (without ``KillMode=mixed``) and a terminal's Ctrl-C send to the whole
-    group: the node stops first, and its closing of the pipe ends the child
-    once every file sent is written.
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """The child's entry point: ``argv`` is ``[ROOT]``."""
+    ignore_stop_signals()
     serve(argv[0])
