@@ -215,7 +215,7 @@ class FileStorage:
             # Durable from here on: the files below can be rebuilt from the log.
             for collection, _, _, _ in batch:
                 self._directory(collection)
-            if not self._writer.send(chunk, [(c, u, d) for c, u, d, _ in batch]):
+            if not self._writer.send(chunk, batch):
                 for collection, uid, data, deleted in batch:
                     if self._index.holds(collection, uid):
                         self._apply(collection, uid_to_filename(uid), data)

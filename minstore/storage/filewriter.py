@@ -80,13 +80,14 @@ class FileWriter:
 
     def send(self, chunk, items):
         """
-        Have the files of ``items`` (``(collection, uid, data)``, in the
-        order of ``chunk``'s log lines) written; False when there is no child
-        to write them (the caller writes them).
+        Have the files of ``items`` (the engine's batch of ``(collection,
+        uid, data, deleted)``, in the order of ``chunk``'s log lines)
+        written; False when there is no child to write them (the caller
+        writes them).
         """
         if self._proc is None:
             return False
-        for collection, uid, data in items:
+        for collection, uid, data, _ in items:
             self._sent += 1
             key = (collection, uid)
             self.pending[key] = (self._sent, data)
