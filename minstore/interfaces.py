@@ -71,15 +71,24 @@ class IProcess(Interface):
 
     name = Attribute("The process's name, as given to --processes.")
     threaded = Attribute(
-        "True when the process is CPU-heavy: the node then runs it in its "
-        "thread pool instead of on the reactor thread."
+        "True when the process is CPU-heavy, synchronous and thread-safe: the "
+        "node then runs it off the reactor thread.  The threaded processes at "
+        "the end of the chain run in the writer thread, with the batch of "
+        "records stored together, just before the storage write; a threaded "
+        "process followed by one that is not runs in the thread pool."
     )
 
     def __call__(record):
         """
-        Return the record (a dict), transformed, or a Deferred of it.  Raise
-        L{minstore.errors.Rejected} (or fail the Deferred with it) to refuse
-        the record with a 400 and a reason.
+        Return the record (a dict), transformed, or (a process that is not
+        threaded only) a Deferred of it.  Raise L{minstore.errors.Rejected}
+        (or fail the Deferred with it) to refuse the record with a 400 and a
+        reason.
+
+        A threaded process may also have ``process_batch(records)``, which
+        the writer thread calls, when it has it, with every record of a
+        batch at once: it returns a list of the same length, each item the
+        record (transformed) or an exception refusing that record.
 
         A process may also have ``start()`` and ``stop()`` (returning None
         or a Deferred): the node calls them when it starts and, after its

@@ -7,6 +7,12 @@ a running node, an inline call in unit tests).  Writes to one uid are
 serialised by a per-uid lock; writes to different uids that arrive while a
 storage write is in flight are committed together in the next one (group
 commit), and each is acknowledged only once its batch is durable.
+
+The threaded processes at the end of the chain (``lang`` and ``schema`` by
+default) run in the same thread hop as the storage write of their batch:
+the records go from the reactor to the writer thread once, are processed,
+encoded, stored, and come back once.  A hop of their own cost each write a
+wait for the reactor's next turn under load (measured in bench/RESULTS.md).
 """
 
 import base64
@@ -18,6 +24,7 @@ from inspect import iscoroutine
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from minstore import __version__
 from minstore.batch import BatchedCalls, Batcher
@@ -136,6 +143,43 @@ def decode_cursor(cursor):
     return uid
 
 
+class _Write:
+    """
+    A write on its way to the storage: the bytes of a record or tombstone,
+    or a record that the writer thread still has to put through the
+    threaded processes and encode (``record``; ``current``, the L{Entry}
+    it replaces, makes an unchanged PUT a no-op).
+    """
+
+    __slots__ = ("collection", "uid", "data", "deleted", "version", "forward", "record", "current")
+
+    def __init__(self, collection, uid, version, data=None, deleted=False, forward=True, record=None, current=None):
+        self.collection = collection
+        self.uid = uid
+        self.version = version
+        self.data = data
+        self.deleted = deleted
+        self.forward = forward
+        self.record = record
+        self.current = current
+
+    def item(self):
+        return (self.collection, self.uid, self.data, self.deleted)
+
+
+def _now(result):
+    """The result of a process called in a thread: a value, or a Deferred that has fired."""
+    if isinstance(result, Deferred):
+        fired = []
+        result.addBoth(fired.append)
+        if not fired:
+            raise TypeError("a threaded process returned a Deferred that has not fired")
+        result = fired[0]
+        if isinstance(result, Failure):
+            result.raiseException()
+    return result
+
+
 class Entry:
     """A stored record or tombstone as read: its bytes and what the node needs."""
 
@@ -169,6 +213,15 @@ class Node:
     ):
         self.storage = storage
         self.processes = list(processes)
+        # The threaded processes at the end of the chain run in the writer
+        # thread, in the storage write's hop; the others before, as
+        # Deferred callbacks on the reactor (threaded ones among them
+        # through in_thread).
+        split = len(self.processes)
+        while split and getattr(self.processes[split - 1], "threaded", False):
+            split -= 1
+        self._reactor_processes = self.processes[:split]
+        self._writer_processes = self.processes[split:]
         self.node_id = node_id or uuid.uuid4().hex[:12]
         self.clock = clock or HybridLogicalClock(self.node_id, now=now)
         self.in_thread = in_thread
@@ -204,18 +257,18 @@ class Node:
     # -- storage access -------------------------------------------------
 
     def _storage(self, operation, f, *args):
+        return self.in_thread(self._timed, operation, f, *args)
+
+    def _timed(self, operation, f, *args):
+        """``f(*args)``, its time observed as the storage operation's."""
         histogram = self._histograms.get(operation)
         if histogram is None:
             histogram = self._histograms[operation] = self.metrics.storage.labels(operation)
-
-        def timed():
-            start = time.perf_counter()
-            try:
-                return f(*args)
-            finally:
-                histogram.observe(time.perf_counter() - start)
-
-        return self.in_thread(timed)
+        start = time.perf_counter()
+        try:
+            return f(*args)
+        finally:
+            histogram.observe(time.perf_counter() - start)
 
     def open(self):
         """Open the storage (blocking: called once, before serving)."""
@@ -255,15 +308,73 @@ class Node:
 
     def _commit(self, collection, uid, data, deleted, version, forward=True):
         """Deferred L{Entry}, once the write is durable (in a group commit)."""
-        return self._commits.submit(((collection, uid, data, deleted), Entry(data, version, deleted), forward))
+        return self._commits.submit(_Write(collection, uid, version, data, deleted, forward))
 
-    def _commit_batch(self, batch):
-        items = [item for item, _, _ in batch]
-        forwarded = [item for item, _, forward in batch if forward]
-        self.metrics.batch_size.observe(len(items))
-        d = self._storage("write", self._write_batch, items, forwarded)
-        d.addCallbacks(self._committed, self._commit_failed, (batch, items, forwarded), None, (len(batch),))
+    def _commit_batch(self, writes):
+        d = self.in_thread(self._process_and_write, writes)
+        d.addCallbacks(self._committed, self._commit_failed, (writes,), None, (len(writes),))
         return d
+
+    def _process_and_write(self, writes):
+        """
+        In the writer thread: finish the records of the batch (processes,
+        check_sum, encoding), then store those that are to be stored.  Per
+        write, None (stored), an L{Entry} (an unchanged PUT: nothing to
+        store) or a L{Failure} (a process refused it); and the observers'
+        tokens.
+        """
+        outcomes = self._finish_records(writes)
+        stored = [w for w, outcome in zip(writes, outcomes) if outcome is None]
+        tokens = []
+        if stored:
+            items = [w.item() for w in stored]
+            forwarded = [item for w, item in zip(stored, items) if w.forward]
+            self.metrics.batch_size.observe(len(items))
+            tokens = self._timed("write", self._write_batch, items, forwarded)
+        return outcomes, tokens
+
+    def _finish_records(self, writes):
+        outcomes = [None] * len(writes)
+        todo = [i for i, w in enumerate(writes) if w.record is not None]
+        for process in self._writer_processes:
+            if not todo:
+                break
+            records = [writes[i].record for i in todo]
+            batch = getattr(process, "process_batch", None)
+            if batch is not None:
+                try:
+                    results = batch(records)
+                except Exception:
+                    results = [Failure()] * len(records)
+            else:
+                results = []
+                for record in records:
+                    try:
+                        results.append(_now(process(record)))
+                    except Exception:
+                        results.append(Failure())
+            kept = []
+            for i, result in zip(todo, results):
+                if isinstance(result, BaseException):
+                    result = Failure(result)
+                if isinstance(result, Failure):
+                    outcomes[i] = result
+                else:
+                    writes[i].record = result
+                    kept.append(i)
+            todo = kept
+        for i in todo:
+            w = writes[i]
+            record = w.record
+            if self.processes:
+                # A process may have changed the value: check_sum and size are the stored value's.
+                body = canonical_json(record["value"])
+                record["check_sum"], record["size"] = hashlib.sha256(body).hexdigest(), len(body)
+            if w.current is not None and json.loads(w.current.data).get("check_sum") == record["check_sum"]:
+                outcomes[i] = w.current  # the same value once processed: PUT is idempotent
+                continue
+            w.data = encode_record(record)
+        return outcomes
 
     def _write_batch(self, items, forwarded):
         self.storage.write(items)
@@ -273,18 +384,25 @@ class Node:
         self.log.failure("storage write of {n} records failed", failure, n=n)
         return failure
 
-    def _committed(self, tokens, batch, items, forwarded):
-        self._commit_seq += 1
-        for (collection, uid, data, _), entry, _ in batch:
-            self._cache.put((collection, uid), data, entry)
-        # Observers first: a sync=1 write that waits for its replicas
-        # must find them pending when its acknowledgement fires.
-        for observer, token in zip(self.commit_observers, tokens):
-            try:
-                observer.committed(items, forwarded, token)
-            except Exception:
-                self.log.failure("commit observer failed")
-        return [entry for _, entry, _ in batch]
+    def _committed(self, result, writes):
+        outcomes, tokens = result
+        stored = [w for w, outcome in zip(writes, outcomes) if outcome is None]
+        entries = {}
+        if stored:
+            self._commit_seq += 1
+            items = [w.item() for w in stored]
+            forwarded = [item for w, item in zip(stored, items) if w.forward]
+            for w in stored:
+                entries[id(w)] = entry = Entry(w.data, w.version, w.deleted)
+                self._cache.put((w.collection, w.uid), w.data, entry)
+            # Observers first: a sync=1 write that waits for its replicas
+            # must find them pending when its acknowledgement fires.
+            for observer, token in zip(self.commit_observers, tokens):
+                try:
+                    observer.committed(items, forwarded, token)
+                except Exception:
+                    self.log.failure("commit observer failed")
+        return [entries[id(w)] if outcome is None else outcome for w, outcome in zip(writes, outcomes)]
 
     def _locked(self, key, f, *args):
         """Run a write under the uid's lock, counted until it has finished."""
@@ -322,21 +440,20 @@ class Node:
         return self.drain()
 
     def _new_version(self, collection, uid, value, current=None):
-        """Deferred L{Entry}: the value through the processes, then committed."""
+        """
+        Deferred L{Entry}: the value through the processes, then committed
+        (the writer thread runs the last, threaded, processes: see the
+        module's doc).
+        """
         version = self.clock.now()
         record = make_record(collection, uid, value, version, self.now())
-        if not self.processes:
-            return self._commit(collection, uid, encode_record(record), False, version)
-        d = run_pipeline(record, self.processes, self._process_calls)
-        return d.addCallback(self._processed, collection, uid, version, current)
+        if not self._reactor_processes:
+            return self._commit_record(record, collection, uid, version, current)
+        d = run_pipeline(record, self._reactor_processes, self._process_calls)
+        return d.addCallback(self._commit_record, collection, uid, version, current)
 
-    def _processed(self, record, collection, uid, version, current):
-        # A process may have changed the value: check_sum and size are the stored value's.
-        body = canonical_json(record["value"])
-        record["check_sum"], record["size"] = hashlib.sha256(body).hexdigest(), len(body)
-        if current is not None and json.loads(current.data).get("check_sum") == record["check_sum"]:
-            return current  # the same value once processed: PUT is idempotent
-        return self._commit(collection, uid, encode_record(record), False, version)
+    def _commit_record(self, record, collection, uid, version, current):
+        return self._commits.submit(_Write(collection, uid, version, record=record, current=current))
 
     def create(self, collection, uid, value):
         """POST: store a new record; Deferred L{Entry}."""

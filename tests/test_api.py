@@ -12,6 +12,7 @@ from urllib.parse import quote
 from openapi_spec_validator import validate as validate_openapi
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from minstore import __version__
@@ -64,11 +65,11 @@ class ManualThreads:
         try:
             result = f(*args)
         except BaseException:
-            d.errback()
-        else:
-            d.callback(result)
+            result = Failure()
         finally:
             self.running = False
+        # What waits for the call runs back on the "reactor", out of the pool.
+        d.callback(result) if not isinstance(result, Failure) else d.errback(result)
 
 
 class Response:
@@ -879,24 +880,96 @@ class ProcessTests(APITestCase):
         self.assertEqual(in_pool, [True])
 
     def test_threaded_processes_of_concurrent_writes_share_a_hop(self):
-        """The threaded processes of writes that arrive together run in one thread-pool call."""
+        """
+        The threaded processes at the end of the chain run in the storage
+        write's own hop, with every write of the batch: one thread-pool
+        call per batch, none of their own.
+        """
         threads = self.threads
         self.use_node(self.make_node([type("PooledUpper", (Upper,), {"threaded": True})()]))
-        first = self.start("POST", "/books/a", json={"value": "a"})
+        hops = lambda: [(f.__name__, len(args[0])) for f, args, _ in threads.pending]
+        # Two writes in flight (the node's max_inflight_writes), one hop each...
+        first = [self.start("POST", "/books/%s" % uid, json={"value": uid}) for uid in "ab"]
         self.http.flush()
-        # The first write's process is in the pool; these three wait for it...
-        rest = [self.start("POST", "/books/%s" % uid, json={"value": uid}) for uid in "bcd"]
+        self.assertEqual(hops(), [("_process_and_write", 1)] * 2)
+        # ...these three wait for one of them...
+        rest = [self.start("POST", "/books/%s" % uid, json={"value": uid}) for uid in "cde"]
         self.http.flush()
-        self.assertEqual(len(threads.pending), 1)
+        self.assertEqual(len(threads.pending), 2)
         threads.run_one()
         self.http.flush()
-        # ...and then go together, in one call.
-        process_calls = [args for f, args, _ in threads.pending if f.__name__ == "_call_each"]
-        self.assertEqual([len(calls) for (calls,) in process_calls], [3])
+        # ...and then go together, in one call that processes and stores them.
+        self.assertEqual(hops(), [("_process_and_write", 1), ("_process_and_write", 3)])
         for _ in range(5):
             threads.flush()
             self.http.flush()
-        for d, uid in zip([first] + rest, "abcd"):
+        for d, uid in zip(first + rest, "abcde"):
+            self.assertRecord(self.successResultOf(d), "books", uid, uid.upper())
+
+    def test_threaded_process_before_a_reactor_process_has_a_hop_of_its_own(self):
+        """The configured order holds: a threaded process followed by one that is not runs first, in the pool."""
+        order = []
+
+        class Heavy:
+            name, threaded = "heavy", True
+
+            def __call__(self, record):
+                order.append(("heavy", self_threads.running))
+                record["value"] += "-heavy"
+                return record
+
+        class Light(Upper):
+            def __call__(self, record):
+                order.append(("light", self_threads.running))
+                return Upper.__call__(self, record)
+
+        self_threads = self.threads
+        self.use_node(self.make_node([Heavy(), Light()]))
+        d = self.start("POST", "/books/a", json={"value": "x"})
+        for _ in range(5):
+            self.http.flush()
+            self.threads.flush()
+        self.assertRecord(self.successResultOf(d), "books", "a", "X-HEAVY")
+        self.assertEqual(order, [("heavy", True), ("light", False)])
+
+    def test_refused_in_the_writer_hop_fails_that_write_only(self):
+        """A threaded process that refuses one record of a batch: the others are stored."""
+        self.use_node(self.make_node([type("PooledRejectOdd", (RejectOdd,), {"threaded": True})()]))
+        blocker = self.start("POST", "/books/first", json={"value": 2})
+        self.http.flush()
+        writes = {uid: self.start("POST", "/books/%s" % uid, json={"value": n})
+                  for uid, n in (("a", 4), ("b", 5), ("c", 6))}
+        self.http.flush()
+        for _ in range(5):
+            self.threads.flush()
+            self.http.flush()
+        self.assertEqual(self.successResultOf(blocker).code, 200)
+        self.assertEqual(self.successResultOf(writes["a"]).code, 200)
+        self.assertError(self.successResultOf(writes["b"]), 400, "rejected")
+        self.assertEqual(self.successResultOf(writes["c"]).code, 200)
+        self.assertError(self.get("/books/b"), 404, "not_found")
+        self.assertEqual(self.get("/books/c").json()["value"], 6)
+
+    def test_batch_process_gets_the_whole_batch(self):
+        """A threaded process with process_batch is called once per batch, with every record."""
+        calls = []
+
+        class Counted(Upper):
+            threaded = True
+
+            def process_batch(self, records):
+                calls.append([r["uid"] for r in records])
+                return [Upper.__call__(self, r) for r in records]
+
+        self.use_node(self.make_node([Counted()]))
+        ds = [self.start("POST", "/books/%s" % uid, json={"value": uid}) for uid in "ab"]
+        self.http.flush()
+        ds += [self.start("POST", "/books/%s" % uid, json={"value": uid}) for uid in "cde"]
+        for _ in range(5):
+            self.http.flush()
+            self.threads.flush()
+        self.assertEqual(calls, [["a"], ["b"], ["c", "d", "e"]])
+        for d, uid in zip(ds, "abcde"):
             self.assertRecord(self.successResultOf(d), "books", uid, uid.upper())
 
 

@@ -177,11 +177,10 @@ class GoodOptionTests(OptionsTestCase):
         # lang runs in a child process, started with the node.
         lang = options["process_list"][0]
         self.assertIsNotNone(lang.worker)
-        self.assertFalse(lang.threaded)
         self.assertFalse(lang.worker.running)
 
     def test_no_lang_worker(self):
-        """--no-lang-worker: lang runs in the thread pool, with no child."""
+        """--no-lang-worker: lang runs in the node's writer thread, with no child."""
         options = self.parse("--no-lang-worker", processes="lang")
         lang = options["process_list"][0]
         self.assertIsNone(lang.worker)

@@ -158,11 +158,11 @@ class SchemaTests(SynchronousTestCase):
             f.write(text)
 
     def test_interface(self):
-        """schema is an IProcess named schema, run on the reactor thread."""
+        """schema is an IProcess named schema, run off the reactor thread."""
         process = SchemaValidation({"schemas": self.directory})
         self.assertTrue(verifyObject(IProcess, process))
         self.assertEqual(process.name, "schema")
-        self.assertFalse(process.threaded)
+        self.assertTrue(process.threaded)
         self.assertEqual(sorted(process.validators), ["books"])
 
     def test_match_accepted(self):

@@ -86,11 +86,13 @@ class LanguageDetection:
     """
     The ``lang`` process.  With the option ``lang-worker`` (what a node
     started by twistd has, unless ``--no-lang-worker``) texts are classified
-    in a child process (L{minstore.process.langworker}); otherwise in the
-    node's thread pool.
+    in a child process (L{minstore.process.langworker}); otherwise in this
+    one.  Either way it is threaded: the node calls it off the reactor, with
+    a whole batch of records at once (L{process_batch}).
     """
 
     name = "lang"
+    threaded = True
 
     def __init__(self, options=None):
         options = options or {}
@@ -99,8 +101,6 @@ class LanguageDetection:
             self.worker = LanguageWorker()
         else:
             _get_identifier()
-        #: In the thread pool only without a worker: with one, the reactor just waits.
-        self.threaded = self.worker is None
 
     def start(self):
         if self.worker is not None:
@@ -108,27 +108,31 @@ class LanguageDetection:
 
     def stop(self):
         if self.worker is not None:
-            return self.worker.stop()
+            self.worker.stop()
 
     def __call__(self, record):
-        text = text_of(record.get("value"))
-        if self.worker is None or not _has_letters(text):
-            record["lang"] = detect_language(text)
-            return record
-        text = text[:MAX_TEXT]
+        return self.process_batch([record])[0]
 
-        def detected(code):
+    def process_batch(self, records):
+        """Set ``lang`` on each record (in place); the records."""
+        texts = [text_of(record.get("value"))[:MAX_TEXT] for record in records]
+        asked = [i for i, text in enumerate(texts) if _has_letters(text)]
+        codes = [None] * len(records)
+        if asked:
+            for i, code in zip(asked, self._detect([texts[i] for i in asked])):
+                codes[i] = code
+        for record, code in zip(records, codes):
             record["lang"] = code
-            return record
+        return records
 
-        def in_this_process(failure):
-            # The worker died twice in a row: answer anyway, on this thread
-            # (loading the model here once), rather than fail the write.
-            failure.trap(WorkerGone)
-            return detected(detect_language(text))
-
-        def again(failure):
-            failure.trap(WorkerGone)  # the next batch starts a new worker
-            return self.worker.detect(text).addCallbacks(detected, in_this_process)
-
-        return self.worker.detect(text).addCallbacks(detected, again)
+    def _detect(self, texts):
+        if self.worker is not None:
+            # Twice: a child that died is replaced by the second call.
+            for _ in range(2):
+                try:
+                    return self.worker.detect(texts)
+                except WorkerGone:
+                    pass
+            # Gone twice in a row: answer anyway, in this process (loading
+            # the model here once), rather than fail the writes.
+        return [detect_language(text) for text in texts]

@@ -9,166 +9,141 @@ answers one line, the JSON array of their codes (or null), in order.  The
 child ends when its stdin closes, so it goes with the node, even after a
 ``kill -9``.
 
-L{LanguageWorker} runs L{main} in the child (``LanguageWorker.argv``);
-``python -m minstore.process.langworker`` does the same by hand.
+The node's side, L{LanguageWorker}, is called from the writer thread, in
+the same thread hop as the storage write of the batch (see
+L{minstore.node}): it writes the batch and waits for the answer there, so
+the answer needs no turn of the reactor before the write goes on.  It runs
+L{main} in the child (``LanguageWorker.argv``); ``python -m
+minstore.process.langworker`` does the same by hand.
 """
 
 import json
 import os
+import select
+import subprocess
 import sys
+import threading
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ProcessDone
-from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 from minstore._util import ignore_stop_signals
-from minstore.batch import Batcher
 
 
 class WorkerGone(Exception):
-    """The child ended (or never started) before answering."""
+    """The child ended (or never started, or stopped answering) before answering."""
 
 
-class LanguageWorker(ProcessProtocol):
+class LanguageWorker:
     """
-    The node's side of the child: ``detect(text)`` is a Deferred of its
-    code.  Texts asked while a batch is with the child go together in the
-    next one.  A child that dies fails what it had not answered
-    (L{WorkerGone}) and is started again at the next text.
+    The node's side of the child: ``detect(texts)`` returns their codes,
+    blocking; any thread may call it (one batch at a time goes to the
+    child).  A child that dies, answers nonsense or nothing within
+    ``timeout`` seconds is killed and L{WorkerGone} raised; the next batch
+    starts a new one.
     """
 
     log = Logger()
     # -c, not -m: running a module of an imported package makes runpy warn.
     argv = (sys.executable, "-c", "from minstore.process.langworker import main; main()")
 
-    def __init__(self, reactor=None, max_inflight=2):
-        self._reactor = reactor
-        self._batcher = Batcher(self._send, max_inflight)
-        self._waiting = []  # Deferreds of the batches sent, oldest first
+    def __init__(self, timeout=30.0):
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._proc = None
         self._buffer = b""
-        self._ended = []
-        self._direct = True
-        self.running = False
         self.stopping = False
-        self.pid = None
+
+    @property
+    def running(self):
+        return self._proc is not None
+
+    @property
+    def pid(self):
+        return self._proc.pid if self._proc is not None else None
 
     def start(self):
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
+        """Start the child now (a node that cannot is still up: see L{detect})."""
         self.stopping = False
-        try:
-            self._spawn()
-        except WorkerGone as e:
-            # The node still starts: each write then tries a new child, and
-            # falls back to detection in the node (LanguageDetection).
-            self.log.error("{error}", error=e)
+        with self._lock:
+            try:
+                self._spawn()
+            except WorkerGone as e:
+                # Each batch then tries a new child, and LanguageDetection
+                # falls back to detection in the node.
+                self.log.error("{error}", error=e)
 
     def _spawn(self):
         self._buffer = b""
         try:
-            transport = self._reactor.spawnProcess(
-                self, self.argv[0], list(self.argv), env=dict(os.environ), childFDs={0: "w", 1: "r", 2: 2}
+            self._proc = subprocess.Popen(
+                list(self.argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True
             )
-        except Exception as e:
+        except OSError as e:
             raise WorkerGone("cannot start the language worker %s: %s" % (" ".join(self.argv), e))
-        self.running = True
-        self._direct = True
-        self.pid = getattr(transport, "pid", None)
-        self.log.info("language worker started (pid {pid})", pid=self.pid)
+        self.log.info("language worker started (pid {pid})", pid=self._proc.pid)
 
-    def detect(self, text):
-        return self._batcher.submit(text)
-
-    def _send(self, texts):
-        if not self.running:
-            if self.stopping:
-                raise WorkerGone("the node is stopping")
-            self._spawn()
-        d = Deferred()
-        self._waiting.append(d)
-        self._write(json.dumps(texts).encode("utf-8") + b"\n")
-
-        def checked(codes):
+    def detect(self, texts):
+        """The codes (or None) of ``texts``, in order."""
+        with self._lock:
+            if self._proc is None:
+                if self.stopping:
+                    raise WorkerGone("the node is stopping")
+                self._spawn()
+            try:
+                self._proc.stdin.write(json.dumps(texts).encode("utf-8") + b"\n")
+                self._proc.stdin.flush()
+                codes = json.loads(self._read_line())
+            except (OSError, ValueError, WorkerGone) as e:
+                self._lost("%s: %s" % (type(e).__name__, e))
             if not isinstance(codes, list) or len(codes) != len(texts):
+                # The child answers null for a batch it could not classify
+                # (its stderr says why); it is still up.
                 raise WorkerGone("the worker could not classify a batch (its stderr says why)")
             return codes
 
-        return d.addCallback(checked)
+    def _read_line(self):
+        fd = self._proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            if not select.select([fd], [], [], self.timeout)[0]:
+                raise WorkerGone("no answer in %g s" % self.timeout)
+            data = os.read(fd, 65536)
+            if not data:
+                raise WorkerGone("the worker ended (exit status %s)" % (self._proc.poll(),))
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line
 
-    def _write(self, line):
-        """
-        Write to the child's stdin now.  The transport's write() would only
-        buffer it until the reactor's next turn, which under load is
-        milliseconds later on every batch.  Once a write cannot go whole
-        (the child is far behind), the rest and everything after go through
-        the transport, in order.
-        """
-        if self._direct:
-            pipe = getattr(self.transport, "pipes", {}).get(0)
-            if pipe is not None:
-                try:
-                    line = line[os.write(pipe.fileno(), line):]
-                except OSError:
-                    pass  # full (or the child is gone: the transport will say so)
-                if not line:
-                    return
-            self._direct = False
-        self.transport.write(line)
+    def _lost(self, reason):
+        """The child is unusable: end it, say so, fail the batch."""
+        proc, self._proc = self._proc, None
+        _end(proc, grace=0)
+        self.log.error("language worker lost ({reason}); the next batch starts a new one", reason=reason)
+        raise WorkerGone(reason)
 
-    def outReceived(self, data):
-        self._buffer += data
-        while b"\n" in self._buffer:
-            line, self._buffer = self._buffer.split(b"\n", 1)
-            if not self._waiting:
-                self.log.error("language worker answered what was not asked: {line!r}", line=line[:100])
-                continue
-            d = self._waiting.pop(0)
-            try:
-                codes = json.loads(line)
-            except ValueError:
-                d.errback(WorkerGone("unreadable answer %r" % (line[:100],)))
-            else:
-                d.callback(codes)
-
-    def processEnded(self, reason):
-        self.running = False
-        waiting, self._waiting = self._waiting, []
-        if not (self.stopping and reason.check(ProcessDone)):
-            self.log.error(
-                "language worker ended ({reason}); {n} batches fail over to this process",
-                reason=reason.getErrorMessage(),
-                n=len(waiting),
-            )
-        for d in waiting:
-            d.errback(WorkerGone(reason.getErrorMessage()))
-        ended, self._ended = self._ended, []
-        for d in ended:
-            d.callback(None)
-
-    def stop(self):
-        """Close the child's stdin; a Deferred firing once it has ended."""
+    def stop(self, grace=5.0):
+        """Close the child's stdin and wait (up to ``grace`` seconds) for it to end."""
         self.stopping = True
-        if not self.running:
-            return succeed(None)
-        d = Deferred()
-        self._ended.append(d)
-        self.transport.closeStdin()
-        kill = self._reactor.callLater(5, self._kill)
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is not None:
+            if not _end(proc, grace):
+                self.log.warn("language worker did not end in {grace} s: killed it", grace=grace)
 
-        def ended(result):
-            if kill.active():
-                kill.cancel()
-            return result
 
-        return d.addBoth(ended)
-
-    def _kill(self):
-        if self.running:
-            self.log.warn("language worker did not end in 5 s: killing it")
-            self.transport.signalProcess("KILL")
+def _end(proc, grace):
+    """End a child: EOF on its stdin, then SIGKILL after ``grace`` seconds; whether it ended by itself."""
+    for pipe in (proc.stdin, proc.stdout):
+        try:
+            pipe.close()
+        except OSError:
+            pass
+    try:
+        proc.wait(grace)
+        return True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return False
 
 
 def serve(stdin, stdout, stderr=None):

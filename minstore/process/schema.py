@@ -53,7 +53,9 @@ def load_schemas(directory):
 @implementer(IProcess)
 class SchemaValidation:
     name = "schema"
-    threaded = False
+    #: Validation is CPU and thread-safe: after lang, it runs in the
+    #: writer thread with the rest of the batch (see L{minstore.node}).
+    threaded = True
 
     def __init__(self, options=None):
         self.validators = load_schemas((options or {}).get("schemas"))
