@@ -10,6 +10,8 @@ returns.  Under light load nothing waits, under heavy load batches grow by
 themselves.
 """
 
+from contextlib import contextmanager
+
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python.failure import Failure
 
@@ -27,6 +29,7 @@ class Batcher:
         self.max_inflight = max_inflight
         self._queue = []
         self.inflight = 0
+        self._held = 0
         #: Called with no argument each time the batcher becomes idle.
         self.idle_observers = []
 
@@ -37,6 +40,20 @@ class Batcher:
         self._flush()
         return d
 
+    @contextmanager
+    def held(self):
+        """
+        Queue what is submitted inside the block and send it together at
+        its end: items that arrived together (a peer's batch of replicas)
+        go in one call, not the first alone and the rest in the next.
+        """
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+            self._flush()
+
     def queued(self):
         return len(self._queue)
 
@@ -44,7 +61,7 @@ class Batcher:
         return not self._queue and not self.inflight
 
     def _flush(self):
-        while self._queue and self.inflight < self.max_inflight:
+        while self._queue and self.inflight < self.max_inflight and not self._held:
             batch, self._queue = self._queue, []
             self.inflight += 1
             d = maybeDeferred(self._run_batch, [item for item, _ in batch])

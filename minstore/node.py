@@ -536,6 +536,20 @@ class Node:
             (collection, uid), self._apply, collection, uid, data, version, deleted, forward
         )
 
+    def apply_replicas(self, replicas, forward=False):
+        """
+        L{apply_replica} for each of a peer's batch: those that need no read
+        first are stored in one storage write.  A list of Deferreds.
+        """
+        with self._commits.held():
+            results = []
+            for data in replicas:
+                try:
+                    results.append(self.apply_replica(data, forward))
+                except Exception:
+                    results.append(fail())
+            return results
+
     def _apply(self, collection, uid, data, version, deleted, forward):
         if self._holds(collection, uid) is False:
             # Never held here, the common case of a receiver: no read.

@@ -28,6 +28,18 @@ class BatcherTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(d), "A")
         self.assertTrue(batcher.idle())
 
+    def test_items_submitted_while_held_go_together(self):
+        """Items submitted in held() go as one batch at its end, even to an idle batcher."""
+        run = ManualBatches()
+        batcher = Batcher(run, max_inflight=2)
+        with batcher.held():
+            ds = [batcher.submit(n) for n in (1, 2, 3)]
+            self.assertEqual(run.calls, [])
+        self.assertEqual([items for items, _ in run.calls], [[1, 2, 3]])
+        run.calls[0][1].callback([10, 20, 30])
+        self.assertEqual([self.successResultOf(d) for d in ds], [10, 20, 30])
+        self.assertTrue(batcher.idle())
+
     def test_items_arriving_meanwhile_go_together(self):
         """What arrives while max_inflight batches run goes as one batch, in order."""
         run = ManualBatches()

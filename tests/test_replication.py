@@ -738,6 +738,18 @@ class VersionOrderTests(SynchronousTestCase):
         )
         self.assertEqual(self.node.storage.get("c", "x"), replica("x", 20))
 
+    def test_a_peers_batch_is_one_storage_write(self):
+        """The replicas of one request to uids not held are stored together: one write (one sync)."""
+        member = self.cluster.members["r"]
+        writes = []
+        storage_write = self.node.storage.write
+        self.node.storage.write = lambda items: writes.append([uid for _, uid, _, _ in items]) or storage_write(items)
+        body = b"\n".join([replica(uid, 10) for uid in ("x", "y", "z")])
+        d = member.http.post(member.url + "/_cluster/replicas", data=body)
+        member.http.flush()
+        self.assertEqual(self.successResultOf(d).code, 200)
+        self.assertEqual(writes, [["x", "y", "z"]])
+
     def test_bad_replica_is_400(self):
         """A replica that is not a record is refused with 400, and the sender sees a PeerError."""
         member = self.cluster.members["r"]

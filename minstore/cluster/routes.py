@@ -3,7 +3,7 @@
 from urllib.parse import unquote_to_bytes
 
 from klein import Klein
-from twisted.internet.defer import ensureDeferred, gatherResults, maybeDeferred
+from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.logger import Logger
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
@@ -38,10 +38,8 @@ class ClusterAPI:
     @app.route("/replicas", methods=["POST"])
     def replicas(self, request):
         forward = request.args.get(b"bridge", [b""])[-1] == b"1"
-        lines = [line for line in request.content.read().split(b"\n") if line.strip()]
-        applied = []
-        for line in lines:
-            applied.append(maybeDeferred(self.node.apply_replica, line.strip(), forward=forward))
+        lines = [line.strip() for line in request.content.read().split(b"\n") if line.strip()]
+        applied = self.node.apply_replicas(lines, forward=forward)
 
         def answer(results):
             return _json(request, 200, {"received": len(lines), "applied": sum(results)})
