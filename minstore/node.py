@@ -343,7 +343,10 @@ class Node:
             batch = getattr(process, "process_batch", None)
             if batch is not None:
                 try:
-                    results = batch(records)
+                    results = list(batch(records))
+                    if len(results) != len(records):
+                        raise TypeError("%s.process_batch returned %d results for %d records"
+                                        % (getattr(process, "name", process), len(results), len(records)))
                 except Exception:
                     results = [Failure()] * len(records)
             else:

@@ -973,6 +973,25 @@ class ProcessTests(APITestCase):
             self.assertRecord(self.successResultOf(d), "books", uid, uid.upper())
 
 
+    def test_batch_process_with_a_wrong_count_fails_the_batch(self):
+        """A process_batch that loses a record fails the writes of that batch (500), stores none."""
+
+        class Lossy(Upper):
+            threaded = True
+
+            def process_batch(self, records):
+                return records[1:]
+
+        self.use_node(self.make_node([Lossy()]))
+        d = self.start("POST", "/books/a", json={"value": "a"})
+        for _ in range(5):
+            self.http.flush()
+            self.threads.flush()
+        self.assertError(self.successResultOf(d), 500, "internal_error")
+        self.assertError(self.get("/books/a"), 404, "not_found")
+        self.flushLoggedErrors(TypeError)
+
+
 class DirectRecordPathTests(APITestCase):
     """
     Plain record paths are answered by their handlers without Klein's
