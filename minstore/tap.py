@@ -101,7 +101,7 @@ class Options(usage.Options):
         ["access-log", None, None, "Write an access log line per request to this file (default: none, for speed)."],
         ["lookup-timeout", None, 2.0, "Seconds a GET or DELETE that misses here waits for the peers' lookups.", _positive_float("lookup-timeout")],
         ["replication-timeout", None, 5.0, "Seconds one request sending replicas to a peer may take.", _positive_float("replication-timeout")],
-        ["replication-interval", None, 0.0, "Least seconds between two replica requests to one peer: larger batches (less CPU per write) for up to that much more lag; 0: send as soon as the previous request returns.", _seconds("replication-interval")],
+        ["replication-interval", None, 0.01, "Least seconds between two replica requests to one peer: larger batches (less CPU per write, here and on the peer) for up to that much more lag under load; a write after a quiet spell goes at once; 0: send as soon as the previous request returns.", _seconds("replication-interval")],
         ["retry-max", None, 30.0, "Longest wait, in seconds, between retries to a peer that is down (back-off doubles from 0.1 s up to it).", _positive_float("retry-max")],
         ["sync-timeout", None, 5.0, "Seconds a write with sync=1 waits for every peer to store it.", _positive_float("sync-timeout")],
         ["cache-size", None, DEFAULT_CACHE_SIZE, "cache=1 (this node as a front to the dependants of --servers): bytes of records the front's LRU cache holds, counted as their stored JSON.", _positive_int("cache-size")],

@@ -168,6 +168,8 @@ class GoodOptionTests(OptionsTestCase):
         options = self.parse(processes=None)
         self.assertEqual(options["storage"], "files")
         self.assertEqual(options["max-record-size"], 1024 * 1024)
+        # Replicas to one peer at most every 10 ms under load (bench/REPLICATION.md).
+        self.assertEqual(options["replication-interval"], 0.01)
         self.assertEqual(
             [type(p) for p in options["process_list"]], [LanguageDetection, SchemaValidation]
         )
