@@ -320,18 +320,18 @@ class Node:
         In the writer thread: finish the records of the batch (processes,
         check_sum, encoding), then store those that are to be stored.  Per
         write, None (stored), an L{Entry} (an unchanged PUT: nothing to
-        store) or a L{Failure} (a process refused it); and the observers'
-        tokens.
+        store) or a L{Failure} (a process refused it); the items stored, those
+        forwarded, and the observers' tokens.
         """
         outcomes = self._finish_records(writes)
         stored = [w for w, outcome in zip(writes, outcomes) if outcome is None]
+        items = [w.item() for w in stored]
+        forwarded = [item for w, item in zip(stored, items) if w.forward]
         tokens = []
-        if stored:
-            items = [w.item() for w in stored]
-            forwarded = [item for w, item in zip(stored, items) if w.forward]
+        if items:
             self.metrics.batch_size.observe(len(items))
             tokens = self._timed("write", self._write_batch, items, forwarded)
-        return outcomes, tokens
+        return outcomes, items, forwarded, tokens
 
     def _finish_records(self, writes):
         outcomes = [None] * len(writes)
@@ -388,16 +388,15 @@ class Node:
         return failure
 
     def _committed(self, result, writes):
-        outcomes, tokens = result
-        stored = [w for w, outcome in zip(writes, outcomes) if outcome is None]
-        entries = {}
-        if stored:
+        outcomes, items, forwarded, tokens = result
+        results = []
+        for w, outcome in zip(writes, outcomes):
+            if outcome is None:  # stored
+                outcome = Entry(w.data, w.version, w.deleted)
+                self._cache.put((w.collection, w.uid), w.data, outcome)
+            results.append(outcome)
+        if items:
             self._commit_seq += 1
-            items = [w.item() for w in stored]
-            forwarded = [item for w, item in zip(stored, items) if w.forward]
-            for w in stored:
-                entries[id(w)] = entry = Entry(w.data, w.version, w.deleted)
-                self._cache.put((w.collection, w.uid), w.data, entry)
             # Observers first: a sync=1 write that waits for its replicas
             # must find them pending when its acknowledgement fires.
             for observer, token in zip(self.commit_observers, tokens):
@@ -405,7 +404,7 @@ class Node:
                     observer.committed(items, forwarded, token)
                 except Exception:
                     self.log.failure("commit observer failed")
-        return [entries[id(w)] if outcome is None else outcome for w, outcome in zip(writes, outcomes)]
+        return results
 
     def _locked(self, key, f, *args):
         """Run a write under the uid's lock, counted until it has finished."""
