@@ -973,6 +973,17 @@ class ProcessTests(APITestCase):
             self.assertRecord(self.successResultOf(d), "books", uid, uid.upper())
 
 
+    def test_threaded_process_answering_with_a_fired_deferred(self):
+        """In the writer hop a threaded process may answer with a Deferred that has fired: its result or refusal counts."""
+        self.use_node(self.make_node([type("PooledRejectOdd", (RejectOdd,), {"threaded": True})(deferred=True)]))
+        accepted = self.start("POST", "/books/a", json={"value": 2})
+        refused = self.start("POST", "/books/b", json={"value": 3})
+        for _ in range(5):
+            self.http.flush()
+            self.threads.flush()
+        self.assertTrue(self.successResultOf(accepted).json()["checked"])
+        self.assertError(self.successResultOf(refused), 400, "rejected")
+
     def test_batch_process_with_a_wrong_count_fails_the_batch(self):
         """A process_batch that loses a record fails the writes of that batch (500), stores none."""
 
