@@ -10,7 +10,6 @@ import sys
 import uuid
 
 from twisted.application import strports
-from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -21,18 +20,17 @@ from minstore import __version__
 from minstore.api import DEFAULT_MAX_RECORD_SIZE, BoundedRequest, RecordAPI
 from minstore.cache import DEFAULT_SIZE as DEFAULT_CACHE_SIZE
 from minstore.cache import CacheFront, FrontService
-from minstore.cluster.changelog import ChangeLog
 from minstore.cluster.lookup import Lookups
 from minstore.cluster.peers import PeerClient, make_http_client
 from minstore.cluster.replication import Replication
 from minstore.cluster.servers import ServerList, ServersFileError, read_servers
-from minstore.cluster.service import ClusterService, PeerHTTPService
+from minstore.cluster.service import ClusterService
 from minstore.node import Node
 from minstore.process import DEFAULT as DEFAULT_PROCESSES
 from minstore.process import available_processes, make_processes
 from minstore.process.schema import SchemaError
 from minstore.records import HybridLogicalClock
-from minstore.service import NodeService, QuietSite, ThreadPoolService
+from minstore.service import NodeRoot, QuietSite
 from minstore.storage import available_engines, make_storage
 
 log = Logger("minstore")
@@ -92,7 +90,7 @@ class Options(usage.Options):
         ["port", "p", "8001", "Port number, or Twisted endpoint string (tcp:8001:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem)."],
         ["servers", "s", None, "The servers.list file of peers (none: a standalone node). Re-read on SIGHUP."],
         ["data", "d", "./minstore-data", "Data directory, created when missing."],
-        ["storage", None, "files", "Storage engine: files (durable, one file per record) or memory; packages add more."],
+        ["storage", None, "files", "Storage engine: files (one JSON file per record beside a SQLite catalog), sqlite (one SQLite database), or memory (lost at stop); packages add more."],
         ["processes", None, DEFAULT_PROCESSES, "Comma-separated processes run on each client write, in order (lang, schema, or one a package adds); empty for none."],
         ["schemas", None, None, "Directory of {collection}.json JSON Schemas for the schema process."],
         ["max-record-size", None, DEFAULT_MAX_RECORD_SIZE, "Largest request body accepted, in bytes (larger: 413).", _positive_int("max-record-size")],
@@ -217,25 +215,21 @@ def listens_beyond_loopback(endpoint):
 def makeService(config, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    root = MultiService()
     data_dir = os.path.abspath(config["data"])
 
     pool = ThreadPool(minthreads=2, maxthreads=config["threads"], name="minstore-io")
     node_id = _node_id(data_dir)
-    clock = HybridLogicalClock(node_id, os.path.join(data_dir, "clock"))
     in_thread = functools.partial(deferToThreadPool, reactor, pool)
-    clock.persist_later = functools.partial(in_thread, clock._persist_now)
     storage = make_storage(config["storage"], data_dir)
     node = Node(
         storage,
         config["process_list"],
         node_id=node_id,
-        clock=clock,
+        clock=HybridLogicalClock(node_id),
         in_thread=in_thread,
         read_cache_bytes=config["read-cache-size"],
     )
 
-    ThreadPoolService(pool, before_stop=node.drain).setServiceParent(root)
     describe = "storage %s in %s, processes [%s], %d peers%s" % (
         config["storage"],
         data_dir,
@@ -243,14 +237,12 @@ def makeService(config, reactor=None):
         len(config["server_list"].peers),
         " (bridge)" if config["server_list"].bridge else "",
     )
-    NodeService(node, describe).setServiceParent(root)
 
     servers = config["server_list"]
     http, http_pool = make_http_client(reactor)
     client = PeerClient(http, node_id, timeout=config["replication-timeout"])
     replication = Replication(
         node,
-        ChangeLog(os.path.join(data_dir, "changes")),
         client,
         reactor,
         in_thread,
@@ -259,8 +251,6 @@ def makeService(config, reactor=None):
         send_interval=config["replication-interval"],
     )
     cluster = ClusterService(replication, servers, reactor)
-    cluster.setServiceParent(root)
-    PeerHTTPService(http_pool).setServiceParent(root)
     lookups = Lookups(
         node, lambda: cluster.servers.peers, client, reactor, timeout=config["lookup-timeout"]
     )
@@ -283,7 +273,6 @@ def makeService(config, reactor=None):
         stale_if_error=config["cache-stale-if-error"],
     )
     front.attach(node)
-    FrontService(front).setServiceParent(root)
     api = RecordAPI(
         node,
         max_record_size=config["max-record-size"],
@@ -306,7 +295,10 @@ def makeService(config, reactor=None):
     site._parsePOSTFormSubmission = False
     site.max_body = config["max-record-size"]
     site.displayTracebacks = False
-    strports.service(config["port"], site, reactor=reactor).setServiceParent(root)
+    port = strports.service(config["port"], site, reactor=reactor)
+    root = NodeRoot(
+        pool, node, cluster, port, extras=[FrontService(front)], http_pool=http_pool, describe=describe
+    )
 
     if listens_beyond_loopback(config["port"]):
         log.warn(

@@ -17,7 +17,8 @@ from minstore.api import BoundedRequest
 from minstore.node import Node
 from minstore.process.lang import LanguageDetection
 from minstore.process.schema import SchemaValidation
-from minstore.service import NodeService, ThreadPoolService
+from minstore.node import run_inline
+from minstore.service import NodeRoot
 from minstore.storage.files import FileStorage
 from minstore.storage.memory import MemoryStorage
 from minstore.tap import Options, listens_beyond_loopback, makeService
@@ -203,34 +204,60 @@ class GoodOptionTests(OptionsTestCase):
 class MakeServiceTests(OptionsTestCase):
     def test_service_tree(self):
         """
-        makeService wires, without starting, a MultiService holding the
-        thread pool, the node and the HTTP server on the --port endpoint.
+        makeService wires, without starting, a NodeRoot holding the thread
+        pool, the node, the cluster and the HTTP server on the --port
+        endpoint; nothing listens and no thread runs before it starts.
         """
         options = self.parse("--port", "tcp:0:interface=127.0.0.1", "--max-record-size", "500")
         reactor = MemoryReactorClock()
         root = makeService(options, reactor=reactor)
-        self.assertIsInstance(root, MultiService)
+        self.assertIsInstance(root, NodeRoot)
         self.assertFalse(root.running)
-        children = list(root)
-        pools = [s for s in children if isinstance(s, ThreadPoolService)]
-        nodes = [s for s in children if isinstance(s, NodeService)]
-        https = [s for s in children if isinstance(s, StreamServerEndpointService)]
-        self.assertEqual((len(pools), len(nodes), len(https)), (1, 1, 1))
-        self.assertFalse(pools[0].pool.started)
-        self.assertEqual(pools[0].pool.max, 10)
-        node = nodes[0].node
+        self.assertFalse(root.pool.started)
+        self.assertEqual(root.pool.max, 10)
+        node = root.node
         self.assertIsInstance(node, Node)
         self.assertIsInstance(node.storage, FileStorage)
         self.assertEqual(node.storage.root, os.path.join(self.data, "records"))
         self.assertEqual(node.processes, [])
-        site = https[0].factory
+        self.assertIsInstance(root.port, StreamServerEndpointService)
+        site = root.port.factory
         self.assertIs(site.requestFactory, BoundedRequest)
         self.assertEqual(site.max_body, 500)
-        self.assertFalse(https[0].running)
+        self.assertFalse(root.port.running)
         self.assertEqual(reactor.tcpServers, [])  # nothing listens before the service starts
-        # The thread pool stops after the other services (it is started first).
-        self.assertLess(children.index(pools[0]), children.index(nodes[0]))
-        self.assertLess(children.index(nodes[0]), children.index(https[0]))
+
+    def test_start_and_stop_in_order(self):
+        """
+        Started, the node opens its storage before the port listens; at stop
+        the port is closed first, then the writes drain, replication saves its
+        checkpoints, the storage closes, and the thread pool stops last.
+        """
+        options = self.parse("--port", "tcp:0:interface=127.0.0.1", "--storage", "sqlite")
+        reactor = MemoryReactorClock()
+        root = makeService(options, reactor=reactor)
+        events = []
+        storage = root.node.storage
+        real_open, real_close = storage.open, storage.close
+
+        def opened():
+            events.append(("open", len(reactor.tcpServers)))
+            real_open()
+
+        def closed():
+            events.append(("close", root.port.running))
+            real_close()
+
+        storage.open, storage.close = opened, closed
+        root.pool.start = lambda: events.append("pool start")
+        root.pool.stop = lambda: events.append("pool stop")
+        root.node.in_thread = run_inline
+        root.cluster.replication.in_thread = run_inline
+        root.startService()
+        self.assertEqual(events, ["pool start", ("open", 0)])
+        self.assertEqual(len(reactor.tcpServers), 1)
+        self.successResultOf(root.stopService())
+        self.assertEqual(events[2:], [("close", False), "pool stop"])
 
     def test_processes_start_and_stop_with_the_node(self):
         """A process's start() runs when the node starts, its stop() after the node's last write."""
@@ -251,22 +278,25 @@ class MakeServiceTests(OptionsTestCase):
                 calls.append("stop (writes pending: %d)" % node.pending())
 
         options["process_list"] = [Lifecycle()]
-        service = [s for s in makeService(options, reactor=MemoryReactorClock()) if isinstance(s, NodeService)][0]
-        node = service.node
-        service.startService()
+        root = makeService(options, reactor=MemoryReactorClock())
+        node = root.node
+        root.pool.start = root.pool.stop = lambda: None
+        node.in_thread = run_inline
+        root.cluster.replication.in_thread = run_inline
+        root.startService()
         self.assertEqual(calls, ["start"])
-        self.successResultOf(service.stopService())
+        self.successResultOf(root.stopService())
         self.assertEqual(calls, ["start", "stop (writes pending: 0)"])
 
     def test_node_id_kept(self):
         """A node keeps its id across service builds over the same data directory."""
         options = self.parse("--storage", "memory")
-        first = [s for s in makeService(options, reactor=MemoryReactorClock()) if isinstance(s, NodeService)][0]
-        second = [s for s in makeService(options, reactor=MemoryReactorClock()) if isinstance(s, NodeService)][0]
-        self.assertIsInstance(first.node.storage, MemoryStorage)
-        self.assertEqual(first.node.node_id, second.node.node_id)
+        first = makeService(options, reactor=MemoryReactorClock()).node
+        second = makeService(options, reactor=MemoryReactorClock()).node
+        self.assertIsInstance(first.storage, MemoryStorage)
+        self.assertEqual(first.node_id, second.node_id)
         with open(os.path.join(self.data, "node_id")) as f:
-            self.assertEqual(f.read(), first.node.node_id)
+            self.assertEqual(f.read(), first.node_id)
 
 
 class LoopbackTests(SynchronousTestCase):

@@ -7,12 +7,15 @@ The inter-node routes (served by L{minstore.cluster.routes}):
 * ``POST /_cluster/replicas[?bridge=1]``: a body of records or tombstones,
   one canonical JSON object per line (NDJSON), stored as sent when newer;
   answers ``{"applied": n, "received": n}``.
-* ``GET /_cluster/lookup/{collection}/{uid}?visited=id,id&asked=url,url``:
+* ``GET /_cluster/lookup/{collection}/{uid}?visited=id,id&asked=url,url&newer_than=VERSION``:
   the live record held by that node or, failing that, by any node it can
   reach that is not in ``visited`` (node ids) nor ``asked`` (peer URLs that
-  another node of the walk asks); 404 when none has it.
-* ``DELETE /_cluster/lookup/{collection}/{uid}?visited=id,id``: the same
-  walk, deleting on the node that holds the record.
+  another node of the walk asks); 404 when none has it.  With
+  ``newer_than`` (the version the asking node holds, a tombstone's
+  included), only a copy with a higher version counts.
+* ``DELETE /_cluster/lookup/{collection}/{uid}?visited=id,id&newer_than=VERSION``:
+  the same walk, deleting on the node that holds the record (only a copy
+  newer than ``newer_than``: an older one is left for the tombstone's replica).
 """
 
 import json
@@ -94,12 +97,14 @@ class PeerClient:
         return json.loads(body).get("applied", 0)
 
     async def lookup(
-        self, peer, collection, uid, visited, method="GET", if_match=None, timeout=None, asked=()
+        self, peer, collection, uid, visited, method="GET", if_match=None, timeout=None, asked=(), newer_than=None
     ):
         """
         The record bytes a peer (or a node it reaches) holds, or None when
         none of them has it.  ``visited`` is the list of node ids already
-        asked; ``asked`` the peer URLs that other nodes of the walk ask.
+        asked; ``asked`` the peer URLs that other nodes of the walk ask;
+        ``newer_than`` the version the walk already holds (only a copy with
+        a higher version counts), or None.
         """
         url = "%s/_cluster/lookup/%s?visited=%s" % (
             peer,
@@ -108,6 +113,8 @@ class PeerClient:
         )
         if asked:
             url += "&asked=" + quote(",".join(asked), safe=",:/[]")
+        if newer_than is not None:
+            url += "&newer_than=" + quote(newer_than, safe="")
         try:
             headers = {b"if-match": [if_match.encode("latin-1")]} if if_match else {}
             _, body = await self._call(method, url, timeout=timeout, headers=headers)
