@@ -46,7 +46,7 @@ class NodeService(Service):
         Service.startService(self)
         self.node.open()
         for process in self.node.processes:
-            # A process may have a life of its own (lang's child process).
+            # A process may have a life of its own (IProcess: start and stop).
             if hasattr(process, "start"):
                 process.start()
         self.log.info(
