@@ -354,6 +354,20 @@ class ScorerTests(SynchronousTestCase):
         with open(langscore.MODEL_FILE, "rb") as f:
             self.assertEqual(f.read(), installed)
 
+    def test_model_read_without_numpy(self):
+        """The model is read with the standard library only (a PyPy node imports no numpy)."""
+        saved = sys.modules.get("numpy")
+        sys.modules["numpy"] = None  # import numpy: ImportError
+        self.addCleanup(lambda: sys.modules.pop("numpy") if saved is None else sys.modules.update(numpy=saved))
+        model = langscore.read_model()
+        self.assertEqual(model["shape"], (100053, 142))
+        self.assertEqual(len(model["ptc"]), 100053 * 142)
+        self.assertEqual(len(model["classes"]), 142)
+        self.assertEqual(len(model["pc"]), 142)
+        self.assertEqual(len(model["out_feat"]), len(model["nextmove_row"]))
+        self.assertEqual(len(model["nextmove"]) % 256, 0)
+        self.assertIn("en", model["classes"])
+
     def test_altered_model_refused(self):
         """A model file that is not py3langid 0.4.0's is refused, naming it."""
         path = self.mktemp()

@@ -25,24 +25,30 @@ Python over arrays, which PyPy's JIT makes fast:
 The model is py3langid 0.4.0's own file (``data/py3langid-0.4.0-model.npz.xz``,
 byte for byte, with its licence beside it): pip installs py3langid 0.3 (a
 different model) on Python 3.9 and PyPy 3.9, and a record must get the same
-``lang`` whichever interpreter the node that took the write runs.  numpy reads
-it, once, at start; nothing in the per-text path uses numpy.
+``lang`` whichever interpreter the node that took the write runs.  It is read
+once, at start (2-4 s), with the standard library only: a PyPy node imports
+no numpy at all.
 """
 
+import ast
+import collections
+import gc
 import hashlib
-import io
+import itertools
 import lzma
 import math
+import operator
 import os
+import struct
+import sys
+import tempfile
 import unicodedata
+import zipfile
 from array import array
 
 MODEL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "py3langid-0.4.0-model.npz.xz")
 #: The SHA-256 of py3langid 0.4.0's py3langid/data/model.npz.xz.
 MODEL_SHA256 = "f4f4a2c3465ca1f081541037f9cac23021d68151c2f709c55ae5eedfca522963"
-
-_TYPECODE = {2: "H", 4: "I", 8: "L"}
-
 
 class ModelError(Exception):
     """The model file is missing, altered or not in py3langid 0.4's layout."""
@@ -50,36 +56,70 @@ class ModelError(Exception):
 
 def read_model(path=MODEL_FILE):
     """
-    py3langid 0.4's model, as its ``modelio.load_model`` reads it: ``(ptc,
-    pc, classes, nextmove, row, output)``; ``ptc`` and ``pc`` numpy arrays,
-    ``nextmove`` and ``row`` stdlib arrays, ``output`` a list.
+    py3langid 0.4's model file, read without numpy: a dict of its arrays
+    (``ptc``: the float16 table's bits, row-major, an ``array("H")``;
+    ``pc``, ``nextmove``, ``nextmove_row``, ``out_feat``: stdlib arrays;
+    ``classes``: a list of str), and ``shape``, the table's (features,
+    languages).
     """
-    import numpy
-
+    digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     except OSError as e:
         raise ModelError("cannot read the language model %s: %s" % (path, e))
-    if hashlib.sha256(data).hexdigest() != MODEL_SHA256:
+    if digest.hexdigest() != MODEL_SHA256:
         raise ModelError("%s is not py3langid 0.4.0's model (SHA-256 differs)" % (path,))
-    with numpy.load(io.BytesIO(lzma.decompress(data)), allow_pickle=False) as npz:
-        return (
-            npz["ptc"],
-            npz["pc"],
-            npz["classes"].tolist(),
-            _to_array(npz["nextmove"]),
-            _to_array(npz["nextmove_row"]),
-            npz["out_feat"].tolist(),
-        )
+    # Decompressed (68 MB) into a temporary file through one buffer, as
+    # py3langid does: never all in memory, and no garbage for PyPy's GC.
+    with tempfile.TemporaryFile(suffix=".npz") as tmp:
+        buffer = bytearray(1 << 20)
+        view = memoryview(buffer)
+        with lzma.open(path) as source:
+            while True:
+                n = source.readinto(buffer)
+                if not n:
+                    break
+                tmp.write(view[:n])
+        tmp.seek(0)
+        model = {}
+        with zipfile.ZipFile(tmp) as npz:
+            for name in ("ptc", "pc", "classes", "nextmove", "nextmove_row", "out_feat"):
+                with npz.open(name + ".npy") as member:
+                    model[name], shape = _read_npy(member, name)
+                if name == "ptc":
+                    model["shape"] = shape
+    return model
 
 
-def _to_array(values):
-    import numpy
+#: numpy's little-endian dtypes in the model, as stdlib array type codes.
+_NPY_TYPES = {"<f2": "H", "<f4": "f", "<u2": "H", "<u4": "I", "<i4": "i", "<U3": None}
 
-    out = array(_TYPECODE[values.dtype.itemsize])
-    out.frombytes(memoryview(numpy.ascontiguousarray(values)).cast("B"))
-    return out
+
+def _read_npy(member, name):
+    """The array of an .npy file (numpy's format 1.0-3.0) and its shape."""
+    magic = member.read(8)
+    if magic[:6] != b"\x93NUMPY":
+        raise ModelError("the language model's %s is not an .npy array" % (name,))
+    size = member.read(2 if magic[6] == 1 else 4)
+    header = ast.literal_eval(member.read(int.from_bytes(size, "little")).decode("latin-1"))
+    descr, shape = header["descr"], header["shape"]
+    if descr not in _NPY_TYPES or header["fortran_order"] or sys.byteorder != "little":
+        raise ModelError("the language model's %s has an unexpected layout (%r)" % (name, header))
+    count = 1
+    for n in shape:
+        count *= n
+    if descr == "<U3":  # fixed-width UTF-32 strings
+        data = member.read(12 * count)
+        return [data[i : i + 12].decode("utf-32-le").rstrip("\x00") for i in range(0, len(data), 12)], shape
+    values = array(_NPY_TYPES[descr])
+    while len(values) < count:
+        chunk = member.read(min(1 << 20, (count - len(values)) * values.itemsize))
+        if not chunk:
+            raise ModelError("the language model's %s is truncated" % (name,))
+        values.frombytes(chunk)
+    return values, shape
 
 
 def two_letter(classes):
@@ -102,29 +142,34 @@ class SparseScorer:
     """
 
     def __init__(self, model=None):
-        import numpy
-
-        ptc, pc, classes, nextmove, row, output = model if model is not None else read_model()
-        keep = two_letter(classes)
-        self.classes = [classes[i] for i in keep]
-        table = numpy.asarray(ptc)[:, keep]
+        model = model if model is not None else read_model()
+        ptc, (n_features, n_classes) = model["ptc"], model["shape"]
+        keep = two_letter(model["classes"])
+        self.classes = [model["classes"][i] for i in keep]
+        # float16 bits -> float, for all 65,536 of them.
+        half = struct.unpack("<65536e", array("H", range(65536)).tobytes())
         # Each language's most common weight (an n-gram never seen in it).
-        base = numpy.empty(len(keep), dtype=table.dtype)
-        for c in range(len(keep)):
-            values, counts = numpy.unique(table[:, c], return_counts=True)
-            base[c] = values[counts.argmax()]
-        features, columns = numpy.nonzero(table != base)  # feature by feature
-        deltas = table[features, columns].astype(numpy.float64) - base[columns].astype(numpy.float64)
-        # The entries of feature f are starts[f]:starts[f + 1].
-        starts = numpy.searchsorted(features, numpy.arange(table.shape[0] + 1))
-        self.starts = array("l", starts.astype(numpy.int64).tolist())
-        self.columns = array("B", columns.astype(numpy.uint8).tobytes())
-        self.deltas = array("d", numpy.ascontiguousarray(deltas).tobytes())
-        self.base = base.astype(numpy.float64).tolist()
-        self.prior = numpy.asarray(pc)[keep].astype(numpy.float64).tolist()
-        self.nextmove = nextmove
-        self.rowbase = [r << 8 for r in row]
-        self.output = output
+        base_bits = [collections.Counter(ptc[c::n_classes]).most_common(1)[0][0] for c in keep]
+        base = [half[b] for b in base_bits]
+        # Feature by feature, the languages whose weight is not their base:
+        # the entries of feature f are starts[f]:starts[f + 1].
+        kept_of = operator.itemgetter(*keep)
+        languages = range(len(keep))
+        ne = operator.ne
+        self.starts = starts = array("L", [0])
+        self.columns = columns = array("B")
+        self.deltas = deltas = array("d")
+        for f in range(n_features):
+            kept = kept_of(ptc[f * n_classes : (f + 1) * n_classes])
+            differ = list(itertools.compress(languages, map(ne, kept, base_bits)))
+            columns.extend(differ)
+            deltas.extend([half[kept[j]] - base[j] for j in differ])
+            starts.append(len(columns))
+        self.base = base
+        self.prior = [float(model["pc"][i]) for i in keep]
+        self.nextmove = model["nextmove"]
+        self.rowbase = [r << 8 for r in model["nextmove_row"]]
+        self.output = model["out_feat"]
         first, self.aliases = {}, []
         for i, c in enumerate(self.classes):
             if c in first:
@@ -133,6 +178,8 @@ class SparseScorer:
                 first[c] = i
         #: log1p(n) for the counts a text usually has.
         self.weights = [math.log1p(n) for n in range(256)]
+        del model, ptc
+        release_memory()
 
     def features(self, data):
         """{feature: count} of the n-grams in ``data`` (bytes): py3langid's DFA walk."""
@@ -188,6 +235,21 @@ class SparseScorer:
         return self.classes[best], probs[best]
 
 
+def release_memory():
+    """
+    Collect the garbage of loading the model (the 28 MB table, the file's
+    chunks) and give the freed memory back to the system: glibc keeps freed
+    blocks for reuse otherwise, 40-70 MB of a PyPy node's RSS.
+    """
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (ImportError, OSError, AttributeError):
+        pass  # not glibc: what was freed stays with the process, for reuse
+
+
 class Py3langidScorer:
     """
     py3langid 0.4's own numpy scoring (the faster one on CPython) over the
@@ -201,7 +263,10 @@ class Py3langidScorer:
         identifier = langid.LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
         identifier.set_languages([identifier.nb_classes[i] for i in two_letter(identifier.nb_classes)])
         widen_table(identifier)
+        # Let the full float16 table (28 MB) go: set_languages is not called again.
+        identifier._full_model = (identifier.nb_ptc, identifier.nb_pc, identifier.nb_classes)
         self.identifier = identifier
+        release_memory()
         self.classify = identifier.classify
 
 
