@@ -51,7 +51,7 @@ CORPUS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lang_cor
 NO_SPACES = {"ja", "zh", "th"}
 
 #: The README's example values and the lang py3langid gave them before the
-#: pure-Python scorer (a node with the language worker, at 23b1023).
+#: pure-Python scorer (a node at bfb782c, with the language worker).
 README_EXAMPLES = [
     ("hello world, this is minstore", "en"),
     ("A desert planet and its spice", "en"),
