@@ -108,10 +108,6 @@ class Options(usage.Options):
         ["cache-stale-if-error", None, 0.0, "cache=1: seconds past its freshness that a stale record is still served (with a Warning header) while no dependant answers; 0: never.", _seconds("cache-stale-if-error")],
     ]
 
-    optFlags = [
-        ["no-lang-worker", None, "Run the lang process in the thread pool instead of a child process (which takes its CPU off the node's core)."],
-    ]
-
     def opt_version(self):
         """Print the version and exit."""
         print("minstore", __version__)
@@ -172,7 +168,6 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     "--processes: no process %r (known: %s)" % (name, ", ".join(sorted(known)))
                 )
-        self["lang-worker"] = not self["no-lang-worker"]
         try:
             self["process_list"] = make_processes(names, self)
         except SchemaError as e:

@@ -177,17 +177,14 @@ class GoodOptionTests(OptionsTestCase):
         self.assertEqual(options["server_list"].peers, ())
         self.assertFalse(options["server_list"].bridge)
         self.assertTrue(os.path.isdir(self.data))
-        # lang runs in a child process, started with the node.
+        # lang scores in the node itself, in the thread pool: no child to start.
         lang = options["process_list"][0]
-        self.assertIsNotNone(lang.worker)
-        self.assertFalse(lang.worker.running)
-
-    def test_no_lang_worker(self):
-        """--no-lang-worker: lang runs in the node's writer thread, with no child."""
-        options = self.parse("--no-lang-worker", processes="lang")
-        lang = options["process_list"][0]
-        self.assertIsNone(lang.worker)
         self.assertTrue(lang.threaded)
+        self.assertFalse(hasattr(lang, "start"))
+
+    def test_no_lang_worker_gone(self):
+        """--no-lang-worker is gone with the language worker: an unknown option."""
+        self.assertBad("--no-lang-worker", includes=["no-lang-worker"])
 
     def test_servers_and_sizes(self):
         """A servers.list, sizes and processes are parsed into their values."""
