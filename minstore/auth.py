@@ -30,7 +30,6 @@ import fnmatch
 import hashlib
 import hmac
 import ipaddress
-import os
 import secrets
 import signal
 import sys
@@ -563,6 +562,44 @@ class TokensService(Service):
         if self._installed:
             signal.signal(signal.SIGHUP, self._previous if self._previous is not None else signal.SIG_DFL)
             self._installed = False
+
+
+# -- options ------------------------------------------------------------------
+
+
+def read_security_options(config):
+    """
+    The files of the security options of ``twistd minstore`` read and
+    checked: a dict of ``tokens`` (a TokenSet or None), ``cluster_key``
+    (bytes or None), ``peer_tls`` (an IPolicyForHTTPS or None) and
+    ``allow_origins`` (a list).  AuthFileError or TLSConfigError naming
+    the option and file.
+    """
+    from minstore import tls
+
+    result = {"tokens": None, "cluster_key": None, "peer_tls": None, "allow_origins": []}
+    for option, reader, name in (("tokens", read_tokens, "tokens"), ("cluster-key", read_cluster_key, "cluster_key")):
+        if config.get(option):
+            try:
+                result[name] = reader(config[option])
+            except AuthFileError as e:
+                raise AuthFileError("--%s: %s" % (option, e))
+    try:
+        result["peer_tls"] = tls.peer_policy(config.get("peer-ca"), config.get("peer-cert"), config.get("peer-key"))
+        if config.get("client-ca"):
+            if not config["port"].startswith("ssl:"):
+                raise tls.TLSConfigError("needs an ssl: --port (ssl:8443:privateKey=key.pem:certKey=cert.pem)")
+            tls.load_ca(config["client-ca"])
+    except tls.TLSConfigError as e:
+        raise tls.TLSConfigError("TLS options: %s" % (e,))
+    for origin in (config.get("allow-origin") or "").split(","):
+        origin = origin.strip()
+        if not origin:
+            continue
+        if not (origin.startswith("http://") or origin.startswith("https://")) or "/" in origin.split("://", 1)[1].rstrip("/"):
+            raise AuthFileError("--allow-origin: %r is not an origin (scheme://host[:port])" % origin)
+        result["allow_origins"].append(origin)
+    return result
 
 
 # -- the command line -------------------------------------------------------
