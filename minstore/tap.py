@@ -269,7 +269,6 @@ def makeService(config, reactor=None):
     guard = Guard(security["tokens"], key, config["insecure"], security["allow_origins"])
     guard.peers = client
     guard.attach(node)
-    TokensService(guard, reactor).setServiceParent(root)
     replication = Replication(
         node,
         ChangeLog(os.path.join(data_dir, "changes")),
@@ -282,6 +281,8 @@ def makeService(config, reactor=None):
     )
     cluster = ClusterService(replication, servers, reactor)
     cluster.setServiceParent(root)
+    # After the cluster service: its SIGHUP handler is chained, not replaced.
+    TokensService(guard, reactor).setServiceParent(root)
     PeerHTTPService(http_pool).setServiceParent(root)
     lookups = Lookups(
         node, lambda: cluster.servers.peers, client, reactor, timeout=config["lookup-timeout"]

@@ -538,3 +538,68 @@ class PeerSigningTests(SynchronousTestCase):
         self.assertEqual(response.code, 404)
         status = json.loads(self.successResultOf(self.successResultOf(http.get("http://a/_node/status")).content()))
         self.assertIn("bad signature", status["security"]["refused_by_peers"][B]["last_refusal"])
+
+
+class CacheFrontTests(SynchronousTestCase):
+    """
+    A cache front passes the client's Authorization to its dependants and
+    never serves a cached record to a client they would refuse.
+    """
+
+    FRONT = "http://127.0.0.1:9000"
+
+    def setUp(self):
+        from minstore.cache import CacheFront
+
+        self.clock = Clock()
+        self.clock.advance(1000000)
+        self.tokens = Tokens()
+        self.cats, line = new_token("cats", "read:cats")
+        tokens = parse_tokens(self.tokens.text + line + "\n")
+        self.net = FakeNetwork()
+        self.nodes = {}
+        for url, name in ((A, "a"), (B, "b")):
+            node = self.nodes[url] = Node(MemoryStorage(), node_id=name)
+            node.open()
+            guard = Guard(tokens, ClusterKey(KEY, self.clock))
+            self.net.add(url, FromAddress(GuardResource(guard, RecordAPI(node).resource()), "10.0.0.9"))
+        front_node = Node(MemoryStorage(), node_id="front")
+        front_node.open()
+        client = PeerClient(self.net, "front", signer=ClusterKey(KEY, self.clock), clock=self.clock)
+        self.front = CacheFront(client, lambda: [A, B], self.clock, ttl=60, timeout=5)
+        self.front.attach(front_node)
+        api = RecordAPI(front_node, front=self.front)
+        self.http = StubTreq(GuardResource(Guard(), self.front.resource(api.resource())))
+
+    def call(self, method, path, token=None, **kwargs):
+        headers = bearer(token) if token else {}
+        d = self.http.request(method, self.FRONT + path, headers=headers, **kwargs)
+        self.http.flush()
+        response = self.successResultOf(d)
+        return response.code, self.successResultOf(response.content())
+
+    def test_write_through_the_front_with_a_token(self):
+        """The dependant takes the client's token; the replica to the other is signed."""
+        code, _ = self.call("POST", "/books/1?cache=1", self.tokens.writer, json={"value": 1})
+        self.assertEqual(code, 200)
+        for url in (A, B):
+            self.assertIsNotNone(self.successResultOf(self.nodes[url].read("books", "1")), url)
+        code, body = self.call("POST", "/books/2?cache=1", json={"value": 1})
+        self.assertEqual((code, json.loads(body)["error"]), (401, "unauthorized"))
+        code, body = self.call("POST", "/books/2?cache=1", self.tokens.reader, json={"value": 1})
+        self.assertEqual(code, 403)
+
+    def test_cached_record_not_served_to_a_refused_client(self):
+        self.assertEqual(self.call("POST", "/books/1?cache=1", self.tokens.writer, json={"value": 1})[0], 200)
+        asked = len(self.net.requests)
+        self.assertEqual(self.call("GET", "/books/1?cache=1", self.tokens.writer)[0], 200)
+        self.assertEqual(len(self.net.requests), asked)  # a hit: the writer may read
+        for token, code in ((None, 401), ("forged", 401), (self.cats, 403)):
+            self.assertEqual(self.call("GET", "/books/1?cache=1", token)[0], code, token)
+        self.assertGreater(len(self.net.requests), asked)
+        # The reader is asked for once, then served from the cache.
+        self.assertEqual(self.call("GET", "/books/1?cache=1", self.tokens.reader)[0], 200)
+        asked = len(self.net.requests)
+        self.assertEqual(self.call("GET", "/books/1?cache=1", self.tokens.reader)[0], 200)
+        self.assertEqual(len(self.net.requests), asked)
+        self.assertGreaterEqual(self.front.hits, 2)
