@@ -163,6 +163,9 @@ class TokensFileTests(SynchronousTestCase):
 
     def test_command_line(self):
         """python -m minstore.auth new NAME SCOPES prints the token and its line."""
+        import sys
+
+        self.patch(sys, "stderr", io.StringIO())
         out = io.StringIO()
         self.assertEqual(auth.main(["new", "ci", "write:books"], out=out), 0)
         lines = out.getvalue().splitlines()
@@ -603,3 +606,83 @@ class CacheFrontTests(SynchronousTestCase):
         self.assertEqual(self.call("GET", "/books/1?cache=1", self.tokens.reader)[0], 200)
         self.assertEqual(len(self.net.requests), asked)
         self.assertGreaterEqual(self.front.hits, 2)
+
+
+class DocumentTests(SynchronousTestCase):
+    def test_openapi_declares_bearer_and_refusals(self):
+        from minstore.openapi import openapi_document
+
+        document = openapi_document()
+        self.assertEqual(document["components"]["securitySchemes"]["bearer"]["scheme"], "bearer")
+        self.assertEqual(document["security"], [{"bearer": []}])
+        self.assertEqual(document["paths"]["/_node/health"]["get"]["security"], [])
+        for path, item in document["paths"].items():
+            for method, operation in item.items():
+                if isinstance(operation, dict) and "responses" in operation and path != "/_node/health":
+                    self.assertIn("401", operation["responses"], (path, method))
+                    self.assertIn("403", operation["responses"], (path, method))
+
+    def test_console_asks_for_a_token_on_401(self):
+        from minstore.console import CONSOLE_HTML
+
+        page = CONSOLE_HTML.decode() if isinstance(CONSOLE_HTML, bytes) else CONSOLE_HTML
+        self.assertIn("response.status === 401", page)
+        self.assertIn('sessionStorage.getItem("minstore-token")', page)
+        self.assertNotIn("localStorage", page)
+
+
+class SecurityOptionTests(SynchronousTestCase):
+    """The security options stop a bad start with one line naming the file."""
+
+    def setUp(self):
+        import sys
+
+        self.stderr = io.StringIO()
+        self.patch(sys, "stderr", self.stderr)
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+
+    def parse(self, *args):
+        from minstore.tap import Options
+
+        options = Options()
+        options.parseOptions(["--data", os.path.join(self.dir, "data"), "--processes", ""] + list(args))
+        return options
+
+    def bad(self, *args):
+        e = self.assertRaises(SystemExit, self.parse, *args)
+        self.assertEqual(e.code, 2)
+        text = self.stderr.getvalue()
+        self.stderr.seek(0)
+        self.stderr.truncate()
+        self.assertEqual(text.count("\n"), 1, text)
+        return text
+
+    def file(self, name, text):
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_bad_files(self):
+        tokens = self.file("tokens", "# ok\nbroken\n")
+        self.assertIn("--tokens: %s:2: expected NAME SHA256HEX SCOPES" % tokens, self.bad("--tokens", tokens))
+        self.assertIn("--cluster-key: %s:1:" % tokens, self.bad("--cluster-key", tokens))
+        self.assertIn("cannot read", self.bad("--tokens", os.path.join(self.dir, "none")))
+        self.assertIn("--allow-origin", self.bad("--allow-origin", "evil.example"))
+        self.assertIn("ssl:", self.bad("--client-ca", tokens))
+        self.assertIn("--peer-key", self.bad("--peer-cert", tokens))
+
+    def test_good_options(self):
+        _, line = new_token("ci", "admin")
+        options = self.parse(
+            "--tokens", self.file("tokens", line + "\n"),
+            "--cluster-key", self.file("key", "x" * 40),
+            "--allow-origin", "https://a.example, http://b.example:8080",
+            "--insecure",
+        )
+        security = options["security"]
+        self.assertEqual(len(security["tokens"]), 1)
+        self.assertEqual(security["cluster_key"], b"x" * 40)
+        self.assertEqual(security["allow_origins"], ["https://a.example", "http://b.example:8080"])
+        self.assertTrue(options["insecure"])
