@@ -30,6 +30,7 @@ import fnmatch
 import hashlib
 import hmac
 import ipaddress
+import re
 import secrets
 import signal
 import sys
@@ -95,26 +96,27 @@ def format_scopes(scopes):
 class Token:
     """One line of the tokens file: a name, the token's SHA-256, its scopes."""
 
-    __slots__ = ("name", "digest", "scopes")
+    __slots__ = ("name", "digest", "scopes", "_match")
 
     def __init__(self, name, digest, scopes):
         self.name = name
         self.digest = digest
         self.scopes = scopes
+        self._match = [re.compile(fnmatch.translate(glob), re.DOTALL).match for _, glob in scopes]
 
     def allows(self, kind, collection=None):
         """
         Whether the token covers ``kind`` (``read``, ``write``, ``admin``, or
         None: any valid token) on ``collection``.
         """
-        for have, glob in self.scopes:
+        for (have, _), match in zip(self.scopes, self._match):
             if have == "admin":
                 return True
             if kind is None:
                 return True
             if kind == "admin":
                 continue
-            if (have == "write" or have == kind) and fnmatch.fnmatchcase(collection, glob):
+            if (have == "write" or have == kind) and match(collection):
                 return True
         return False
 
@@ -307,16 +309,25 @@ class ClusterKey:
 # -- the decisions --------------------------------------------------------
 
 
+_LOOPBACK = {}  # host text -> bool (parsing an address costs more than the rest of a check)
+
+
 def _is_loopback(address):
     if isinstance(address, (IPv4Address, IPv6Address)):
+        known = _LOOPBACK.get(address.host)
+        if known is not None:
+            return known
         try:
-            host = address.host.split("%", 1)[0]
-            ip = ipaddress.ip_address(host)
+            ip = ipaddress.ip_address(address.host.split("%", 1)[0])
+            if getattr(ip, "ipv4_mapped", None) is not None:
+                ip = ip.ipv4_mapped
+            known = ip.is_loopback
         except ValueError:
-            return False
-        if getattr(ip, "ipv4_mapped", None) is not None:
-            ip = ip.ipv4_mapped
-        return ip.is_loopback
+            known = False
+        if len(_LOOPBACK) > 4096:
+            _LOOPBACK.clear()
+        _LOOPBACK[address.host] = known
+        return known
     # UNIX sockets (and in-memory transports without an address) are local.
     return address is None or getattr(address, "type", None) not in ("TCP", "UDP")
 
@@ -371,7 +382,7 @@ class Guard:
         """Raise L{Refusal} when the request may not go further."""
         method = request.method
         path = request.path
-        kind, collection = required_scope(method, path, request.getHeader(b"accept"))
+        kind, collection = required_scope(method, path, request.getHeader(b"accept") if path == b"/" else b"")
         if kind == "open":
             return
         if method not in _SAFE_METHODS:
