@@ -29,6 +29,7 @@ setup(
     ],
     extras_require={
         "test": ["openapi-spec-validator>=0.5.0"],  # checks GET /openapi.json
+        "tls": ["Twisted[tls]>=22.10.0"],  # https:// peers, --peer-ca, --client-ca (pyOpenSSL, service_identity)
     },
     entry_points={},
     zip_safe=False,

@@ -23,6 +23,11 @@ body.
   cannot take its replica gets it later (in memory, with back-off).
 * DELETE: sent to every dependant (``local=1``); 200 when any deleted.  A
   dependant that did not answer gets the tombstone later.
+* The client's ``Authorization`` goes to the dependants unchanged, and a
+  fresh entry is served only to a client whose ``Authorization`` (or lack
+  of one) a dependant accepted for that collection within the last ``ttl``
+  seconds: a cached record is never served to a client the dependants
+  would refuse (their 401 and 403 pass through).
 * 400, 404 and 412 from a dependant pass through unchanged.  No answer
   from any dependant within ``timeout`` seconds: 502 with a JSON error.
 
@@ -30,6 +35,7 @@ Cache hits are answered on the reactor thread with no Deferred at all;
 L{FrontResource} serves them before the Klein app is even entered.
 """
 
+import hashlib
 import json
 import time
 from collections import OrderedDict
@@ -63,6 +69,14 @@ DEFAULT_TIMEOUT = 5.0
 _ANY_STATUS = range(100, 600)
 #: What a stale entry is served with when no dependant could revalidate it.
 STALE_WARNING = b'111 minstore "Revalidation Failed"'
+#: (credential, collection) pairs remembered as accepted by a dependant.
+MAX_CREDENTIALS = 10000
+
+
+def _credential(request):
+    """The client's Authorization, kept as its SHA-256 only (b"" for none)."""
+    header = request.getHeader(b"authorization")
+    return b"" if header is None else hashlib.sha256(header).digest()
 
 
 def _flag(args, name):
@@ -197,7 +211,8 @@ class CacheFront:
         self.not_modified = 0
         self.stale_served = 0
         self.errors = 0
-        self._fetches = {}  # key -> _Fetch
+        self._fetches = {}  # (key, credential) -> _Fetch
+        self._accepted = OrderedDict()  # (credential, collection) -> expiry
         self._backlog = {}  # peer -> OrderedDict(key -> (version, data))
         self._retries = {}  # peer -> [attempt, IDelayedCall or None, sending]
         self._stopped = False
@@ -239,7 +254,7 @@ class CacheFront:
         key = (collection, uid)
         if method == b"GET" or method == b"HEAD":
             hit = self.lru.get(key)
-            if hit is not None and self.clock.seconds() < hit[1].expires:
+            if hit is not None and self.clock.seconds() < hit[1].expires and self._may_serve(request, collection):
                 self.hits += 1
                 return self._serve(request, hit[0], hit[1])
             check_collection(collection)
@@ -264,10 +279,24 @@ class CacheFront:
         except (ValueError, UnicodeDecodeError):
             return None
         hit = self.lru.get(key)
-        if hit is None or self.clock.seconds() >= hit[1].expires:
+        if hit is None or self.clock.seconds() >= hit[1].expires or not self._may_serve(request, key[0]):
             return None
         self.hits += 1
         return self._serve(request, hit[0], hit[1])
+
+    def _may_serve(self, request, collection):
+        """Whether a dependant accepted this client's credentials for ``collection`` lately."""
+        expires = self._accepted.get((_credential(request), collection))
+        return expires is not None and self.clock.seconds() < expires
+
+    def _accept(self, credential, collection, accepted):
+        """Remember (or forget) that the dependants accepted these credentials."""
+        pair = (credential, collection)
+        self._accepted.pop(pair, None)
+        if accepted:
+            self._accepted[pair] = self.clock.seconds() + self.ttl
+            while len(self._accepted) > MAX_CREDENTIALS:
+                self._accepted.popitem(last=False)
 
     @staticmethod
     def _serve(request, data, meta):
@@ -337,17 +366,20 @@ class CacheFront:
     # -- GET ----------------------------------------------------------------
 
     def _get(self, request, key, stale):
-        fetch = self._fetches.get(key)
+        credential = _credential(request)
+        fetch = self._fetches.get((key, credential))
         if fetch is None:
-            fetch = self._fetches[key] = _Fetch()
+            fetch = self._fetches[key, credential] = _Fetch()
             if stale is None:
                 self.misses += 1
             else:
                 self.revalidations += 1
-            d = ensureDeferred(self._fetch(key, stale, fetch))
+            d = ensureDeferred(
+                self._fetch(key, stale, fetch, request.getHeader(b"authorization"), credential)
+            )
 
             def finished(result):
-                del self._fetches[key]
+                del self._fetches[key, credential]
                 for waiter in fetch.waiters:
                     if isinstance(result, Failure):
                         waiter.errback(result)
@@ -361,7 +393,7 @@ class CacheFront:
             fetch.waiters.append(d)
         return d.addCallback(self._answer_get, request)
 
-    async def _fetch(self, key, stale, fetch):
+    async def _fetch(self, key, stale, fetch, authorization=None, credential=b""):
         """
         Ask every dependant; ``(data, meta, warning)`` to serve, or an
         L{Answer} to pass through.
@@ -369,12 +401,16 @@ class CacheFront:
         collection, uid = key
         path = "/%s?local=1" % (record_path(collection, uid),)
         headers = {}
+        if authorization is not None:
+            headers[b"authorization"] = [authorization]
         if stale is not None:
             headers[b"if-none-match"] = [stale[1].etag]
         peers = self._peers()
         self._turn = (self._turn + 1) % len(peers)
         peers = peers[self._turn:] + peers[: self._turn]
         winner, outcomes = await self._hedged(peers, path, headers)
+        codes = [o.code for o in outcomes if isinstance(o, Answer)]
+        self._accept(credential, collection, 401 not in codes and 403 not in codes and (200 in codes or 304 in codes))
         if winner is not None and winner.code == 200 and winner.etag:
             if not fetch.invalidated:
                 self._keep(key, winner)
@@ -464,6 +500,9 @@ class CacheFront:
         if_match = request.getHeader(b"if-match")
         if if_match is not None and method == "PUT":
             headers[b"if-match"] = [if_match]
+        authorization = request.getHeader(b"authorization")
+        if authorization is not None:
+            headers[b"authorization"] = [authorization]
         body = json.dumps({"value": value}, ensure_ascii=False).encode("utf-8")
         peers = self._peers()
         outcomes = []
@@ -492,6 +531,8 @@ class CacheFront:
         stored = await self._replicate(others, key, emitter.version, emitter.body)
         self._forget(key)
         self._keep(key, emitter)
+        # A token that may write a collection may read it.
+        self._accept(_credential(request), collection, True)
         request.responseHeaders.setRawHeaders(b"minstore-replicas-stored", [b"%d" % stored])
         request.responseHeaders.setRawHeaders(b"minstore-replicas-expected", [b"%d" % len(others)])
         return self._pass(request, emitter)
@@ -527,6 +568,9 @@ class CacheFront:
         if_match = request.getHeader(b"if-match")
         if if_match is not None:
             headers[b"if-match"] = [if_match]
+        authorization = request.getHeader(b"authorization")
+        if authorization is not None:
+            headers[b"authorization"] = [authorization]
         peers = self._peers()
         self._forget(key)
         _, outcomes = await _first([self._call(p, "DELETE", path, headers) for p in peers], ())

@@ -10,6 +10,7 @@ import sys
 import uuid
 
 from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -18,6 +19,7 @@ from twisted.python.threadpool import ThreadPool
 
 from minstore import __version__
 from minstore.api import DEFAULT_MAX_RECORD_SIZE, BoundedRequest, RecordAPI
+from minstore.auth import AuthFileError, ClusterKey, Guard, GuardResource, TokensService, read_security_options
 from minstore.cache import DEFAULT_SIZE as DEFAULT_CACHE_SIZE
 from minstore.cache import CacheFront, FrontService
 from minstore.cluster.lookup import Lookups
@@ -32,6 +34,7 @@ from minstore.process.schema import SchemaError
 from minstore.records import HybridLogicalClock
 from minstore.service import NodeRoot, QuietSite
 from minstore.storage import available_engines, make_storage
+from minstore.tls import TLSConfigError, client_cert_endpoint
 
 log = Logger("minstore")
 
@@ -105,7 +108,18 @@ class Options(usage.Options):
         ["cache-size", None, DEFAULT_CACHE_SIZE, "cache=1 (this node as a front to the dependants of --servers): bytes of records the front's LRU cache holds, counted as their stored JSON.", _positive_int("cache-size")],
         ["cache-ttl", None, 60.0, "cache=1: seconds a cached record is served without asking a dependant; then it is revalidated with If-None-Match.", _seconds("cache-ttl")],
         ["cache-timeout", None, 5.0, "cache=1: seconds a dependant has to answer the front; when none answers, 502.", _positive_float("cache-timeout")],
+        ["tokens", None, None, "Bearer tokens file, one NAME SHA256HEX SCOPES a line (make one with python -m minstore.auth new NAME SCOPES); every route but GET /_node/health then needs a token. Re-read on SIGHUP. Without it the node answers loopback clients only (protected mode) unless --insecure."],
+        ["cluster-key", None, None, "File holding the cluster's shared secret (python -m minstore.auth cluster-key): every request to a peer is signed with it, and unsigned, badly signed, stale or replayed /_cluster/ requests are refused 401."],
+        ["peer-ca", None, None, "PEM CA certificate(s) that https:// peers' certificates must chain to (default: the system's roots)."],
+        ["peer-cert", None, None, "PEM client certificate presented to https:// peers (with --peer-key)."],
+        ["peer-key", None, None, "PEM private key of --peer-cert."],
+        ["client-ca", None, None, "With an ssl: --port: require a client certificate signed by a CA of this PEM file."],
+        ["allow-origin", None, None, "Comma-separated browser origins (https://app.example.com) whose pages may change data here, besides the node's own."],
         ["cache-stale-if-error", None, 0.0, "cache=1: seconds past its freshness that a stale record is still served (with a Warning header) while no dependant answers; 0: never.", _seconds("cache-stale-if-error")],
+    ]
+
+    optFlags = [
+        ["insecure", None, "Without --tokens, answer every client, not only loopback ones (no authentication at all)."],
     ]
 
     def opt_version(self):
@@ -173,6 +187,11 @@ class Options(usage.Options):
         except SchemaError as e:
             raise usage.UsageError("--schemas: %s" % (e,))
 
+        try:
+            self["security"] = read_security_options(self)
+        except (AuthFileError, TLSConfigError) as e:
+            raise usage.UsageError(str(e))
+
         if self["access-log"]:
             directory = os.path.dirname(os.path.abspath(self["access-log"]))
             if not os.access(directory, os.W_OK):
@@ -234,8 +253,13 @@ def makeService(config, reactor=None):
     )
 
     servers = config["server_list"]
-    http, http_pool = make_http_client(reactor)
-    client = PeerClient(http, node_id, timeout=config["replication-timeout"])
+    security = config["security"]
+    key = ClusterKey(security["cluster_key"], reactor) if security["cluster_key"] else None
+    http, http_pool = make_http_client(reactor, tls=security["peer_tls"])
+    client = PeerClient(http, node_id, timeout=config["replication-timeout"], signer=key, clock=reactor)
+    guard = Guard(security["tokens"], key, config["insecure"], security["allow_origins"])
+    guard.peers = client
+    guard.attach(node)
     replication = Replication(
         node,
         client,
@@ -246,6 +270,8 @@ def makeService(config, reactor=None):
         send_interval=config["replication-interval"],
     )
     cluster = ClusterService(replication, servers, reactor)
+    # Started after the cluster service: its SIGHUP handler is chained, not replaced.
+    tokens_service = TokensService(guard, reactor)
     lookups = Lookups(
         node, lambda: cluster.servers.peers, client, reactor, timeout=config["lookup-timeout"]
     )
@@ -277,7 +303,7 @@ def makeService(config, reactor=None):
         sync_timeout=config["sync-timeout"],
     )
     # Cache hits (GET with cache=1) are answered before the Klein app.
-    resource = front.resource(api.resource())
+    resource = GuardResource(guard, front.resource(api.resource()))
     if config["access-log"]:
         from twisted.web.server import Site
 
@@ -290,16 +316,29 @@ def makeService(config, reactor=None):
     site._parsePOSTFormSubmission = False
     site.max_body = config["max-record-size"]
     site.displayTracebacks = False
-    port = strports.service(config["port"], site, reactor=reactor)
+    if config["client-ca"]:
+        endpoint = client_cert_endpoint(reactor, config["port"], config["client-ca"])
+        port = StreamServerEndpointService(endpoint, site)
+    else:
+        port = strports.service(config["port"], site, reactor=reactor)
     root = NodeRoot(
-        pool, node, cluster, port, extras=[FrontService(front)], http_pool=http_pool, describe=describe
+        pool,
+        node,
+        cluster,
+        port,
+        extras=[tokens_service, FrontService(front)],
+        http_pool=http_pool,
+        describe=describe,
     )
 
-    if listens_beyond_loopback(config["port"]):
+    if guard.mode() == "insecure" and listens_beyond_loopback(config["port"]):
         log.warn(
-            "listening on {port} beyond loopback WITHOUT authentication: any host "
+            "listening on {port} beyond loopback WITHOUT authentication (--insecure): any host "
             "that reaches this port can read and write every record",
             port=config["port"],
         )
+    if security["tokens"] is not None and servers.peers and key is None:
+        log.warn("--tokens without --cluster-key: peers' /_cluster/ requests need an admin token they do not send; give every node the same --cluster-key")
+    log.info("security: {mode}", mode=guard.describe())
     log.info("minstore {version} on {port}", version=__version__, port=config["port"])
     return root

@@ -22,8 +22,9 @@ import json
 from urllib.parse import quote
 
 import treq
+from hyperlink import EncodedURL
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from minstore.errors import error_from_peer
 
@@ -49,37 +50,82 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False
 
 
-def make_http_client(reactor):
-    """A treq client sharing one persistent connection pool; and the pool."""
+def make_http_client(reactor, tls=None):
+    """
+    A treq client sharing one persistent connection pool; and the pool.
+    ``tls``: the IPolicyForHTTPS of ``https://`` peers (L{minstore.tls}).
+    """
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = 8
     pool.cachedConnectionTimeout = 120
-    return treq.client.HTTPClient(Agent(reactor, pool=pool)), pool
+    if tls is not None:
+        agent = Agent(reactor, contextFactory=tls, pool=pool)
+    else:
+        agent = Agent(reactor, pool=pool)
+    return treq.client.HTTPClient(agent), pool
 
 
 class PeerClient:
     log = Logger()
 
-    def __init__(self, http, node_id, timeout=5.0):
+    def __init__(self, http, node_id, timeout=5.0, signer=None, clock=None):
         """
         @param http: a treq HTTPClient (or a StubTreq in tests).
         @param node_id: this node's id, sent so peers can log and avoid loops.
+        @param signer: a L{minstore.auth.ClusterKey} signing every request, or None.
+        @param clock: an IReactorTime, for when a peer last refused this node.
         """
         self.http = http
         self.node_id = node_id
         self.timeout = timeout
+        self.signer = signer
+        self.clock = clock
+        self._refusals = {}  # peer base URL -> [count, last message, when]
 
     async def _call(self, method, url, timeout=None, expect=(200,), **kwargs):
         headers = kwargs.pop("headers", {})
         headers.setdefault(b"x-minstore-node", [self.node_id.encode()])
+        if self.signer is not None:
+            # Sign the request line exactly as treq and the Agent will send it.
+            url = EncodedURL.from_text(url).to_uri().to_text()
+            data = kwargs.get("data")
+            headers.update(
+                self.signer.sign(
+                    method.encode("ascii").upper(),
+                    URI.fromBytes(url.encode("ascii")).originForm,
+                    data if isinstance(data, bytes) else b"",
+                )
+            )
         response = await self.http.request(
             method, url, headers=headers, timeout=timeout or self.timeout, **kwargs
         )
         body = await response.content()
+        if response.code in (401, 403):
+            self._refused(url, response.code, body)
         if response.code not in expect:
             raise PeerError(url, response.code, body)
         return response, body
+
+    def _refused(self, url, code, body):
+        parsed = URI.fromBytes(url.encode("ascii"))
+        peer = "%s://%s" % (parsed.scheme.decode(), parsed.netloc.decode())
+        try:
+            document = json.loads(body)
+            text = "%s %s: %s" % (code, document["error"], document.get("message", ""))
+        except (ValueError, KeyError, TypeError):
+            text = "%s: %s" % (code, body[:200].decode("utf-8", "replace"))
+        state = self._refusals.setdefault(peer, [0, None, None])
+        state[0] += 1
+        state[1] = text
+        state[2] = self.clock.seconds() if self.clock is not None else None
+
+    def refusals(self):
+        """The peers that answered this node's requests 401 or 403: how often, last why, when."""
+        return {
+            peer: {"refused": n, "last_refusal": text, "at": at}
+            for peer, (n, text, at) in self._refusals.items()
+        }
 
     async def send_replicas(self, peer, records, bridge=False, timeout=None):
         """
