@@ -198,12 +198,24 @@ class Options(usage.Options):
                 raise usage.UsageError("--access-log: cannot write in %s" % directory)
 
 
+_NODE_ID = re.compile(rb"[A-Za-z0-9_.]{1,64}")
+
+
 def _node_id(data_dir):
     """This node's id, made once and kept in the data directory."""
     path = os.path.join(data_dir, "node_id")
     if os.path.exists(path):
-        with open(path) as f:
-            return f.read().strip()
+        with open(path, "rb") as f:
+            content = f.read().strip()
+        # A node id goes into every version it issues: refuse a damaged one
+        # rather than issue versions that no peer can order.
+        if not _NODE_ID.fullmatch(content):
+            sys.stderr.write(
+                "minstore: cannot start: %s does not hold a node id (1-64 of [A-Za-z0-9_.]); "
+                "restore it, or remove it to make a new one\n" % (path,)
+            )
+            raise SystemExit(1)
+        return content.decode("ascii")
     node_id = uuid.uuid4().hex[:12]
     with open(path + ".tmp", "w") as f:
         f.write(node_id)

@@ -163,3 +163,17 @@ class StoreIntegrationTests(NodeTestMixin, TestCase):
                 self.assertEqual(code, 200, uid)
                 self.assertGreaterEqual(json.loads(body)["value"], n, uid)
             await node.stop()
+
+    @deferred_test
+    async def test_damaged_node_id_refuses_the_start(self):
+        """A node_id file that holds no id stops the start with one line naming it, exit 1."""
+        data = os.path.abspath(self.mktemp())
+        os.makedirs(data)
+        with open(os.path.join(data, "node_id"), "wb") as f:
+            f.write(b"\xff\x00 not an id\n")
+        node = await self.run_node_to_exit(timeout=30, data_dir=data, args=["--storage", "memory"])
+        self.assertEqual(node.exit_code, 1, node.output())
+        self.assertNotIn("Traceback", node.output())
+        lines = [l for l in node.output_lines() if "cannot start" in l]
+        self.assertEqual(len(lines), 1, node.output())
+        self.assertIn("node_id", lines[0])
