@@ -26,25 +26,27 @@ body.
 * 400, 404 and 412 from a dependant pass through unchanged.  No answer
   from any dependant within ``timeout`` seconds: 502 with a JSON error.
 
-Cache hits are answered on the reactor thread with no Deferred at all;
-L{FrontResource} serves them before the Klein app is even entered.
+* Listings (``GET /{collection}/``) and the collections of ``GET /`` are
+  a dependant's: the first that answers, in turn; never cached.
+
+Cache hits are answered on the reactor thread with no Deferred at all.
 """
 
 import json
 import time
 from collections import OrderedDict
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote, urlencode
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
+from twisted.internet.error import ConnectionRefusedError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
 
 from minstore.cluster.peers import record_path
 from minstore.cluster.replication import backoff_delay
-from minstore.errors import BadGateway, MethodNotAllowed
+from minstore.errors import BadGateway, MethodNotAllowed, NoDependants
 from minstore.lru import ByteLRU
 from minstore.node import etag_matches
 from minstore._util import JSON_TYPE
@@ -141,14 +143,24 @@ def _answered(outcomes):
     return [o for o in outcomes if isinstance(o, Answer) and o.code < 500]
 
 
-def _why(peers, outcomes):
+def _reason(outcome, timeout):
+    """What went wrong with one dependant, in words."""
+    if isinstance(outcome, Answer):
+        return "answered %d" % outcome.code
+    exception = getattr(outcome, "value", getattr(outcome, "exception", None))
+    if isinstance(exception, (CancelledError, TimeoutError)):
+        return "no answer within %gs" % timeout
+    if isinstance(exception, ConnectionRefusedError):
+        return "connection refused"
+    return outcome.getErrorMessage()
+
+
+def _why(peers, outcomes, timeout):
     reasons = []
     for peer, o in zip(peers, outcomes):
-        if isinstance(o, Answer):
-            reasons.append("%s answered %d" % (peer, o.code))
-        elif o is not None:
-            reasons.append("%s: %s" % (peer, o.getErrorMessage()))
-    return "; ".join(reasons)
+        if o is not None:
+            reasons.append("%s: %s" % (peer, _reason(o, timeout)))
+    return "no dependant could answer: " + ("; ".join(reasons) or "none asked")
 
 
 class CacheFront:
@@ -202,6 +214,8 @@ class CacheFront:
         self._retries = {}  # peer -> [attempt, IDelayedCall or None, sending]
         self._stopped = False
         self.metrics = None
+        #: What each dependant did last: (state, seconds, error or None).
+        self._seen = {}
 
     # -- wiring -----------------------------------------------------------
 
@@ -210,10 +224,6 @@ class CacheFront:
         self.metrics = node.metrics
         node.status_sections["cache"] = self.status
         node.metrics.registry.register(_CacheCollector(self))
-
-    def resource(self, inner):
-        """The site's root: cache hits answered here, the rest by ``inner``."""
-        return FrontResource(self, inner, self.metrics)
 
     def stop(self):
         """Cancel the pending replica retries (the node is stopping)."""
@@ -237,6 +247,10 @@ class CacheFront:
         """
         method = request.method
         key = (collection, uid)
+        if uid is None:
+            if method == b"GET" or method == b"HEAD":
+                return ensureDeferred(self._read_through(request, collection))
+            raise MethodNotAllowed(message="cache=1 lists with GET")
         if method == b"GET" or method == b"HEAD":
             hit = self.lru.get(key)
             if hit is not None and self.clock.seconds() < hit[1].expires:
@@ -253,21 +267,37 @@ class CacheFront:
             return ensureDeferred(self._delete(request, key))
         raise MethodNotAllowed(message="cache=1 serves GET, POST, PUT and DELETE")
 
-    def serve_hit(self, request):
+    async def _read_through(self, request, collection):
         """
-        The body of a GET answered by a fresh entry (headers and status set),
-        or None when the cache cannot answer it alone.
+        A listing of ``collection`` (or, for None, the collections of
+        ``GET /``) from the first dependant that answers, asked in turn.
         """
-        try:
-            _, collection, uid = request.path.split(b"/", 2)
-            key = (collection.decode("ascii"), unquote_to_bytes(uid).decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            return None
-        hit = self.lru.get(key)
-        if hit is None or self.clock.seconds() >= hit[1].expires:
-            return None
-        self.hits += 1
-        return self._serve(request, hit[0], hit[1])
+        if collection is None:
+            path = "/"
+        else:
+            check_collection(collection)
+            args = [(k, v) for k, vs in request.args.items() if k not in (b"cache", b"local") for v in vs]
+            path = "/%s/?%s" % (quote(collection, safe=""), urlencode(args + [(b"local", b"1")]))
+        peers = self._peers()
+        self._turn = (self._turn + 1) % len(peers)
+        peers = peers[self._turn:] + peers[: self._turn]
+        outcomes = []
+        for peer in peers:
+            try:
+                answer = await self._call(peer, "GET", path, {b"accept": [b"application/json"]})
+            except Exception as e:
+                outcomes.append(_Reason(e))
+                continue
+            outcomes.append(answer)
+            if answer.code < 500:
+                if collection is None:
+                    try:
+                        return json.loads(answer.body)["collections"]
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                return self._pass(request, answer)
+        self.errors += 1
+        raise BadGateway(message=_why(peers, outcomes, self.timeout))
 
     @staticmethod
     def _serve(request, data, meta):
@@ -292,8 +322,7 @@ class CacheFront:
     def _peers(self):
         peers = list(self.dependants())
         if not peers:
-            self.errors += 1
-            raise BadGateway(message="cache=1 needs dependants: this node's servers.list lists no peer")
+            raise NoDependants(message="cache=1 needs dependants: this node's servers.list lists no peer")
         return peers
 
     def _call(self, peer, method, path, headers=None, data=None):
@@ -312,6 +341,7 @@ class CacheFront:
         def answer(result):
             response, body = result
             headers = response.headers
+            self._seen[peer] = ("up" if response.code < 500 else "failing", self.clock.seconds(), None)
             return Answer(
                 peer,
                 response.code,
@@ -320,7 +350,11 @@ class CacheFront:
                 body,
             )
 
-        return d.addCallback(answer)
+        def failed(failure):
+            self._seen[peer] = ("down", self.clock.seconds(), _reason(failure, self.timeout))
+            return failure
+
+        return d.addCallbacks(answer, failed)
 
     def _forget(self, key):
         """A write or delete went through: drop the entry and what is being fetched."""
@@ -337,28 +371,33 @@ class CacheFront:
     # -- GET ----------------------------------------------------------------
 
     def _get(self, request, key, stale):
+        # Each request waits on a Deferred of its own: one whose client
+        # hangs up is cancelled alone, never the round the others wait for.
+        waiter = Deferred()
         fetch = self._fetches.get(key)
-        if fetch is None:
+        if fetch is not None:
+            fetch.waiters.append(waiter)
+        else:
             fetch = self._fetches[key] = _Fetch()
+            fetch.waiters.append(waiter)
             if stale is None:
                 self.misses += 1
             else:
                 self.revalidations += 1
-            d = ensureDeferred(self._fetch(key, stale, fetch))
 
             def finished(result):
                 del self._fetches[key]
-                for waiter in fetch.waiters:
+                for w in fetch.waiters:
+                    if w.called:
+                        continue  # cancelled: its client went away
                     if isinstance(result, Failure):
-                        waiter.errback(result)
+                        w.errback(result)
                     else:
-                        waiter.callback(result)
-                return result
+                        w.callback(result)
+                return None
 
-            d.addBoth(finished)
-        else:
-            d = Deferred()
-            fetch.waiters.append(d)
+            ensureDeferred(self._fetch(key, stale, fetch)).addBoth(finished)
+        d = waiter
         return d.addCallback(self._answer_get, request)
 
     async def _fetch(self, key, stale, fetch):
@@ -401,7 +440,7 @@ class CacheFront:
             return stale[0], stale[1], STALE_WARNING
         self.errors += 1
         raise BadGateway(
-            message="no dependant answered within %gs: %s" % (self.timeout, _why(peers, outcomes))
+            message=_why(peers, outcomes, self.timeout)
         )
 
     def _hedged(self, peers, path, headers):
@@ -482,7 +521,7 @@ class CacheFront:
         if emitter is None:
             self.errors += 1
             raise BadGateway(
-                message="no dependant answered within %gs: %s" % (self.timeout, _why(peers, outcomes))
+                message=_why(peers, outcomes, self.timeout)
             )
         if emitter.code != 200:
             if emitter.code in (404, 412):
@@ -528,10 +567,13 @@ class CacheFront:
         if if_match is not None:
             headers[b"if-match"] = [if_match]
         peers = self._peers()
-        self._forget(key)
         _, outcomes = await _first([self._call(p, "DELETE", path, headers) for p in peers], ())
-        self._forget(key)
         answered = _answered(outcomes)
+        if answered:
+            # A dependant answered: what it says (deleted, or not there)
+            # outdates the entry.  When none did, the entry stays, to be
+            # served stale (--cache-stale-if-error) like any other.
+            self._forget(key)
         deleted = [a for a in answered if a.code == 200]
         if deleted:
             try:
@@ -557,7 +599,7 @@ class CacheFront:
             return self._pass(request, answered[0])
         self.errors += 1
         raise BadGateway(
-            message="no dependant answered within %gs: %s" % (self.timeout, _why(peers, outcomes))
+            message=_why(peers, outcomes, self.timeout)
         )
 
     # -- replicas that could not be delivered -------------------------------
@@ -611,8 +653,20 @@ class CacheFront:
     # -- status and metrics ---------------------------------------------------
 
     def status(self):
+        now = self.clock.seconds()
+        dependants = []
+        for peer in self.dependants():
+            state, when, error = self._seen.get(peer, ("unknown", None, None))
+            dependants.append(
+                {
+                    "url": peer,
+                    "state": state,
+                    "seconds_since_seen": None if when is None else round(now - when, 3),
+                    "last_error": error,
+                }
+            )
         return {
-            "dependants": list(self.dependants()),
+            "dependants": dependants,
             "entries": len(self.lru),
             "bytes": self.lru.bytes,
             "max_bytes": self.lru.max_bytes,
@@ -665,36 +719,6 @@ class _CacheCollector:
             "Replicas the front could not deliver to a dependant yet.",
             value=sum(len(p) for p in front._backlog.values()),
         )
-
-
-class FrontResource(Resource):
-    """
-    The root resource of a node with a cache front: a GET with ``cache=1``
-    that a fresh entry answers is served here, without routing or Deferreds;
-    anything else goes to the Klein app.
-    """
-
-    isLeaf = True
-
-    def __init__(self, front, inner, metrics=None):
-        Resource.__init__(self)
-        self.front = front
-        self.inner = inner
-        self.metrics = metrics
-
-    def render(self, request):
-        if request.method == b"GET":
-            args = request.args
-            if args and _flag(args, b"cache"):
-                start = time.perf_counter()
-                body = self.front.serve_hit(request)
-                if body is not None:
-                    if self.metrics is not None:
-                        self.metrics.observe_request(
-                            "record", "GET", request.code, time.perf_counter() - start
-                        )
-                    return body
-        return self.inner.render(request)
 
 
 class FrontService(Service):

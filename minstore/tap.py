@@ -292,8 +292,7 @@ def makeService(config, reactor=None):
         replication=replication,
         sync_timeout=config["sync-timeout"],
     )
-    # Cache hits (GET with cache=1) are answered before the Klein app.
-    resource = front.resource(api.resource())
+    resource = api.resource()
     if config["access-log"]:
         from twisted.web.server import Site
 

@@ -9,7 +9,6 @@ import json
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.resource import Resource
 
 from minstore.api import RecordAPI
 from minstore.cache import STALE_WARNING, CacheFront
@@ -106,7 +105,7 @@ class FrontTestsMixin:
         )
         self.front.attach(self.front_node)
         self.api = RecordAPI(self.front_node, front=self.front)
-        self.http = StubTreq(self.front.resource(self.api.resource()))
+        self.http = StubTreq(self.api.resource())
 
     # -- helpers -----------------------------------------------------------
 
@@ -300,12 +299,24 @@ class FrontWriteTests(FrontTestsMixin, SynchronousTestCase):
         self.http.flush()
         self.assertEqual(self.successResultOf(d).code, 502)
 
-    def test_no_dependants_is_502(self):
-        """A front whose servers.list is empty answers 502."""
+    def test_no_dependants_is_400(self):
+        """
+        cache=1 on a node whose servers.list is empty is the client's error,
+        not a server's: 400 no_dependants, for every method and for listings.
+        """
         self.dependants = []
+        for method, path in [("GET", "/books/1"), ("POST", "/books/1"), ("PUT", "/books/1"),
+                             ("DELETE", "/books/1"), ("GET", "/books/"), ("POST", "/books/")]:
+            code, _, body = self.call(method, path + "?cache=1", json={"value": 1})
+            self.assertEqual((code, json.loads(body)["error"]), (400, "no_dependants"), (method, path))
+            self.assertIn("servers.list", json.loads(body)["message"])
+        self.assertEqual(self.front.errors, 0)
+
+    def test_no_front_is_400(self):
+        """A node built without a front answers cache=1 with 400 no_dependants too."""
+        self.http = StubTreq(RecordAPI(self.front_node).resource())
         code, _, body = self.get("/books/1?cache=1")
-        self.assertEqual(code, 502)
-        self.assertIn("servers.list", json.loads(body)["message"])
+        self.assertEqual((code, json.loads(body)["error"]), (400, "no_dependants"))
 
     def test_dependants_are_read_each_time(self):
         """A new servers.list (SIGHUP) is used from the next request on."""
@@ -452,32 +463,16 @@ class FrontReadTests(FrontTestsMixin, SynchronousTestCase):
         self.http.flush()
         self.assertEqual([self.successResultOf(d).code for d in (d1, d2)], [502, 502])
 
-    def test_klein_path_serves_hits_too(self):
-        """Without the FrontResource (the Klein app alone), hits are served the same."""
-        self.http = StubTreq(self.api.resource())
+    def test_hit_is_answered_at_once(self):
+        """A hit is answered within the request's rendering: no dependant asked, no Deferred."""
+        from twisted.web.test.requesthelper import DummyRequest
+
         _, _, posted = self.call("POST", "/books/1?cache=1", json={"value": "one"})
         before = self.requests()
-        self.assertEqual(self.get("/books/1?cache=1")[2], posted)
+        request = DummyRequest([b"books", b"1"])
+        request.path, request.uri, request.args = b"/books/1", b"/books/1?cache=1", {b"cache": [b"1"]}
+        self.assertEqual(self.api.resource().render(request), posted)
         self.assertEqual(self.requests(), before)
-
-    def test_front_resource_answers_hits_without_the_app(self):
-        """A hit never reaches the Klein app; anything else does."""
-        self.call("POST", "/books/1?cache=1", json={"value": "one"})
-        calls = []
-
-        class Inner(Resource):
-            isLeaf = True
-
-            def render(self, request):
-                calls.append(request.uri)
-                return b"inner"
-
-        self.http = StubTreq(self.front.resource(Inner()))
-        self.assertEqual(self.get("/books/1?cache=1")[0], 200)
-        self.assertEqual(calls, [])
-        self.get("/books/2?cache=1")
-        self.get("/books/1")
-        self.assertEqual(calls, [b"/books/2?cache=1", b"/books/1"])
 
 
 class StaleIfErrorTests(FrontTestsMixin, SynchronousTestCase):
@@ -548,7 +543,8 @@ class FrontStatusTests(FrontTestsMixin, SynchronousTestCase):
             {k: cache[k] for k in ("entries", "bytes", "hits", "misses", "revalidations", "evictions")},
             {"entries": 1, "bytes": len(body), "hits": 1, "misses": 1, "revalidations": 1, "evictions": 0},
         )
-        self.assertEqual(cache["dependants"], [A, B])
+        self.assertEqual([d["url"] for d in cache["dependants"]], [A, B])
+        self.assertEqual([d["state"] for d in cache["dependants"]], ["up", "up"])
         _, _, metrics = self.get("/metrics")
         for line in (
             "minstore_cache_entries 1.0",
