@@ -148,11 +148,15 @@ def _reason(outcome, timeout):
     if isinstance(outcome, Answer):
         return "answered %d" % outcome.code
     exception = getattr(outcome, "value", getattr(outcome, "exception", None))
+    # treq wraps what went wrong in a list of reasons (ResponseNeverReceived).
+    reasons = getattr(exception, "reasons", None)
+    if reasons:
+        exception = getattr(reasons[0], "value", reasons[0])
     if isinstance(exception, (CancelledError, TimeoutError)):
         return "no answer within %gs" % timeout
     if isinstance(exception, ConnectionRefusedError):
         return "connection refused"
-    return outcome.getErrorMessage()
+    return str(exception) or type(exception).__name__
 
 
 def _why(peers, outcomes, timeout):
