@@ -8,7 +8,6 @@ import json
 import os
 import sys
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
@@ -20,7 +19,8 @@ from minstore.process.schema import SchemaValidation
 from minstore.service import NodeService, ThreadPoolService
 from minstore.storage.files import FileStorage
 from minstore.storage.memory import MemoryStorage
-from minstore.tap import Options, listens_beyond_loopback, makeService
+from minstore.api import BoundedChannel, RecordAPI
+from minstore.tap import ListeningService, Options, listens_beyond_loopback, makeService
 
 
 class OptionsTestCase(SynchronousTestCase):
@@ -175,7 +175,8 @@ class GoodOptionTests(OptionsTestCase):
         )
         self.assertEqual(options["server_list"].peers, ())
         self.assertFalse(options["server_list"].bridge)
-        self.assertTrue(os.path.isdir(self.data))
+        # Parsing creates nothing: makeService makes the data directory.
+        self.assertFalse(os.path.exists(self.data))
         # lang runs in a child process, started with the node.
         lang = options["process_list"][0]
         self.assertIsNotNone(lang.worker)
@@ -204,7 +205,8 @@ class MakeServiceTests(OptionsTestCase):
     def test_service_tree(self):
         """
         makeService wires, without starting, a MultiService holding the
-        thread pool, the node and the HTTP server on the --port endpoint.
+        thread pool, the node and the HTTP server on the --port endpoint,
+        already listening (bound before the data directory is made).
         """
         options = self.parse("--port", "tcp:0:interface=127.0.0.1", "--max-record-size", "500")
         reactor = MemoryReactorClock()
@@ -214,7 +216,7 @@ class MakeServiceTests(OptionsTestCase):
         children = list(root)
         pools = [s for s in children if isinstance(s, ThreadPoolService)]
         nodes = [s for s in children if isinstance(s, NodeService)]
-        https = [s for s in children if isinstance(s, StreamServerEndpointService)]
+        https = [s for s in children if isinstance(s, ListeningService)]
         self.assertEqual((len(pools), len(nodes), len(https)), (1, 1, 1))
         self.assertFalse(pools[0].pool.started)
         self.assertEqual(pools[0].pool.max, 10)
@@ -223,14 +225,44 @@ class MakeServiceTests(OptionsTestCase):
         self.assertIsInstance(node.storage, FileStorage)
         self.assertEqual(node.storage.root, os.path.join(self.data, "records"))
         self.assertEqual(node.processes, [])
-        site = https[0].factory
-        self.assertIs(site.requestFactory, BoundedRequest)
-        self.assertEqual(site.max_body, 500)
         self.assertFalse(https[0].running)
-        self.assertEqual(reactor.tcpServers, [])  # nothing listens before the service starts
+        [(port, site, _, interface)] = reactor.tcpServers
+        self.assertEqual((port, interface), (0, "127.0.0.1"))
+        self.assertIs(site.requestFactory, BoundedRequest)
+        self.assertIs(site.protocol, BoundedChannel)
+        self.assertEqual(site.max_body, 500)
+        self.assertIsInstance(site.resource, type(RecordAPI(node).resource()))
         # The thread pool stops after the other services (it is started first).
         self.assertLess(children.index(pools[0]), children.index(nodes[0]))
         self.assertLess(children.index(nodes[0]), children.index(https[0]))
+
+    def test_port_in_use(self):
+        """
+        A port in use stops the start with one line naming the endpoint and
+        exit status 2, before anything is created: no data directory.
+        """
+        import socket
+
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        endpoint = "tcp:%d:interface=127.0.0.1" % busy.getsockname()[1]
+        options = self.parse("--port", endpoint, "--storage", "memory")
+        from twisted.internet import reactor
+
+        e = self.assertRaises(SystemExit, makeService, options, reactor=reactor)
+        self.assertEqual(e.code, 2)
+        text = self.stderr.getvalue()
+        self.assertEqual(text.count("\n"), 1, text)
+        self.assertTrue(text.startswith("minstore: error: --port: cannot listen on " + endpoint), text)
+        self.assertFalse(os.path.exists(self.data))
+
+    def test_ascii_digits_only(self):
+        """Whole-number options and --port take ASCII digits only, not other Unicode digits."""
+        for option, value in [("--threads", "\u0661\u0660"), ("--max-record-size", "\uff15"),
+                              ("--threads", "\u00b2"), ("--port", "\u0668\u0660\u0660\u0661")]:
+            self.assertBad(option, value, includes=[option])
 
     def test_processes_start_and_stop_with_the_node(self):
         """A process's start() runs when the node starts, its stop() after the node's last write."""
