@@ -22,7 +22,11 @@ setup(
         "py3langid>=0.3.0",  # the lang process (0.3 on Python 3.9, 0.4 on 3.10+)
     ],
     extras_require={
-        "test": ["openapi-spec-validator>=0.5.0"],  # checks GET /openapi.json
+        "test": [
+            "openapi-spec-validator>=0.5.0",  # checks GET /openapi.json
+            # Requests generated from /openapi.json (tests.test_fuzz, bench/fuzz.py).
+            "schemathesis>=4.0; python_version >= '3.11'",
+        ],
     },
     entry_points={},
     zip_safe=False,
