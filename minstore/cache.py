@@ -15,17 +15,17 @@ body.
   dependant answers, a stale entry is served with a ``Warning: 111`` header
   for at most ``stale_if_error`` seconds past its freshness, else 502.
   Concurrent misses of one uid share one round of requests.
-* POST and PUT: the first dependant that answers (in ``servers.list``
-  order) processes and stores the write; the record it stored is then sent
-  as a replica (``POST /_cluster/replicas``) to every other dependant, and
-  those are awaited before answering, so that every dependant holds the
-  same record, version and processed fields included.  A dependant that
-  cannot take its replica gets it later (in memory, with back-off).
-* DELETE: sent to every dependant (``local=1``); 200 when any deleted.  A
-  dependant that did not answer gets the tombstone later.
+* POST, PUT and DELETE: sent to the first dependant that answers (in
+  ``servers.list`` order), which processes and stores the write; the front
+  only routes.  The dependants mirror each other (each lists the others in
+  its own servers.list), so the dependant's durable replication brings the
+  record, or the tombstone, to the others, also to one that is down or
+  restarts, and whatever happens to the front.  ``sync=1`` is passed on: the
+  dependant then answers once the others stored it, with the
+  ``Minstore-Replicas-*`` headers.  A DELETE is not ``local=1``: a dependant
+  that does not hold the record yet finds it on the others.
 * 400, 404 and 412 from a dependant pass through unchanged.  No answer
   from any dependant within ``timeout`` seconds: 502 with a JSON error.
-
 * Listings (``GET /{collection}/``) and the collections of ``GET /`` are
   a dependant's: the first that answers, in turn; never cached.
 
@@ -33,36 +33,27 @@ Cache hits are answered on the reactor thread with no Deferred at all.
 """
 
 import json
-import time
-from collections import OrderedDict
 from urllib.parse import quote, urlencode
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from minstore.cluster.peers import record_path
-from minstore.cluster.replication import backoff_delay
 from minstore.errors import BadGateway, MethodNotAllowed, NoDependants
 from minstore.lru import ByteLRU
 from minstore.node import etag_matches
 from minstore._util import JSON_TYPE
-from minstore.records import (
-    check_collection,
-    check_uid,
-    encode_record,
-    make_tombstone,
-    version_timestamp,
-)
+from minstore.records import check_collection, check_uid
 
 DEFAULT_SIZE = 64 * 1024 * 1024
 DEFAULT_TTL = 60.0
 DEFAULT_TIMEOUT = 5.0
 #: Every status a dependant may answer with: the front judges them itself.
 _ANY_STATUS = range(100, 600)
+_REPLICA_HEADERS = (b"minstore-replicas-stored", b"minstore-replicas-expected")
 #: What a stale entry is served with when no dependant could revalidate it.
 STALE_WARNING = b'111 minstore "Revalidation Failed"'
 
@@ -86,14 +77,16 @@ class Meta:
 class Answer:
     """A dependant's answer: status, the headers that matter, body."""
 
-    __slots__ = ("peer", "code", "etag", "content_type", "body")
+    __slots__ = ("peer", "code", "etag", "content_type", "body", "replicas")
 
-    def __init__(self, peer, code, etag, content_type, body):
+    def __init__(self, peer, code, etag, content_type, body, replicas=()):
         self.peer = peer
         self.code = code
         self.etag = etag
         self.content_type = content_type
         self.body = body
+        #: The Minstore-Replicas-* headers of a sync=1 write, as (name, value).
+        self.replicas = replicas
 
     @property
     def version(self):
@@ -108,34 +101,6 @@ class _Fetch:
     def __init__(self):
         self.waiters = []
         self.invalidated = False
-
-
-def _first(deferreds, wins):
-    """
-    A Deferred firing with ``(winner, outcomes)``: the first L{Answer} whose
-    code is in ``wins`` as soon as there is one, else ``(None, outcomes)``
-    once every Deferred has fired, ``outcomes`` being an L{Answer} or a
-    Failure each.  Failures are consumed.
-    """
-    result = Deferred()
-    outcomes = [None] * len(deferreds)
-    left = [len(deferreds)]
-
-    def done(outcome, i):
-        outcomes[i] = outcome
-        left[0] -= 1
-        if not result.called:
-            if isinstance(outcome, Answer) and outcome.code in wins:
-                result.callback((outcome, outcomes))
-            elif left[0] == 0:
-                result.callback((None, outcomes))
-        return None
-
-    if not deferreds:
-        result.callback((None, outcomes))
-    for i, d in enumerate(deferreds):
-        d.addBoth(done, i)
-    return result
 
 
 def _answered(outcomes):
@@ -179,8 +144,6 @@ class CacheFront:
         ttl=DEFAULT_TTL,
         timeout=DEFAULT_TIMEOUT,
         stale_if_error=0.0,
-        retry_base=0.5,
-        retry_cap=30.0,
         hedge=0.05,
     ):
         """
@@ -202,8 +165,6 @@ class CacheFront:
         self.ttl = ttl
         self.timeout = timeout
         self.stale_if_error = stale_if_error
-        self.retry_base = retry_base
-        self.retry_cap = retry_cap
         self.hedge = hedge
         self._turn = -1
         self.lru = ByteLRU(size)
@@ -214,9 +175,6 @@ class CacheFront:
         self.stale_served = 0
         self.errors = 0
         self._fetches = {}  # key -> _Fetch
-        self._backlog = {}  # peer -> OrderedDict(key -> (version, data))
-        self._retries = {}  # peer -> [attempt, IDelayedCall or None, sending]
-        self._stopped = False
         self.metrics = None
         #: What each dependant did last: (state, seconds, error or None).
         self._seen = {}
@@ -228,19 +186,6 @@ class CacheFront:
         self.metrics = node.metrics
         node.status_sections["cache"] = self.status
         node.metrics.registry.register(_CacheCollector(self))
-
-    def stop(self):
-        """Cancel the pending replica retries (the node is stopping)."""
-        self._stopped = True
-        for state in self._retries.values():
-            if state[1] is not None and state[1].active():
-                state[1].cancel()
-            state[1] = None
-        pending = sum(len(b) for b in self._backlog.values())
-        if pending:
-            self.log.warn(
-                "stopping with {n} replicas not delivered to dependants", n=pending
-            )
 
     # -- requests ---------------------------------------------------------
 
@@ -321,6 +266,8 @@ class CacheFront:
         request.responseHeaders.setRawHeaders(b"content-type", [answer.content_type or JSON_TYPE])
         if answer.etag:
             request.responseHeaders.setRawHeaders(b"etag", [answer.etag])
+        for name, value in answer.replicas:
+            request.responseHeaders.setRawHeaders(name, [value])
         return answer.body
 
     def _peers(self):
@@ -346,12 +293,18 @@ class CacheFront:
             response, body = result
             headers = response.headers
             self._seen[peer] = ("up" if response.code < 500 else "failing", self.clock.seconds(), None)
+            replicas = [
+                (name, headers.getRawHeaders(name)[0])
+                for name in _REPLICA_HEADERS
+                if headers.hasHeader(name)
+            ]
             return Answer(
                 peer,
                 response.code,
                 (headers.getRawHeaders(b"etag") or [None])[0],
                 (headers.getRawHeaders(b"content-type") or [None])[0],
                 body,
+                replicas,
             )
 
         def failed(failure):
@@ -497,20 +450,15 @@ class CacheFront:
             request.responseHeaders.setRawHeaders(b"warning", [warning])
         return self._serve(request, data, meta)
 
-    # -- POST and PUT -------------------------------------------------------
+    # -- POST, PUT and DELETE ------------------------------------------------
 
-    async def _write(self, request, key, value):
-        collection, uid = key
-        method = request.method.decode("ascii")
-        path = "/" + record_path(collection, uid)
-        headers = {b"content-type": [b"application/json"]}
-        if_match = request.getHeader(b"if-match")
-        if if_match is not None and method == "PUT":
-            headers[b"if-match"] = [if_match]
-        body = json.dumps({"value": value}, ensure_ascii=False).encode("utf-8")
+    async def _first_answer(self, method, path, headers=None, body=None):
+        """
+        The L{Answer} of the first dependant, in servers.list order, that
+        answers below 500; BadGateway when none does.
+        """
         peers = self._peers()
         outcomes = []
-        emitter = None
         for peer in peers:
             try:
                 answer = await self._call(peer, method, path, headers, body)
@@ -520,139 +468,47 @@ class CacheFront:
                 continue
             outcomes.append(answer)
             if answer.code < 500:
-                emitter = answer
-                break
-        if emitter is None:
-            self.errors += 1
-            raise BadGateway(
-                message=_why(peers, outcomes, self.timeout)
-            )
-        if emitter.code != 200:
-            if emitter.code in (404, 412):
-                self._forget(key)
-            return self._pass(request, emitter)
-        others = [p for p in peers if p != emitter.peer]
-        stored = await self._replicate(others, key, emitter.version, emitter.body)
-        self._forget(key)
-        self._keep(key, emitter)
-        request.responseHeaders.setRawHeaders(b"minstore-replicas-stored", [b"%d" % stored])
-        request.responseHeaders.setRawHeaders(b"minstore-replicas-expected", [b"%d" % len(others)])
-        return self._pass(request, emitter)
+                return answer
+        self.errors += 1
+        raise BadGateway(message=_why(peers, outcomes, self.timeout))
 
-    def _send(self, peer, records):
-        d = ensureDeferred(self.client.send_replicas(peer, records, timeout=self.timeout))
-        return d.addTimeout(self.timeout, self.clock)
+    @staticmethod
+    def _write_path(request, collection, uid):
+        # sync=1 is the dependant's to honour: it answers once its peers
+        # (the other dependants) stored the write, saying how many did.
+        sync = "?sync=1" if _flag(request.args, b"sync") else ""
+        return "/" + record_path(collection, uid) + sync
 
-    async def _replicate(self, peers, key, version, data):
-        """Send a record to dependants; how many took it now (the rest get it later)."""
-        calls = [self._send(peer, [data]) for peer in peers]
-        _, outcomes = await _first(calls, ())
-        stored = 0
-        for peer, outcome in zip(peers, outcomes):
-            if not isinstance(outcome, Failure):
-                stored += 1
-            else:
-                self.log.info(
-                    "{peer} did not take the replica of {key}: {e}; retrying later",
-                    peer=peer,
-                    key="/".join(key),
-                    e=outcome.getErrorMessage(),
-                )
-                self._defer_replica(peer, key, version, data)
-        return stored
-
-    # -- DELETE -------------------------------------------------------------
+    async def _write(self, request, key, value):
+        collection, uid = key
+        method = request.method.decode("ascii")
+        headers = {b"content-type": [b"application/json"]}
+        if_match = request.getHeader(b"if-match")
+        if if_match is not None and method == "PUT":
+            headers[b"if-match"] = [if_match]
+        body = json.dumps({"value": value}, ensure_ascii=False).encode("utf-8")
+        answer = await self._first_answer(method, self._write_path(request, collection, uid), headers, body)
+        if answer.code == 200:
+            self._forget(key)
+            self._keep(key, answer)
+        elif answer.code in (404, 412):
+            self._forget(key)
+        return self._pass(request, answer)
 
     async def _delete(self, request, key):
+        # Not local=1: a dependant that does not hold the record yet finds
+        # it on the others (a lookup deletes it where it is).
         collection, uid = key
-        path = "/%s?local=1" % (record_path(collection, uid),)
         headers = {}
         if_match = request.getHeader(b"if-match")
         if if_match is not None:
             headers[b"if-match"] = [if_match]
-        peers = self._peers()
-        _, outcomes = await _first([self._call(p, "DELETE", path, headers) for p in peers], ())
-        answered = _answered(outcomes)
-        if answered:
-            # A dependant answered: what it says (deleted, or not there)
-            # outdates the entry.  When none did, the entry stays, to be
-            # served stale (--cache-stale-if-error) like any other.
-            self._forget(key)
-        deleted = [a for a in answered if a.code == 200]
-        if deleted:
-            try:
-                version = json.loads(deleted[0].body)["version"]
-                tombstone = encode_record(
-                    make_tombstone(collection, uid, version, version_timestamp(version))
-                )
-            except (ValueError, KeyError, TypeError, IndexError):
-                tombstone = None
-            if tombstone is not None:
-                silent = [p for p, o in zip(peers, outcomes) if not isinstance(o, Answer) or o.code >= 500]
-                for peer in silent:
-                    self._defer_replica(peer, key, version, tombstone)
-            return self._pass(request, deleted[0])
-        for code in (412, 400):
-            for answer in answered:
-                if answer.code == code:
-                    return self._pass(request, answer)
-        for answer in answered:
-            if answer.code != 404:
-                return self._pass(request, answer)
-        if answered:
-            return self._pass(request, answered[0])
-        self.errors += 1
-        raise BadGateway(
-            message=_why(peers, outcomes, self.timeout)
-        )
-
-    # -- replicas that could not be delivered -------------------------------
-
-    def _defer_replica(self, peer, key, version, data):
-        pending = self._backlog.setdefault(peer, OrderedDict())
-        held = pending.get(key)
-        if held is None or (held[0] or "") < (version or ""):
-            pending.pop(key, None)
-            pending[key] = (version, data)
-        self._schedule(peer)
-
-    def _schedule(self, peer):
-        state = self._retries.setdefault(peer, [0, None, False])
-        if self._stopped or state[1] is not None or state[2]:
-            return
-        state[0] += 1
-        delay = backoff_delay(state[0], self.retry_base, self.retry_cap)
-        state[1] = self.clock.callLater(delay, self._retry, peer)
-
-    def _retry(self, peer):
-        state = self._retries[peer]
-        state[1] = None
-        pending = self._backlog.get(peer)
-        if peer not in self.dependants() or not pending:
-            self._backlog.pop(peer, None)
-            self._retries.pop(peer, None)
-            return
-        batch = list(pending.items())
-        state[2] = True
-
-        def sent(_):
-            state[2] = False
-            state[0] = 0
-            for key, held in batch:
-                if pending.get(key) is held:
-                    del pending[key]
-            self.log.info("{peer} took {n} replicas it had missed", peer=peer, n=len(batch))
-            if pending:
-                self._schedule(peer)
-            else:
-                self._backlog.pop(peer, None)
-                self._retries.pop(peer, None)
-
-        def failed(failure):
-            state[2] = False
-            self._schedule(peer)
-
-        self._send(peer, [data for _, (_, data) in batch]).addCallbacks(sent, failed)
+        answer = await self._first_answer("DELETE", self._write_path(request, collection, uid), headers)
+        # A dependant answered: what it says (deleted, not there, or a 412)
+        # outdates the entry.  When none did, the entry stays, to be served
+        # stale (--cache-stale-if-error) like any other.
+        self._forget(key)
+        return self._pass(request, answer)
 
     # -- status and metrics ---------------------------------------------------
 
@@ -682,8 +538,7 @@ class CacheFront:
             "stale_served": self.stale_served,
             "evictions": self.lru.evictions,
             "errors": self.errors,
-            "replica_backlog": {peer: len(p) for peer, p in self._backlog.items() if p},
-        }
+            }
 
 
 class _Reason:
@@ -718,19 +573,5 @@ class _CacheCollector:
         ]
         for name, text, value in counters:
             yield CounterMetricFamily("minstore_cache_" + name, text, value=value)
-        yield GaugeMetricFamily(
-            "minstore_cache_replica_backlog",
-            "Replicas the front could not deliver to a dependant yet.",
-            value=sum(len(p) for p in front._backlog.values()),
-        )
 
 
-class FrontService(Service):
-    """Stops the front's replica retries when the node stops."""
-
-    def __init__(self, front):
-        self.front = front
-
-    def stopService(self):
-        Service.stopService(self)
-        self.front.stop()

@@ -21,7 +21,7 @@ from twisted.python.threadpool import ThreadPool
 from minstore import __version__
 from minstore.api import DEFAULT_MAX_RECORD_SIZE, RecordAPI, ascii_digits
 from minstore.cache import DEFAULT_SIZE as DEFAULT_CACHE_SIZE
-from minstore.cache import CacheFront, FrontService
+from minstore.cache import CacheFront
 from minstore.cluster.changelog import ChangeLog
 from minstore.cluster.lookup import Lookups
 from minstore.cluster.peers import PeerClient, make_http_client
@@ -331,7 +331,6 @@ def makeService(config, reactor=None):
         stale_if_error=config["cache-stale-if-error"],
     )
     front.attach(node)
-    FrontService(front).setServiceParent(root)
     api = RecordAPI(
         node,
         max_record_size=config["max-record-size"],
