@@ -44,7 +44,9 @@ class InMemoryNode:
         node.open()
         front = CacheFront(PeerClient(self.net, "fuzzed"), lambda: [DEPENDANT, DOWN], self.clock, timeout=1.0)
         front.attach(node)
-        self.site = QuietSite(RecordAPI(node, front=front, max_record_size=MAX_RECORD_SIZE).resource())
+        self.site = QuietSite(
+            RecordAPI(node, front=front, max_record_size=MAX_RECORD_SIZE).resource(), reactor=self.clock
+        )
         self.site.max_body = MAX_RECORD_SIZE
 
     def send(self, raw):

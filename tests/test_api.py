@@ -1332,17 +1332,19 @@ class ChannelLimitTests(SynchronousTestCase):
     """Request lines and headers over the limits: a JSON 414 or 431, then the connection closes."""
 
     def answer(self, data):
+        from twisted.internet.task import Clock
         from twisted.internet.testing import StringTransport
 
         from minstore.service import QuietSite
 
         node = Node(MemoryStorage(), node_id="node1")
         node.open()
-        site = QuietSite(RecordAPI(node).resource())
+        site = QuietSite(RecordAPI(node).resource(), reactor=Clock())
         channel = site.buildProtocol(None)
         transport = StringTransport()
         channel.makeConnection(transport)
         channel.dataReceived(data)
+        self.addCleanup(channel.connectionLost, None)
         return transport
 
     def assertRefused(self, transport, code, error):
