@@ -610,3 +610,63 @@ class CacheOptionsTests(SynchronousTestCase):
                 self.parse(*argv)
             self.assertEqual(raised.exception.code, 2)
             self.assertIn(argv[0], err.getvalue())
+
+
+class FrontIssue12Tests(FrontTestsMixin, SynchronousTestCase):
+    """The cache front's defects of issue 12."""
+
+    stale_if_error = 30.0
+
+    def test_failed_delete_keeps_the_entry(self):
+        """A DELETE no dependant answered (502) does not evict: later GETs are served stale, not 502."""
+        _, _, posted = self.call("POST", "/books/1?cache=1", json={"value": "one"})
+        self.net.down(A)
+        self.net.down(B)
+        self.assertEqual(self.call("DELETE", "/books/1?cache=1")[0], 502)
+        self.clock.advance(self.ttl + 1)
+        code, headers, body = self.get("/books/1?cache=1")
+        self.assertEqual((code, body), (200, posted))
+        self.assertTrue(headers.hasHeader("warning"))
+
+    def test_502_says_what_happened(self):
+        """Refused connections are reported as such, not as a timeout."""
+        self.net.down(A)
+        self.net.down(B)
+        for method in ("GET", "POST", "DELETE"):
+            code, _, body = self.call(method, "/books/1?cache=1", json={"value": 1})
+            message = json.loads(body)["message"]
+            self.assertEqual(code, 502)
+            self.assertIn("%s: connection refused" % A, message)
+            self.assertIn("%s: connection refused" % B, message)
+            self.assertNotIn("within", message)
+
+    def test_status_shows_what_the_front_last_saw(self):
+        """/_node/status shows dependants down once they failed to answer, with the error."""
+        self.assertEqual([d["state"] for d in self.front.status()["dependants"]], ["unknown", "unknown"])
+        self.call("POST", "/books/1?cache=1", json={"value": "one"})
+        self.assertEqual(self.front.status()["dependants"][0]["state"], "up")
+        self.net.down(A)
+        self.net.down(B)
+        self.clock.advance(self.ttl)
+        self.get("/books/1?cache=1")
+        _, _, status = self.get("/_node/status")
+        dependants = json.loads(status)["cache"]["dependants"]
+        self.assertEqual([(d["url"], d["state"], d["last_error"]) for d in dependants],
+                         [(A, "down", "connection refused"), (B, "down", "connection refused")])
+
+    def test_listings_are_a_dependants(self):
+        """GET /{collection}/?cache=1 and the collections of GET /?cache=1 come from a dependant."""
+        self.call("POST", "/books/1?cache=1", json={"value": "one"})
+        self.call("POST", "/books/2?cache=1", json={"value": "two"})
+        code, _, body = self.get("/books/?cache=1&limit=1")
+        page = json.loads(body)
+        self.assertEqual((code, [r["uid"] for r in page["items"]]), (200, ["1"]))
+        code, _, body = self.get("/books/?cache=1&after=" + page["next"])
+        self.assertEqual([r["uid"] for r in json.loads(body)["items"]], ["2"])
+        code, _, body = self.get("/?cache=1", headers={"accept": "application/json"})
+        self.assertEqual((code, json.loads(body)["collections"]), (200, ["books"]))
+        self.assertEqual(self.get("/", headers={"accept": "application/json"})[2].count(b"books"), 0)
+        self.net.down(A)
+        self.assertEqual(self.get("/books/?cache=1")[0], 200)  # the next dependant
+        self.net.down(B)
+        self.assertEqual(self.get("/books/?cache=1")[0], 502)
