@@ -58,20 +58,17 @@ def ascii_digits(text):
     return bool(text) and text.isascii() and text.isdigit()
 
 
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
-def json_depth(text):
+def _json_depth(text):
     """
-    How deep arrays and objects nest in a JSON text (outside its strings),
-    counted without recursion: a cheap bound first, the exact depth only
-    when the text has more brackets than L{MAX_JSON_DEPTH}.
+    How deep arrays and objects nest in a JSON text json.loads took: its
+    strings dropped (linear on valid JSON, whose strings all end), then a
+    running sum over the brackets left.
     """
-    opening = text.count("[") + text.count("{")
-    if opening <= MAX_JSON_DEPTH:
-        return opening
     brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
     return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
 
@@ -79,16 +76,24 @@ def json_depth(text):
 def loads_bounded(text):
     """
     ``json.loads`` of a client's text, a BadRequest ``invalid_json`` for
-    text that is not JSON or nests deeper than L{MAX_JSON_DEPTH}.
+    text that is not JSON or nests arrays and objects deeper than
+    L{MAX_JSON_DEPTH} (json's own recursion limit, a RecursionError, is
+    only met well past it).  The depth is measured only on text json took,
+    and only when it has more brackets than the limit.
     """
-    if json_depth(text) > MAX_JSON_DEPTH:
-        raise BadRequest(
-            "invalid_json", "the body nests arrays and objects deeper than %d" % MAX_JSON_DEPTH
-        )
     try:
-        return json.loads(text)
+        document = json.loads(text)
     except (ValueError, RecursionError) as e:
+        if isinstance(e, RecursionError):
+            e = "arrays and objects nested deeper than %d" % MAX_JSON_DEPTH
         raise BadRequest("invalid_json", "the body is not JSON: %s" % (e,))
+    # Cheap bound first: a text with few brackets cannot nest deep.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH:
+        if _json_depth(text) > MAX_JSON_DEPTH:
+            raise BadRequest(
+                "invalid_json", "the body nests arrays and objects deeper than %d" % MAX_JSON_DEPTH
+            )
+    return document
 
 
 #: The routes whose raw path is fixed, by that path.
