@@ -10,7 +10,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["minstore", "minstore.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/minstore_plugin.py"]},
+    package_data={
+        "twisted": ["plugins/minstore_plugin.py"],
+        "minstore.process": ["data/py3langid-0.4.0-model.npz.xz", "data/py3langid-LICENSE"],
+    },
     install_requires=[
         "Twisted>=22.10.0",  # twistd plugin, services, endpoints, twisted.logger
         "klein>=21.8.0",  # the HTTP resource tree
@@ -19,7 +22,10 @@ setup(
         "zope.interface>=5.0",  # IStorage, IProcess
         "prometheus_client>=0.14.0",  # GET /metrics
         "jsonschema>=4.0",  # the schema process
-        "py3langid>=0.3.0",  # the lang process (0.3 on Python 3.9, 0.4 on 3.10+)
+        # The lang process: py3langid 0.4.0's model ships in minstore/process/data
+        # and minstore scores it in pure Python; on CPython 3.10+ py3langid 0.4's
+        # numpy scoring is faster (pip has only 0.3, another model, for 3.9).
+        "py3langid>=0.4.0,<0.5; python_version >= '3.10' and platform_python_implementation == 'CPython'",
     ],
     extras_require={
         "test": [
@@ -27,6 +33,7 @@ setup(
             # Requests generated from /openapi.json (tests.test_fuzz, bench/fuzz.py).
             "schemathesis>=4.0; python_version >= '3.11'",
         ],
+        "tls": ["Twisted[tls]>=22.10.0"],  # https:// peers, --peer-ca, --client-ca (pyOpenSSL, service_identity)
     },
     entry_points={},
     zip_safe=False,

@@ -679,7 +679,7 @@ def main(argv=None):
     parser.add_argument("--storage", default="files",
                         help="storage engine of every node (files; memory shows what replication costs without disk)")
     parser.add_argument("--processes", default=None, help="--processes of the nodes (default: the node's own)")
-    parser.add_argument("--node-args", default="", help="more options for every node, e.g. '--no-lang-worker' (one string)")
+    parser.add_argument("--node-args", default="", help="more options for every node, e.g. '--replication-interval 0' (one string)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directories")
     parser.add_argument("--verbose", action="store_true", help="print wrk's output")

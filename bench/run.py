@@ -14,7 +14,7 @@ once as a warm-up and once measured:
 and prints requests/s, p50 and p99 of both servers, the ratio node/bare,
 and the CPU time each server spent per request (user + system, from /proc),
 which moves far less than requests/s when other processes share the cores;
-the node's children (its language worker and file writer) are counted
+the node's children (its file writer) are counted
 apart, as ``(+N)``, and the ratio by CPU leaves them out.
 ``--repeat N`` measures everything N times, node and bare back to back, and
 reports medians.  Every process it starts is stopped at the end, whatever
@@ -230,7 +230,7 @@ def seed(port, count, workers=8):
 
 def children_cpu_seconds(pid):
     """User + system CPU seconds used so far by a process's children (the
-    node's language worker and file writer), or None."""
+    node's file writer), or None."""
     try:
         pids = set()
         for task in os.listdir("/proc/%d/task" % pid):
@@ -485,7 +485,7 @@ def bench_interpreter(args, python, log):
                             figures["cpu_sys_us"] = (cpu_after[1] - cpu_before[1]) * 1e6 / n
                             figures["cpu_us"] = figures["cpu_user_us"] + figures["cpu_sys_us"]
                             if children_before is not None and children_after is not None:
-                                # The node's children: its language worker and file writer.
+                                # The node's children: its file writer.
                                 figures["cpu_children_us"] = (children_after - children_before) * 1e6 / n
                     finally:
                         if spy is not None:

@@ -13,7 +13,7 @@ sync_data = getattr(os, "fdatasync", os.fsync)
 
 def ignore_stop_signals():
     """
-    For a node's child process (file writer, language worker): ignore
+    For a node's child process (the file writer): ignore
     SIGTERM and SIGINT, which systemd (without ``KillMode=mixed``) and a
     terminal's Ctrl-C send to the whole group.  The node stops first and
     ends the child by closing its stdin, once it has done what it was sent.

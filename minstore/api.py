@@ -420,7 +420,7 @@ class RecordAPI:
         def wait(entry):
             if self.replication is None:
                 return answer((0, 0), entry)
-            waiting = self.replication.wait_stored(collection, uid, entry.version, self.sync_timeout)
+            waiting = self.replication.wait_stored(entry.seq, self.sync_timeout)
             return waiting.addCallback(answer, entry)
 
         def answer(counts, entry):

@@ -24,6 +24,11 @@ body.
   dependant then answers once the others stored it, with the
   ``Minstore-Replicas-*`` headers.  A DELETE is not ``local=1``: a dependant
   that does not hold the record yet finds it on the others.
+* The client's ``Authorization`` goes to the dependants unchanged, and a
+  fresh entry is served only to a client whose ``Authorization`` (or lack
+  of one) a dependant accepted for that collection within the last ``ttl``
+  seconds: a cached record is never served to a client the dependants
+  would refuse (their 401 and 403 pass through).
 * 400, 404 and 412 from a dependant pass through unchanged.  No answer
   from any dependant within ``timeout`` seconds: 502 with a JSON error.
 * Listings (``GET /{collection}/``) and the collections of ``GET /`` are
@@ -32,7 +37,9 @@ body.
 Cache hits are answered on the reactor thread with no Deferred at all.
 """
 
+import hashlib
 import json
+from collections import OrderedDict
 from urllib.parse import quote, urlencode
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -56,6 +63,22 @@ _ANY_STATUS = range(100, 600)
 _REPLICA_HEADERS = (b"minstore-replicas-stored", b"minstore-replicas-expected")
 #: What a stale entry is served with when no dependant could revalidate it.
 STALE_WARNING = b'111 minstore "Revalidation Failed"'
+#: (credential, collection) pairs remembered as accepted by a dependant.
+MAX_CREDENTIALS = 10000
+
+
+def _credential(request):
+    """The client's Authorization, kept as its SHA-256 only (b"" for none)."""
+    header = request.getHeader(b"authorization")
+    return b"" if header is None else hashlib.sha256(header).digest()
+
+
+def _with_authorization(request, headers):
+    """``headers`` with the client's Authorization, when it sent one."""
+    authorization = request.getHeader(b"authorization")
+    if authorization is not None:
+        headers[b"authorization"] = [authorization]
+    return headers
 
 
 def _flag(args, name):
@@ -174,7 +197,8 @@ class CacheFront:
         self.not_modified = 0
         self.stale_served = 0
         self.errors = 0
-        self._fetches = {}  # key -> _Fetch
+        self._fetches = {}  # (key, credential) -> _Fetch
+        self._accepted = OrderedDict()  # (credential, collection) -> expiry
         self.metrics = None
         #: What each dependant did last: (state, seconds, error or None).
         self._seen = {}
@@ -202,7 +226,7 @@ class CacheFront:
             raise MethodNotAllowed(message="cache=1 lists with GET")
         if method == b"GET" or method == b"HEAD":
             hit = self.lru.get(key)
-            if hit is not None and self.clock.seconds() < hit[1].expires:
+            if hit is not None and self.clock.seconds() < hit[1].expires and self._may_serve(request, collection):
                 self.hits += 1
                 return self._serve(request, hit[0], hit[1])
             check_collection(collection)
@@ -215,6 +239,20 @@ class CacheFront:
         if method == b"DELETE":
             return ensureDeferred(self._delete(request, key))
         raise MethodNotAllowed(message="cache=1 serves GET, POST, PUT and DELETE")
+
+    def _may_serve(self, request, collection):
+        """Whether a dependant accepted this client's credentials for ``collection`` lately."""
+        expires = self._accepted.get((_credential(request), collection))
+        return expires is not None and self.clock.seconds() < expires
+
+    def _accept(self, credential, collection, accepted):
+        """Remember (or forget) that the dependants accepted these credentials."""
+        pair = (credential, collection)
+        self._accepted.pop(pair, None)
+        if accepted:
+            self._accepted[pair] = self.clock.seconds() + self.ttl
+            while len(self._accepted) > MAX_CREDENTIALS:
+                self._accepted.popitem(last=False)
 
     async def _read_through(self, request, collection):
         """
@@ -233,7 +271,9 @@ class CacheFront:
         outcomes = []
         for peer in peers:
             try:
-                answer = await self._call(peer, "GET", path, {b"accept": [b"application/json"]})
+                answer = await self._call(
+                    peer, "GET", path, _with_authorization(request, {b"accept": [b"application/json"]})
+                )
             except Exception as e:
                 outcomes.append(_Reason(e))
                 continue
@@ -331,11 +371,12 @@ class CacheFront:
         # Each request waits on a Deferred of its own: one whose client
         # hangs up is cancelled alone, never the round the others wait for.
         waiter = Deferred()
-        fetch = self._fetches.get(key)
+        credential = _credential(request)
+        fetch = self._fetches.get((key, credential))
         if fetch is not None:
             fetch.waiters.append(waiter)
         else:
-            fetch = self._fetches[key] = _Fetch()
+            fetch = self._fetches[key, credential] = _Fetch()
             fetch.waiters.append(waiter)
             if stale is None:
                 self.misses += 1
@@ -343,7 +384,7 @@ class CacheFront:
                 self.revalidations += 1
 
             def finished(result):
-                del self._fetches[key]
+                del self._fetches[key, credential]
                 for w in fetch.waiters:
                     if w.called:
                         continue  # cancelled: its client went away
@@ -353,11 +394,13 @@ class CacheFront:
                         w.callback(result)
                 return None
 
-            ensureDeferred(self._fetch(key, stale, fetch)).addBoth(finished)
+            ensureDeferred(
+                self._fetch(key, stale, fetch, request.getHeader(b"authorization"), credential)
+            ).addBoth(finished)
         d = waiter
         return d.addCallback(self._answer_get, request)
 
-    async def _fetch(self, key, stale, fetch):
+    async def _fetch(self, key, stale, fetch, authorization=None, credential=b""):
         """
         Ask every dependant; ``(data, meta, warning)`` to serve, or an
         L{Answer} to pass through.
@@ -365,12 +408,16 @@ class CacheFront:
         collection, uid = key
         path = "/%s?local=1" % (record_path(collection, uid),)
         headers = {}
+        if authorization is not None:
+            headers[b"authorization"] = [authorization]
         if stale is not None:
             headers[b"if-none-match"] = [stale[1].etag]
         peers = self._peers()
         self._turn = (self._turn + 1) % len(peers)
         peers = peers[self._turn:] + peers[: self._turn]
         winner, outcomes = await self._hedged(peers, path, headers)
+        codes = [o.code for o in outcomes if isinstance(o, Answer)]
+        self._accept(credential, collection, 401 not in codes and 403 not in codes and (200 in codes or 304 in codes))
         if winner is not None and winner.code == 200 and winner.etag:
             if not fetch.invalidated:
                 self._keep(key, winner)
@@ -486,11 +533,14 @@ class CacheFront:
         if_match = request.getHeader(b"if-match")
         if if_match is not None and method == "PUT":
             headers[b"if-match"] = [if_match]
+        _with_authorization(request, headers)
         body = json.dumps({"value": value}, ensure_ascii=False).encode("utf-8")
         answer = await self._first_answer(method, self._write_path(request, collection, uid), headers, body)
         if answer.code == 200:
             self._forget(key)
             self._keep(key, answer)
+            # A token that may write a collection may read it.
+            self._accept(_credential(request), collection, True)
         elif answer.code in (404, 412):
             self._forget(key)
         return self._pass(request, answer)
@@ -503,6 +553,7 @@ class CacheFront:
         if_match = request.getHeader(b"if-match")
         if if_match is not None:
             headers[b"if-match"] = [if_match]
+        _with_authorization(request, headers)
         answer = await self._first_answer("DELETE", self._write_path(request, collection, uid), headers)
         # A dependant answered: what it says (deleted, not there, or a 412)
         # outdates the entry.  When none did, the entry stays, to be served

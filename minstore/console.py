@@ -64,10 +64,21 @@ let collection = null, cursor = null, current = null;
 function say(text, ok) { const m = $("message"); m.textContent = text; m.className = ok ? "ok" : "error"; }
 function path(c, uid) { return "/" + encodeURIComponent(c) + "/" + (uid === undefined ? "" : encodeURIComponent(uid)); }
 
-async function call(method, url, body, headers) {
+async function call(method, url, body, headers, retried) {
   const init = { method, headers: Object.assign({ "Accept": "application/json" }, headers || {}) };
   if (body !== undefined) { init.body = JSON.stringify(body); init.headers["Content-Type"] = "application/json"; }
+  // A node with --tokens answers 401: ask for a token, kept in this tab's
+  // session storage only (gone when the tab closes).
+  const token = sessionStorage.getItem("minstore-token");
+  if (token) init.headers["Authorization"] = "Bearer " + token;
   const response = await fetch(url, init);
+  if (response.status === 401 && !retried) {
+    const entered = window.prompt("This node needs a token (Authorization: Bearer).", "");
+    if (entered) {
+      sessionStorage.setItem("minstore-token", entered.trim());
+      return call(method, url, body, headers, true);
+    }
+  }
   const text = await response.text();
   let data = null; try { data = text ? JSON.parse(text) : null; } catch (e) { data = { message: text }; }
   if (!response.ok) throw new Error(response.status + " " + ((data && (data.error + ": " + data.message)) || ""));

@@ -79,11 +79,6 @@ class ServiceUnavailable(MinstoreError):
     error = "unavailable"
 
 
-class InsufficientStorage(MinstoreError):
-    code = 507
-    error = "insufficient_storage"
-
-
 def error_answer(failure):
     """
     ``(status, headers, body)`` of the JSON answer to a request that failed
@@ -112,3 +107,18 @@ def error_from_peer(code, body):
     e = MinstoreError(error, message)
     e.code = code
     return e
+
+
+class InsufficientStorage(MinstoreError):
+    """A write failed in storage (a full disk, an I/O error): nothing of it is kept."""
+
+    code = 507
+    error = "insufficient_storage"
+
+
+class StorageFailed(Exception):
+    """
+    Raised by a storage engine: a write that could not be made durable (the
+    node answers 507), or damage found at open that the engine cannot
+    recover past (the node refuses to start, saying this one line).
+    """

@@ -2,65 +2,120 @@
 The two extension points of a node: storage engines and processes.
 """
 
+from collections import namedtuple
+
 from zope.interface import Attribute, Interface
+
+#: ``condition`` of a L{WriteItem}: store only when no live record of the
+#: uid is held (a POST; a tombstone does not count).
+ABSENT = "absent"
+#: ``condition`` of a L{WriteItem}: store only when what is held of the uid
+#: (record or tombstone) has an older version, or nothing is held (a replica).
+NEWER = "newer"
+
+#: One item of a batch given to L{IStorage.write}.  ``data`` is the record's
+#: (or tombstone's) canonical JSON, ``version`` its version string;
+#: ``forward`` says whether the item is to be sent on to this node's peers
+#: (a client's write, or a replica received from a bridge): replication
+#: reads the items flagged so; ``condition`` is None, L{ABSENT} or L{NEWER}.
+WriteItem = namedtuple("WriteItem", "collection uid data deleted version forward condition")
+WriteItem.__new__.__defaults__ = (True, None)
+
+#: One entry of the change feed (L{IStorage.changes}): the newest change of
+#: a uid, with the sequence number the engine gave it.
+Change = namedtuple("Change", "seq collection uid version deleted forward data")
 
 
 class IStorage(Interface):
     """
-    A storage engine.  Every method is synchronous and blocking: the node
-    calls them from its thread pool, never from the reactor thread, so an
-    engine must be safe to call from several threads at once.  The node
-    serialises writes to one uid, so an engine need not.
+    A storage engine: records, tombstones, the node's sequence of changes
+    and the replication checkpoints, kept together.
 
-    Records are opaque bytes (the record's JSON); a tombstone is stored like
-    a record but flagged ``deleted`` so that reads and listings skip it
-    while replication can still compare its version.
+    Threads: the methods marked I{blocking} do I/O and are called from the
+    node's thread pool (or at start, before the node serves), never on the
+    reactor thread; an engine must be safe to call from several threads at
+    once.  The methods marked I{memory} answer from memory and are the only
+    ones the node calls on the reactor thread.  The node serialises writes
+    to one uid, so an engine need not.
+
+    Records are opaque bytes (the record's JSON).  A tombstone is stored like
+    a record but flagged ``deleted``: reads return it, listings skip it, the
+    feed carries it.
+
+    The sequence: every item stored gets the next number of a per-node
+    sequence (1, 2, ...), and the feed (L{changes}) holds, for each uid,
+    its newest change with its number.  One durable step per batch covers
+    the records, their sequence entries and, when given, checkpoints: when
+    L{write} returns, all of it survives a crash; when it raises, none of
+    it is ever read, served or replayed, and the numbers it would have used
+    are given to the next batch.
     """
 
     name = Attribute("The engine's name, as given to --storage.")
 
     def open():
-        """Create or recover the engine's files; called once before use."""
+        """
+        I{blocking}, once before use: create or recover the engine's files.
+        Damage that cannot be recovered past raises L{minstore.errors.StorageFailed}
+        with a one-line reason naming the file.
+        """
 
     def close():
-        """Release files; called once when the node stops."""
+        """I{blocking}, once when the node stops: release files."""
 
     def get(collection, uid):
-        """The stored bytes of a record or tombstone, or None."""
+        """I{blocking}: the stored bytes of a record or tombstone, or None."""
 
-    def write(batch):
+    def write(batch, checkpoints=None):
         """
-        Store a batch of ``(collection, uid, data, deleted)`` tuples.  When
-        this returns, every item is durable and visible; a crash during the
-        call leaves each item either wholly old or wholly new.
-        """
+        I{blocking}: store a list of L{WriteItem}s in one durable step, with
+        ``checkpoints`` (``{peer: seq}``) when given.  Returns a list with,
+        per item, the sequence number it was stored with, or None when its
+        ``condition`` did not hold (nothing stored for it).  Items are
+        applied in order; a uid twice in one batch keeps the last stored.
 
-    def is_live(collection, uid):
-        """
-        Whether a live record of that uid is held, from memory only: the
-        one method the node may call on the reactor thread, so it must not
-        block.  None means "cannot tell without reading" (the node reads).
-        """
-
-    def holds(collection, uid):
-        """
-        Whether a record or a tombstone of that uid is held, from memory
-        only, like L{is_live}: False lets the node store a replica of a uid
-        it has never seen without reading first.  None means "cannot tell".
+        Fails with L{minstore.errors.StorageFailed} on a full disk or an
+        I/O error: then nothing of the batch is stored.
         """
 
     def list(collection, after, prefix, limit):
         """
-        Up to ``limit`` live records (bytes) of a collection, in uid order,
-        with uids greater than ``after`` (or from the start when None) that
-        start with ``prefix`` (any when None).
+        I{blocking}: up to ``limit`` live records (bytes) of a collection, in
+        uid order, with uids greater than ``after`` (or from the start when
+        None) that start with ``prefix`` (any when None).
         """
 
+    def changes(after, limit, forwarded_only=False, collection=None):
+        """
+        I{blocking}: ``(changes, scanned)``: up to ``limit`` L{Change}s with a
+        sequence number above ``after``, in sequence order (the newest change
+        per uid: a uid written again since has moved to its new number);
+        only the items stored with ``forward`` when ``forwarded_only``; only
+        one collection's when given.  ``scanned`` is the sequence number up to
+        which the feed was read: the last change's when ``limit`` were
+        found, else the highest number stored when the read began.
+        """
+
+    def count_changes(after, forwarded_only=False):
+        """I{blocking}: how many L{Change}s L{changes} would give after ``after``, without a limit."""
+
+    def checkpoints():
+        """I{blocking}: the saved ``{peer: seq}`` checkpoints."""
+
+    def save_checkpoints(checkpoints):
+        """I{blocking}: replace the saved checkpoints with ``{peer: seq}``, durably."""
+
+    def last_seq():
+        """I{memory}: the highest sequence number stored (0 when none)."""
+
+    def max_version():
+        """I{memory}: the highest version held, record or tombstone (None when empty)."""
+
     def count():
-        """The number of live records held."""
+        """I{memory}: the number of live records held."""
 
     def collections():
-        """The names of the collections holding at least one record."""
+        """I{memory}: the names of the collections holding at least one live record."""
 
 
 class IProcess(Interface):

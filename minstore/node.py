@@ -30,11 +30,14 @@ from minstore import __version__
 from minstore.batch import BatchedCalls, Batcher
 from minstore.errors import (
     BadRequest,
+    InsufficientStorage,
     NotFound,
     PreconditionFailed,
     RecordExists,
     ServiceUnavailable,
+    StorageFailed,
 )
+from minstore.interfaces import ABSENT, NEWER, WriteItem
 from minstore.lru import ByteLRU
 from minstore.metrics import NodeMetrics
 from minstore.process import run_pipeline
@@ -151,9 +154,11 @@ class _Write:
     it replaces, makes an unchanged PUT a no-op).
     """
 
-    __slots__ = ("collection", "uid", "data", "deleted", "version", "forward", "record", "current")
+    __slots__ = ("collection", "uid", "data", "deleted", "version", "forward", "record", "current", "condition")
 
-    def __init__(self, collection, uid, version, data=None, deleted=False, forward=True, record=None, current=None):
+    def __init__(
+        self, collection, uid, version, data=None, deleted=False, forward=True, record=None, current=None, condition=None
+    ):
         self.collection = collection
         self.uid = uid
         self.version = version
@@ -162,9 +167,11 @@ class _Write:
         self.forward = forward
         self.record = record
         self.current = current
+        #: None, or the storage's ABSENT (a POST) or NEWER (a replica).
+        self.condition = condition
 
     def item(self):
-        return (self.collection, self.uid, self.data, self.deleted)
+        return WriteItem(self.collection, self.uid, self.data, self.deleted, self.version, self.forward, self.condition)
 
 
 def _now(result):
@@ -181,14 +188,18 @@ def _now(result):
 
 
 class Entry:
-    """A stored record or tombstone as read: its bytes and what the node needs."""
+    """
+    A stored record or tombstone as read: its bytes and what the node needs;
+    ``seq``, the storage's sequence number, when this node just stored it.
+    """
 
-    __slots__ = ("data", "version", "deleted")
+    __slots__ = ("data", "version", "deleted", "seq")
 
-    def __init__(self, data, version, deleted):
+    def __init__(self, data, version, deleted, seq=None):
         self.data = data
         self.version = version
         self.deleted = deleted
+        self.seq = seq
 
     @classmethod
     def parse(cls, data):
@@ -228,12 +239,8 @@ class Node:
         self.metrics = metrics or NodeMetrics()
         self.now = now
         self.started = now()
-        #: What follows each stored batch of ``(collection, uid, data,
-        #: deleted)`` items: an observer's ``stored(items, forwarded)`` runs
-        #: in the writer thread before the batch is acknowledged (what it
-        #: returns is its token), ``committed(items, forwarded, token)`` on
-        #: the reactor thread once it is.  ``forwarded`` are the items to
-        #: pass on to peers.
+        #: Called on the reactor thread after each stored batch, with the
+        #: L{WriteItem}s stored and their sequence numbers (replication).
         self.commit_observers = []
         #: Asks other nodes for what this one misses (set by the cluster);
         #: has ``get(collection, uid)`` and ``delete(collection, uid, if_match)``.
@@ -271,19 +278,20 @@ class Node:
             histogram.observe(time.perf_counter() - start)
 
     def open(self):
-        """Open the storage (blocking: called once, before serving)."""
+        """
+        Open the storage (blocking: called once, before serving); versions
+        continue from the later of the wall clock and the highest version held.
+        """
         self.storage.open()
+        held = self.storage.max_version()
+        if held is not None:
+            self.clock.resume(held)
         self.metrics.records.set_function(self.storage.count)
 
     def cached(self, collection, uid):
         """The L{Entry} of a uid when the read cache has it, else None."""
         hit = self._cache.get((collection, uid))
         return hit[1] if hit is not None else None
-
-    def _holds(self, collection, uid):
-        """The engine's L{IStorage.holds}, None for an engine without it."""
-        holds = getattr(self.storage, "holds", None)
-        return None if holds is None else holds(collection, uid)
 
     def read(self, collection, uid):
         """Deferred L{Entry} of a record or tombstone held here, or None."""
@@ -319,19 +327,28 @@ class Node:
         """
         In the writer thread: finish the records of the batch (processes,
         check_sum, encoding), then store those that are to be stored.  Per
-        write, None (stored), an L{Entry} (an unchanged PUT: nothing to
-        store) or a L{Failure} (a process refused it); the items stored, those
-        forwarded, and the observers' tokens.
+        write, its sequence number (stored), False (its condition did not
+        hold: nothing stored), an L{Entry} (an unchanged PUT: nothing to
+        store) or a L{Failure} (a process refused it); and the items stored
+        with their sequence numbers.
         """
         outcomes = self._finish_records(writes)
-        stored = [w for w, outcome in zip(writes, outcomes) if outcome is None]
-        items = [w.item() for w in stored]
-        forwarded = [item for w, item in zip(stored, items) if w.forward]
-        tokens = []
+        todo = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        items = [writes[i].item() for i in todo]
+        stored = []
         if items:
             self.metrics.batch_size.observe(len(items))
-            tokens = self._timed("write", self._write_batch, items, forwarded)
-        return outcomes, items, forwarded, tokens
+            try:
+                seqs = self._timed("write", self.storage.write, items)
+            except (StorageFailed, OSError) as e:
+                raise InsufficientStorage(
+                    message="the write was not stored (%s); nothing of it is kept, retry later" % (e,)
+                )
+            for i, item, seq in zip(todo, items, seqs):
+                outcomes[i] = False if seq is None else seq
+                if seq is not None:
+                    stored.append((item, seq))
+        return outcomes, stored
 
     def _finish_records(self, writes):
         outcomes = [None] * len(writes)
@@ -379,29 +396,30 @@ class Node:
             w.data = encode_record(record)
         return outcomes
 
-    def _write_batch(self, items, forwarded):
-        self.storage.write(items)
-        return [observer.stored(items, forwarded) for observer in self.commit_observers]
-
     def _commit_failed(self, failure, n):
-        self.log.failure("storage write of {n} records failed", failure, n=n)
+        if failure.check(InsufficientStorage):
+            self.log.error("storage write of {n} records failed: {error}", n=n, error=failure.value.message)
+        else:
+            self.log.failure("storage write of {n} records failed", failure, n=n)
         return failure
 
     def _committed(self, result, writes):
-        outcomes, items, forwarded, tokens = result
+        outcomes, stored = result
         results = []
         for w, outcome in zip(writes, outcomes):
-            if outcome is None:  # stored
-                outcome = Entry(w.data, w.version, w.deleted)
+            if outcome is False:  # its condition did not hold
+                if w.condition == ABSENT:
+                    outcome = Failure(RecordExists(message="%s/%s exists already; PUT updates it" % (w.collection, w.uid)))
+                self._cache.pop((w.collection, w.uid))
+            elif type(outcome) is int:  # stored
+                outcome = Entry(w.data, w.version, w.deleted, outcome)
                 self._cache.put((w.collection, w.uid), w.data, outcome)
             results.append(outcome)
-        if items:
+        if stored:
             self._commit_seq += 1
-            # Observers first: a sync=1 write that waits for its replicas
-            # must find them pending when its acknowledgement fires.
-            for observer, token in zip(self.commit_observers, tokens):
+            for observer in self.commit_observers:
                 try:
-                    observer.committed(items, forwarded, token)
+                    observer.committed(stored)
                 except Exception:
                     self.log.failure("commit observer failed")
         return results
@@ -455,7 +473,10 @@ class Node:
         return d.addCallback(self._commit_record, collection, uid, version, current)
 
     def _commit_record(self, record, collection, uid, version, current):
-        return self._commits.submit(_Write(collection, uid, version, record=record, current=current))
+        # A POST (no current record) is stored only if the uid is not live
+        # when its batch is written: the check and the write are one step.
+        condition = ABSENT if current is None else None
+        return self._commits.submit(_Write(collection, uid, version, record=record, current=current, condition=condition))
 
     def create(self, collection, uid, value):
         """POST: store a new record; Deferred L{Entry}."""
@@ -464,13 +485,10 @@ class Node:
         return self._locked((collection, uid), self._create, collection, uid, value)
 
     def _create(self, collection, uid, value):
-        if self.storage.is_live(collection, uid) is False:
-            # Known absent (or deleted) without a read: one thread hop fewer per POST.
-            return self._new_version(collection, uid, value)
-        return self.read(collection, uid).addCallback(self._create_unless_live, collection, uid, value)
-
-    def _create_unless_live(self, current, collection, uid, value):
-        if current is not None and not current.deleted:
+        # No read first: the storage write itself stores it only when the
+        # uid is not live (ABSENT), so a POST costs one thread hop.
+        cached = self.cached(collection, uid)
+        if cached is not None and not cached.deleted:
             raise RecordExists(message="%s/%s exists already; PUT updates it" % (collection, uid))
         return self._new_version(collection, uid, value)
 
@@ -553,16 +571,13 @@ class Node:
             return results
 
     def _apply(self, collection, uid, data, version, deleted, forward):
-        if self._holds(collection, uid) is False:
-            # Never held here, the common case of a receiver: no read.
-            return self._apply_if_newer(None, collection, uid, data, version, deleted, forward)
-        d = self.read(collection, uid)
-        return d.addCallback(self._apply_if_newer, collection, uid, data, version, deleted, forward)
-
-    def _apply_if_newer(self, current, collection, uid, data, version, deleted, forward):
-        if current is not None and current.version >= version:
+        # No read first: the storage write stores it only when it is newer
+        # than what is held (NEWER), in the same step.
+        cached = self.cached(collection, uid)
+        if cached is not None and cached.version >= version:
             return False
-        return self._commit(collection, uid, data, deleted, version, forward).addCallback(lambda _: True)
+        w = _Write(collection, uid, version, data, deleted, forward, condition=NEWER)
+        return self._commits.submit(w).addCallback(lambda outcome: isinstance(outcome, Entry))
 
     # -- reads ----------------------------------------------------------
 
@@ -613,6 +628,7 @@ class Node:
             "version": __version__,
             "uptime": round(self.now() - self.started, 3),
             "records": self.storage.count(),
+            "last_seq": self.storage.last_seq(),
             "storage": getattr(self.storage, "name", type(self.storage).__name__),
             "processes": [getattr(p, "name", type(p).__name__) for p in self.processes],
             "pending_writes": self._commits.queued() + self._commits.inflight,

@@ -118,7 +118,7 @@ def _json_ok(description, schema=None):
     }
 
 
-def openapi_document():
+def _base_document():
     return {
         "openapi": "3.0.3",
         "info": {
@@ -313,3 +313,34 @@ def openapi_document():
             }
         },
     }
+
+
+def openapi_document():
+    """The document, with the bearer scheme and the 401 and 403 of DESIGN section 7."""
+    document = _base_document()
+    document["components"]["securitySchemes"] = {
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "With --tokens: Authorization: Bearer TOKEN, whose scopes "
+            "(read:GLOB, write:GLOB, admin) cover the route. Without --tokens the node "
+            "answers loopback clients only (403 protected_mode) unless --insecure.",
+        }
+    }
+    document["security"] = [{"bearer": []}]
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue  # the path's parameters
+            if path == "/_node/health":
+                operation["security"] = []
+                continue
+            if path == "/":
+                operation["security"] = [{"bearer": []}, {}]  # the HTML console is open
+            responses = operation["responses"]
+            responses.setdefault("401", _error("unauthorized: no token, or not one of --tokens (WWW-Authenticate: Bearer)"))
+            responses.setdefault(
+                "403",
+                _error("forbidden (the token lacks the scope named), protected_mode, or forbidden_origin"),
+            )
+    return document

@@ -8,7 +8,6 @@ collector out of the request path.
 
 import hashlib
 import json
-import os
 import re
 import threading
 import time
@@ -94,53 +93,21 @@ class HybridLogicalClock:
     strings compares the versions.  ``observe`` folds in versions seen from
     other nodes so that a later local write always sorts after them.
 
-    To stay monotonic across restarts, even when the wall clock steps back,
-    the clock persists a reservation a few seconds ahead of the wall clock
-    and never issues a version below the last reservation it read at start.
+    Across restarts the node calls ``resume`` with the highest version its
+    storage holds: versions continue from the later of the wall clock and
+    that version, never further ahead (no reservation on disk).
     """
 
-    RESERVE_MS = 10_000
     #: A version further ahead of our wall clock than this is not folded in:
     #: one node with a wild clock must not drag every other node's versions.
     MAX_DRIFT_MS = 60_000
 
-    def __init__(self, node_id, state_path=None, now=time.time):
+    def __init__(self, node_id, now=time.time):
         self.node_id = node_id
         self._now = now
-        self._state_path = state_path
         self._lock = threading.Lock()
         self._physical = 0
         self._logical = 0
-        self._reserved = 0
-        self._persisting = False
-        #: How a new reservation reaches the disk; the node replaces it with
-        #: a call through its thread pool so the reactor never waits on it.
-        self.persist_later = self._persist_now
-        if state_path and os.path.exists(state_path):
-            with open(state_path) as f:
-                self._physical = int(f.read().strip() or 0)
-        self._persist_now(self._next_reservation())
-
-    def _next_reservation(self):
-        return max(self._physical, int(self._now() * 1000)) + self.RESERVE_MS
-
-    def _persist_now(self, reserved):
-        """Write the reservation durably (called at start, or off the reactor)."""
-        if self._state_path is not None:
-            tmp = self._state_path + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(str(reserved))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._state_path)
-        self._reserved = reserved
-        self._persisting = False
-
-    def _maybe_reserve(self):
-        # Renew the reservation when half of it is used up, in the background.
-        if self._physical + self.RESERVE_MS // 2 > self._reserved and not self._persisting:
-            self._persisting = True
-            self.persist_later(self._next_reservation())
 
     def _format(self):
         return "%013d-%06d-%s" % (self._physical, self._logical, self.node_id)
@@ -157,22 +124,32 @@ class HybridLogicalClock:
                     # The counter is 6 digits wide: carry into the milliseconds
                     # so that comparing the strings still compares the versions.
                     self._physical, self._logical = self._physical + 1, 0
-            self._maybe_reserve()
             return self._format()
+
+    @staticmethod
+    def _parse(version):
+        try:
+            physical, logical = version.split("-", 2)[:2]
+            return int(physical), int(logical)
+        except (ValueError, AttributeError):
+            return None
+
+    def resume(self, version):
+        """At start: the next version sorts after ``version``, the highest held."""
+        parsed = self._parse(version)
+        if parsed is not None:
+            with self._lock:
+                if parsed > (self._physical, self._logical):
+                    self._physical, self._logical = parsed
 
     def observe(self, version):
         """Fold in a version made elsewhere."""
-        try:
-            physical, logical = version.split("-", 2)[:2]
-            physical, logical = int(physical), int(logical)
-        except (ValueError, AttributeError):
-            return
-        if physical > self._now() * 1000 + self.MAX_DRIFT_MS:
+        parsed = self._parse(version)
+        if parsed is None or parsed[0] > self._now() * 1000 + self.MAX_DRIFT_MS:
             return
         with self._lock:
-            if (physical, logical) > (self._physical, self._logical):
-                self._physical, self._logical = physical, logical
-                self._maybe_reserve()
+            if parsed > (self._physical, self._logical):
+                self._physical, self._logical = parsed
 
 
 def version_timestamp(version):

@@ -1,67 +1,79 @@
 """The long-lived parts of a node, as Twisted services."""
 
-from twisted.application.service import Service
-from twisted.internet.defer import gatherResults, maybeDeferred
+import os
+import sys
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.web.server import Site
 
 from minstore.api import BoundedChannel, BoundedRequest
 
 
-class ThreadPoolService(Service):
+class NodeRoot(MultiService):
     """
-    Starts a thread pool with the node and stops it after ``before_stop``
-    (the node's drain) has fired, so no storage call is cut short.
+    The node's service tree, started and stopped in order (a plain
+    MultiService stops its children all at once).
+
+    Start: the thread pool, the storage (blocking, before anything is
+    served: recovery and migration happen here), the processes, the
+    cluster (replication resumes from the storage's checkpoints), then the
+    port.  Stop: the port is closed, the writes taken are drained, the
+    processes stopped, replication stopped (its checkpoints saved through
+    the thread pool), the storage closed, the thread pool stopped, and the
+    peers' connections closed.
+
+    Any exception while starting is logged and ends the process with
+    status 1 (see L{fail_start}): a node that cannot serve does not linger
+    with its port open.
     """
 
     log = Logger()
 
-    def __init__(self, pool, before_stop=None):
+    def __init__(self, pool, node, cluster, port, extras=(), http_pool=None, describe=""):
+        MultiService.__init__(self)
         self.pool = pool
-        self.before_stop = before_stop
-
-    def startService(self):
-        Service.startService(self)
-        self.pool.start()
-
-    def stopService(self):
-        Service.stopService(self)
-        d = maybeDeferred(self.before_stop) if self.before_stop else maybeDeferred(lambda: None)
-
-        def stop(_):
-            self.pool.stop()
-            self.log.info("thread pool stopped")
-
-        return d.addBoth(stop)
-
-
-class NodeService(Service):
-    """Opens the node's storage before the node serves; drains it at stop."""
-
-    log = Logger()
-
-    def __init__(self, node, describe=""):
         self.node = node
+        self.cluster = cluster
+        self.port = port
+        self.extras = list(extras)
+        self.http_pool = http_pool
         self.describe = describe
+        for service in [cluster, port] + self.extras:
+            if service is not None:
+                service.setServiceParent(self)
 
     def startService(self):
         Service.startService(self)
-        self.node.open()
-        for process in self.node.processes:
-            # A process may have a life of its own (lang's child process).
-            if hasattr(process, "start"):
-                process.start()
-        self.log.info(
-            "minstore node {node_id} started: {describe}; {records} records",
-            node_id=self.node.node_id,
-            describe=self.describe,
-            records=self.node.storage.count(),
-        )
+        try:
+            self.pool.start()
+            self.node.open()
+            for process in self.node.processes:
+                if hasattr(process, "start"):
+                    process.start()
+            self.log.info(
+                "minstore node {node_id} started: {describe}; {records} records, sequence at {seq}",
+                node_id=self.node.node_id,
+                describe=self.describe,
+                records=self.node.storage.count(),
+                seq=self.node.storage.last_seq(),
+            )
+            if self.cluster is not None:
+                self.cluster.startService()
+            for service in self.extras:
+                service.startService()
+            self.port.startService()
+        except BaseException as e:
+            fail_start(e)
 
     def stopService(self):
         Service.stopService(self)
-        self.log.info("stopping: finishing {n} writes in flight", n=self.node.pending())
-        d = self.node.stop()
+        d = maybeDeferred(self.port.stopService) if self.port.running else succeed(None)
+
+        def drain(_):
+            self.log.info("stopping: port closed; finishing {n} writes in flight", n=self.node.pending())
+            return self.node.stop()
 
         def stop_processes(_):
             stops = [maybeDeferred(p.stop) for p in self.node.processes if hasattr(p, "stop")]
@@ -69,14 +81,47 @@ class NodeService(Service):
                 lambda f: self.log.failure("a process did not stop cleanly", f)
             )
 
-        d.addCallback(stop_processes)
+        def stop_cluster(_):
+            extras = [maybeDeferred(s.stopService) for s in self.extras if s.running]
+            cluster = maybeDeferred(self.cluster.stopService) if self.cluster is not None and self.cluster.running else succeed(None)
+            return gatherResults([cluster] + extras, consumeErrors=True).addErrback(
+                lambda f: self.log.failure("stopping replication failed", f)
+            )
 
-        def closed(_):
-            self.node.storage.close()
+        def close_storage(_):
+            try:
+                self.node.storage.close()
+            except Exception:
+                self.log.failure("closing the storage failed")
+                return
             self.log.info("storage closed; every acknowledged write is on disk")
-            _exit_zero_after_clean_stop()
 
-        return d.addCallback(closed)
+        def stop_pool(_):
+            self.pool.stop()
+            self.log.info("thread pool stopped")
+            _exit_zero_after_clean_stop()
+            if self.http_pool is not None:
+                return self.http_pool.closeCachedConnections()
+
+        for step in (drain, stop_processes, stop_cluster, close_storage, stop_pool):
+            d.addCallback(step)
+        return d
+
+
+def fail_start(e):
+    """A start that failed: one line on stderr and in the log, exit status 1."""
+    from minstore.errors import StorageFailed
+
+    log = Logger("minstore")
+    if isinstance(e, (StorageFailed, OSError)):
+        message = str(e)
+    else:
+        log.failure("start failed")
+        message = "%s: %s" % (type(e).__name__, e)
+    log.critical("minstore cannot start: {message}", message=message)
+    sys.stderr.write("minstore: cannot start: %s\n" % (message,))
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _exit_zero_after_clean_stop():

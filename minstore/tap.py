@@ -9,7 +9,7 @@ import re
 import sys
 import uuid
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import Service
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -20,21 +20,22 @@ from twisted.python.threadpool import ThreadPool
 
 from minstore import __version__
 from minstore.api import DEFAULT_MAX_RECORD_SIZE, RecordAPI, ascii_digits
+from minstore.auth import AuthFileError, ClusterKey, Guard, GuardResource, TokensService, read_security_options
 from minstore.cache import DEFAULT_SIZE as DEFAULT_CACHE_SIZE
 from minstore.cache import CacheFront
-from minstore.cluster.changelog import ChangeLog
 from minstore.cluster.lookup import Lookups
 from minstore.cluster.peers import PeerClient, make_http_client
 from minstore.cluster.replication import Replication
 from minstore.cluster.servers import ServerList, ServersFileError, read_servers
-from minstore.cluster.service import ClusterService, PeerHTTPService
+from minstore.cluster.service import ClusterService
 from minstore.node import Node
 from minstore.process import DEFAULT as DEFAULT_PROCESSES
 from minstore.process import available_processes, make_processes
 from minstore.process.schema import SchemaError
 from minstore.records import HybridLogicalClock
-from minstore.service import NodeService, NodeSite, QuietSite, ThreadPoolService
+from minstore.service import NodeRoot, NodeSite, QuietSite
 from minstore.storage import available_engines, make_storage
+from minstore.tls import TLSConfigError, client_cert_endpoint
 
 log = Logger("minstore")
 
@@ -93,7 +94,7 @@ class Options(usage.Options):
         ["port", "p", "8001", "Port number, or Twisted endpoint string (tcp:8001:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem)."],
         ["servers", "s", None, "The servers.list file of peers (none: a standalone node). Re-read on SIGHUP."],
         ["data", "d", "./minstore-data", "Data directory, created when missing."],
-        ["storage", None, "files", "Storage engine: files (durable, one file per record) or memory; packages add more."],
+        ["storage", None, "files", "Storage engine: files (one JSON file per record beside a SQLite catalog), sqlite (one SQLite database), or memory (lost at stop); packages add more."],
         ["processes", None, DEFAULT_PROCESSES, "Comma-separated processes run on each client write, in order (lang, schema, or one a package adds); empty for none."],
         ["schemas", None, None, "Directory of {collection}.json JSON Schemas for the schema process."],
         ["max-record-size", None, DEFAULT_MAX_RECORD_SIZE, "Largest request body accepted, in bytes (larger: 413).", _positive_int("max-record-size")],
@@ -108,11 +109,18 @@ class Options(usage.Options):
         ["cache-size", None, DEFAULT_CACHE_SIZE, "cache=1 (this node as a front to the dependants of --servers): bytes of records the front's LRU cache holds, counted as their stored JSON.", _positive_int("cache-size")],
         ["cache-ttl", None, 60.0, "cache=1: seconds a cached record is served without asking a dependant; then it is revalidated with If-None-Match.", _seconds("cache-ttl")],
         ["cache-timeout", None, 5.0, "cache=1: seconds a dependant has to answer the front; when none answers, 502.", _positive_float("cache-timeout")],
+        ["tokens", None, None, "Bearer tokens file, one NAME SHA256HEX SCOPES a line (make one with python -m minstore.auth new NAME SCOPES); every route but GET /_node/health then needs a token. Re-read on SIGHUP. Without it the node answers loopback clients only (protected mode) unless --insecure."],
+        ["cluster-key", None, None, "File holding the cluster's shared secret (python -m minstore.auth cluster-key): every request to a peer is signed with it, and unsigned, badly signed, stale or replayed /_cluster/ requests are refused 401."],
+        ["peer-ca", None, None, "PEM CA certificate(s) that https:// peers' certificates must chain to (default: the system's roots)."],
+        ["peer-cert", None, None, "PEM client certificate presented to https:// peers (with --peer-key)."],
+        ["peer-key", None, None, "PEM private key of --peer-cert."],
+        ["client-ca", None, None, "With an ssl: --port: require a client certificate signed by a CA of this PEM file."],
+        ["allow-origin", None, None, "Comma-separated browser origins (https://app.example.com) whose pages may change data here, besides the node's own."],
         ["cache-stale-if-error", None, 0.0, "cache=1: seconds past its freshness that a stale record is still served (with a Warning header) while no dependant answers; 0: never.", _seconds("cache-stale-if-error")],
     ]
 
     optFlags = [
-        ["no-lang-worker", None, "Run the lang process in the thread pool instead of a child process (which takes its CPU off the node's core)."],
+        ["insecure", None, "Without --tokens, answer every client, not only loopback ones (no authentication at all)."],
     ]
 
     def opt_version(self):
@@ -178,11 +186,15 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     "--processes: no process %r (known: %s)" % (name, ", ".join(sorted(known)))
                 )
-        self["lang-worker"] = not self["no-lang-worker"]
         try:
             self["process_list"] = make_processes(names, self)
         except SchemaError as e:
             raise usage.UsageError("--schemas: %s" % (e,))
+
+        try:
+            self["security"] = read_security_options(self)
+        except (AuthFileError, TLSConfigError) as e:
+            raise usage.UsageError(str(e))
 
         if self["access-log"]:
             directory = os.path.dirname(os.path.abspath(self["access-log"]))
@@ -190,12 +202,24 @@ class Options(usage.Options):
                 raise usage.UsageError("--access-log: cannot write in %s" % directory)
 
 
+_NODE_ID = re.compile(rb"[A-Za-z0-9_.]{1,64}")
+
+
 def _node_id(data_dir):
     """This node's id, made once and kept in the data directory."""
     path = os.path.join(data_dir, "node_id")
     if os.path.exists(path):
-        with open(path) as f:
-            return f.read().strip()
+        with open(path, "rb") as f:
+            content = f.read().strip()
+        # A node id goes into every version it issues: refuse a damaged one
+        # rather than issue versions that no peer can order.
+        if not _NODE_ID.fullmatch(content):
+            sys.stderr.write(
+                "minstore: cannot start: %s does not hold a node id (1-64 of [A-Za-z0-9_.]); "
+                "restore it, or remove it to make a new one\n" % (path,)
+            )
+            raise SystemExit(1)
+        return content.decode("ascii")
     node_id = uuid.uuid4().hex[:12]
     with open(path + ".tmp", "w") as f:
         f.write(node_id)
@@ -232,16 +256,17 @@ class ListeningService(Service):
         return self.port.stopListening()
 
 
-def _listen(reactor, endpoint, factory):
+def _listen(endpoint, description, factory):
     """
-    The listening port of ``endpoint``, bound now; on failure (a port in
-    use, an address not here) one line on stderr and exit status 2.
+    The listening port of ``endpoint`` (``description``: the --port
+    string), bound now; on failure (a port in use, an address not here) one
+    line on stderr and exit status 2.
     """
     outcome = []
-    serverFromString(reactor, endpoint).listen(factory).addBoth(outcome.append)
+    endpoint.listen(factory).addBoth(outcome.append)
     if not outcome or isinstance(outcome[0], Failure):
         reason = outcome[0].getErrorMessage() if outcome else "it did not listen at once"
-        sys.stderr.write("minstore: error: --port: cannot listen on %s: %s\n" % (endpoint, reason))
+        sys.stderr.write("minstore: error: --port: cannot listen on %s: %s\n" % (description, reason))
         sys.stderr.flush()
         raise SystemExit(2)
     return outcome[0]
@@ -250,7 +275,6 @@ def _listen(reactor, endpoint, factory):
 def makeService(config, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    root = MultiService()
     data_dir = os.path.abspath(config["data"])
 
     # Listen first: a busy port stops the start before anything is created.
@@ -260,7 +284,11 @@ def makeService(config, reactor=None):
         site = NodeSite(Resource(), logPath=config["access-log"])
     else:
         site = QuietSite(Resource())
-    port = _listen(reactor, config["port"], site)
+    if config["client-ca"]:
+        endpoint = client_cert_endpoint(reactor, config["port"], config["client-ca"])
+    else:
+        endpoint = serverFromString(reactor, config["port"])
+    port = _listen(endpoint, config["port"], site)
     try:
         os.makedirs(data_dir, exist_ok=True)
     except OSError as e:
@@ -270,20 +298,17 @@ def makeService(config, reactor=None):
 
     pool = ThreadPool(minthreads=2, maxthreads=config["threads"], name="minstore-io")
     node_id = _node_id(data_dir)
-    clock = HybridLogicalClock(node_id, os.path.join(data_dir, "clock"))
     in_thread = functools.partial(deferToThreadPool, reactor, pool)
-    clock.persist_later = functools.partial(in_thread, clock._persist_now)
     storage = make_storage(config["storage"], data_dir)
     node = Node(
         storage,
         config["process_list"],
         node_id=node_id,
-        clock=clock,
+        clock=HybridLogicalClock(node_id),
         in_thread=in_thread,
         read_cache_bytes=config["read-cache-size"],
     )
 
-    ThreadPoolService(pool, before_stop=node.drain).setServiceParent(root)
     describe = "storage %s in %s, processes [%s], %d peers%s" % (
         config["storage"],
         data_dir,
@@ -291,14 +316,17 @@ def makeService(config, reactor=None):
         len(config["server_list"].peers),
         " (bridge)" if config["server_list"].bridge else "",
     )
-    NodeService(node, describe).setServiceParent(root)
 
     servers = config["server_list"]
-    http, http_pool = make_http_client(reactor)
-    client = PeerClient(http, node_id, timeout=config["replication-timeout"])
+    security = config["security"]
+    key = ClusterKey(security["cluster_key"], reactor) if security["cluster_key"] else None
+    http, http_pool = make_http_client(reactor, tls=security["peer_tls"])
+    client = PeerClient(http, node_id, timeout=config["replication-timeout"], signer=key, clock=reactor)
+    guard = Guard(security["tokens"], key, config["insecure"], security["allow_origins"])
+    guard.peers = client
+    guard.attach(node)
     replication = Replication(
         node,
-        ChangeLog(os.path.join(data_dir, "changes")),
         client,
         reactor,
         in_thread,
@@ -307,8 +335,8 @@ def makeService(config, reactor=None):
         send_interval=config["replication-interval"],
     )
     cluster = ClusterService(replication, servers, reactor)
-    cluster.setServiceParent(root)
-    PeerHTTPService(http_pool).setServiceParent(root)
+    # Started after the cluster service: its SIGHUP handler is chained, not replaced.
+    tokens_service = TokensService(guard, reactor)
     lookups = Lookups(
         node, lambda: cluster.servers.peers, client, reactor, timeout=config["lookup-timeout"]
     )
@@ -339,15 +367,26 @@ def makeService(config, reactor=None):
         replication=replication,
         sync_timeout=config["sync-timeout"],
     )
-    site.resource = api.resource()
+    site.resource = GuardResource(guard, api.resource())
     site.max_body = config["max-record-size"]
-    ListeningService(port).setServiceParent(root)
+    root = NodeRoot(
+        pool,
+        node,
+        cluster,
+        ListeningService(port),
+        extras=[tokens_service],
+        http_pool=http_pool,
+        describe=describe,
+    )
 
-    if listens_beyond_loopback(config["port"]):
+    if guard.mode() == "insecure" and listens_beyond_loopback(config["port"]):
         log.warn(
-            "listening on {port} beyond loopback WITHOUT authentication: any host "
+            "listening on {port} beyond loopback WITHOUT authentication (--insecure): any host "
             "that reaches this port can read and write every record",
             port=config["port"],
         )
+    if security["tokens"] is not None and servers.peers and key is None:
+        log.warn("--tokens without --cluster-key: peers' /_cluster/ requests need an admin token they do not send; give every node the same --cluster-key")
+    log.info("security: {mode}", mode=guard.describe())
     log.info("minstore {version} on {port}", version=__version__, port=config["port"])
     return root

@@ -11,13 +11,30 @@ down (connection refused) or hanging (no answer until cancelled)::
     a = net.add("http://127.0.0.1:9001", RecordAPI(Node(MemoryStorage())).resource())
     net.down("http://127.0.0.1:9001")
     client = PeerClient(net, "front")
+
+L{Cluster} builds real nodes on one FakeNetwork and one Clock: each a
+L{Node} (over MemoryStorage, or SQLiteStorage in a directory, which a
+restart reopens) behind its real RecordAPI, with its Replication and
+Lookups (the fixture of tests.test_replication and tests.test_lookup).
 """
 
+import json
 from urllib.parse import urlsplit
 
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+
+from minstore.api import RecordAPI
+from minstore.cluster.lookup import Lookups
+from minstore.cluster.peers import PeerClient
+from minstore.cluster.replication import Replication
+from minstore.cluster.servers import ServerList
+from minstore.node import Node, run_inline
+from minstore.records import encode_record, make_record, make_tombstone
+from minstore.storage.memory import MemoryStorage
+from minstore.storage.sqlite import SQLiteStorage
 
 
 def _base(url):
@@ -89,3 +106,155 @@ class FakeNetwork:
     def flush(self):
         for stub in self.stubs.values():
             stub.flush()
+
+
+# -- a cluster of real nodes on one FakeNetwork and one Clock ----------------
+#
+# Each node is a real Node (over MemoryStorage, or SQLiteStorage in a
+# directory, which a restart reopens) behind its real RecordAPI, with its
+# Replication and Lookups, reached by the others through a FakeNetwork.
+
+T0 = 1_700_000_000.0
+JSON = {b"content-type": [b"application/json"]}
+
+
+def url(name):
+    return "http://%s:8001" % (name,)
+
+
+def version(ms, node="z", logical=0):
+    """A version string ``ms`` milliseconds after T0."""
+    return "%013d-%06d-%s" % (int(T0 * 1000) + ms, logical, node)
+
+
+def replica(uid, ms, value="v", collection="c", node="z"):
+    """The bytes of a record made elsewhere, with a chosen version."""
+    return encode_record(make_record(collection, uid, value, version(ms, node), T0 + ms / 1000.0))
+
+
+def tombstone(uid, ms, collection="c", node="z"):
+    return encode_record(make_tombstone(collection, uid, version(ms, node), T0 + ms / 1000.0))
+
+
+class Cluster:
+    """Nodes named by a short string, on one FakeNetwork and one Clock."""
+
+    def __init__(self, test):
+        self.test = test
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.net = FakeNetwork()
+        self.members = {}
+
+    def add(self, name, peers=(), bridge=False, directory=None, storage=None, processes=(), **kwargs):
+        """
+        A node named ``name`` listing ``peers``; over SQLiteStorage in
+        ``directory`` when given (a node added again on the same directory,
+        after the first was closed, is that node restarted), else over
+        ``storage`` or a new MemoryStorage.
+        """
+        member = Member(self, name, peers, bridge, directory, storage, processes, **kwargs)
+        self.members[name] = member
+        return member
+
+    def replica_posts(self, name):
+        """URLs of the replica batches sent to a node (failed ones included)."""
+        return [u for u in self.net.requests_to(url(name), "POST") if "/_cluster/replicas" in u]
+
+    def all_replica_posts(self):
+        return [u for m, u in self.net.requests if m == "POST" and "/_cluster/replicas" in u]
+
+    def advance(self, seconds):
+        self.clock.advance(seconds)
+        self.net.flush()
+
+
+class Member:
+    def __init__(self, cluster, name, peers, bridge, directory, storage, processes, in_thread=run_inline, **kwargs):
+        test = cluster.test
+        self.cluster = cluster
+        self.name = name
+        self.url = url(name)
+        self.directory = directory
+        if storage is None:
+            storage = SQLiteStorage(directory) if directory else MemoryStorage()
+        self.storage = storage
+        self.node = Node(storage, processes, node_id=name, now=cluster.clock.seconds, in_thread=in_thread)
+        self.node.open()
+        self.closed = False
+        self.client = PeerClient(cluster.net, name)
+        options = dict(timeout=5.0, retry_base=1.0, retry_cap=8.0, rng=lambda: 1.0)
+        options.update(kwargs)
+        self.replication = Replication(self.node, self.client, cluster.clock, in_thread, **options)
+        self.servers = ServerList([url(p) for p in peers], bridge)
+        self.lookups = Lookups(self.node, lambda: self.servers.peers, self.client, cluster.clock)
+        self.node.remote = self.lookups
+        self.api = RecordAPI(self.node, lookups=self.lookups, replication=self.replication, sync_timeout=5.0)
+        self.http = cluster.net.add(self.url, self.api.resource())
+        #: Every replica this node was sent, with whether it was applied.
+        self.received = []
+        apply_replica = self.node.apply_replica
+
+        def recording(data, forward=False):
+            d = apply_replica(data, forward=forward)
+            d.addCallback(lambda applied: self.received.append((data, forward, applied)) or applied)
+            return d
+
+        self.node.apply_replica = recording
+        self.replication.start(self.servers)
+        test.addCleanup(self.close)
+
+    def close(self, save=True):
+        """
+        Stop replication (with its final save of the checkpoints when
+        ``save``; without it, as after kill -9) and close the storage.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        replication = self.replication
+        if save:
+            # The final save runs in the node's in_thread: at once with
+            # run_inline, on the next turn with a "thread pool" that hands
+            # results back later (and never with one the test holds).
+            replication.stop()
+            self.cluster.advance(0)
+        else:
+            replication._stopped = True
+            replication._cancel_save()
+            for peer in replication.peers.values():
+                peer.stop()
+        self.storage.close()
+
+    def stored(self, uid, collection="c"):
+        return self.storage.get(collection, uid)
+
+    def write(self, uid, value, collection="c"):
+        """Create or update through the node; the stored bytes."""
+        test = self.cluster.test
+        current = self.stored(uid, collection)
+        if current is None or json.loads(current).get("deleted"):
+            d = self.node.create(collection, uid, value)
+        else:
+            d = self.node.update(collection, uid, value)
+        return test.successResultOf(d).data
+
+    def delete(self, uid, collection="c"):
+        return self.cluster.test.successResultOf(self.node.delete(collection, uid)).data
+
+    def request(self, method, path, body=None, headers=None):
+        """A request through this node's RecordAPI: (response, body bytes)."""
+        test = self.cluster.test
+        kwargs = {}
+        if body is not None:
+            kwargs["data"] = json.dumps(body).encode()
+            kwargs["headers"] = JSON
+        if headers:
+            kwargs.setdefault("headers", {}).update(headers)
+        d = self.http.request(method, self.url + path, **kwargs)
+        self.http.flush()
+        response = test.successResultOf(d)
+        return response, test.successResultOf(response.content())
+
+    def received_uids(self):
+        return [json.loads(data)["uid"] for data, _, _ in self.received]

@@ -15,7 +15,7 @@ from minstore.cluster.peers import PeerClient
 from minstore.lru import ByteLRU
 from minstore.node import Node
 from minstore.storage.memory import MemoryStorage
-from tests.test_replication import Cluster, url
+from tests.fakes import Cluster, url
 
 A = url("a")
 B = url("b")
@@ -94,7 +94,6 @@ class FrontTestsMixin:
         for name, other in (("a", "b"), ("b", "a")):
             stamp = self.stamps[url(name)] = Stamp(name)
             member = self.cluster.add(name, peers=[other] if self.mirror else [], processes=[stamp])
-            member.node.open()
             self.nodes[url(name)] = member.node
         self.dependants = [A, B]
         self.front_node = Node(MemoryStorage(), node_id="front")

@@ -203,8 +203,12 @@ class CrudTests(NodeTestMixin, TestCase):
 
     @deferred_test
     async def test_lang(self):
-        """The lang process runs in a real node: English and French text are detected."""
-        node = await self.start_node()
+        """
+        The lang process runs in a real node, in the node's own process:
+        English and French text are detected, and a node with the memory
+        engine (no file writer) has no child process.
+        """
+        node = await self.start_node(args=["--storage", "memory"])
         sentences = {
             "en": "The quick brown fox jumps over the lazy dog while the farmer sleeps in the house.",
             "fr": "Le renard brun saute par-dessus le chien paresseux pendant que le fermier dort.",
@@ -219,6 +223,10 @@ class CrudTests(NodeTestMixin, TestCase):
         code, _, body = await self.call("POST", node.url + "/texts/n", json={"value": 12345})
         self.assertEqual(code, 200, body)
         self.assertIsNone(json.loads(body)["lang"])
+        children = "/proc/%d/task/%d/children" % (node.pid, node.pid)
+        if os.path.exists(children):
+            with open(children) as f:
+                self.assertEqual(f.read().split(), [])
 
 
 class DurabilityTests(NodeTestMixin, TestCase):

@@ -6,13 +6,14 @@ reached misses.
 """
 
 import json
+from urllib.parse import quote
 
 from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import SynchronousTestCase
 
 from minstore.cluster.lookup import first_hit
 from minstore.errors import NotFound, PreconditionFailed
-from tests.test_replication import Cluster, url
+from tests.fakes import Cluster, url
 
 
 class FirstHitTests(SynchronousTestCase):
@@ -332,3 +333,131 @@ class MalformedPeerTests(SynchronousTestCase):
         data = b.write("x", 1)
         response, body = c.request("GET", "/c/x")
         self.assertEqual((response.code, body), (200, data))
+
+
+class NewerThanTests(SynchronousTestCase):
+    """
+    A lookup counts a peer's answer only when it is newer than what this
+    node holds, a tombstone included (DESIGN section 4, issue 10 item 5).
+    """
+
+    def setUp(self):
+        self.cluster = Cluster(self)
+        self.b = self.cluster.add("b")
+        self.a = self.cluster.add("a", peers=["b"])
+        self.old = self.a.write("x", "old")
+        self.assertEqual(self.b.stored("x"), self.old)
+        # b misses the delete: down when it is sent, back before a's retry.
+        self.cluster.net.down(self.b.url)
+        self.deleted = self.a.delete("x")
+        self.cluster.net.up(self.b.url)
+        self.assertEqual(self.b.stored("x"), self.old)
+        self.tombstone_version = json.loads(self.deleted)["version"]
+
+    def lookups(self):
+        return [(m, u) for m, u in self.cluster.net.requests if "/_cluster/lookup/" in u]
+
+    def deliver_tombstone(self):
+        """Let a's retry bring b the tombstone."""
+        self.cluster.advance(8.0)
+        self.assertEqual(self.b.stored("x"), self.deleted)
+
+    def test_older_copy_never_brings_a_deleted_record_back(self):
+        """
+        GET of a uid deleted here, with a peer still holding the older live
+        copy: 404; the lookup told the peer the tombstone's version, and the
+        peer answered it a miss itself.
+        """
+        response, body = self.a.request("GET", "/c/x")
+        self.assertEqual(response.code, 404)
+        self.assertEqual(json.loads(body)["error"], "not_found")
+        [(method, lookup)] = self.lookups()
+        self.assertEqual(method, "GET")
+        self.assertIn("&newer_than=" + quote(self.tombstone_version, safe=""), lookup)
+        # The peer's own answer: a miss against the tombstone, a hit without it.
+        path = "/_cluster/lookup/c/x?visited=a&newer_than=" + quote(self.tombstone_version, safe="")
+        self.assertEqual(self.b.request("GET", path)[0].code, 404)
+        response, body = self.b.request("GET", "/_cluster/lookup/c/x?visited=a")
+        self.assertEqual((response.code, body), (200, self.old))
+        self.deliver_tombstone()
+        self.assertEqual(self.a.request("GET", "/c/x")[0].code, 404)
+
+    def test_asking_node_checks_the_answer_again(self):
+        """A peer that ignores newer_than (an older minstore) and answers its older copy is still a miss: 404."""
+        answer = self.b.lookups.answer
+
+        def ignoring(collection, uid, visited, method="GET", if_match=None, asked=(), newer_than=None):
+            return answer(collection, uid, visited, method, if_match, asked)
+
+        self.b.lookups.answer = ignoring
+        self.b.api.cluster.lookups = self.b.lookups
+        self.assertEqual(self.a.request("GET", "/c/x")[0].code, 404)
+        self.assertEqual(self.a.request("GET", "/c/x?local=1")[0].code, 404)
+
+    def test_delete_not_carried_out_on_an_older_copy(self):
+        """
+        DELETE of a uid held here as a tombstone, a peer still holding the
+        older live copy: 404, and the peer keeps its copy (not deleted with
+        its own clock) until the tombstone's replica reaches it; then both
+        hold the same tombstone, the one made here.
+        """
+        response, body = self.a.request("DELETE", "/c/x")
+        self.assertEqual(response.code, 404)
+        self.assertEqual(json.loads(body)["error"], "not_found")
+        [(method, lookup)] = self.lookups()
+        self.assertEqual(method, "DELETE")
+        self.assertIn("&newer_than=" + quote(self.tombstone_version, safe=""), lookup)
+        self.assertEqual(self.b.stored("x"), self.old)
+        self.assertEqual(self.a.stored("x"), self.deleted)
+        self.deliver_tombstone()
+        self.assertEqual(self.a.stored("x"), self.b.stored("x"))
+
+    def test_delete_on_the_way_is_not_carried_out_further(self):
+        """
+        A->B->C where B deleted the record and C, lagging, still holds the
+        older copy: DELETE on A (which holds nothing) is 404 and C keeps its
+        copy (B raised newer_than to its tombstone's version on the walk).
+        """
+        c = self.cluster.add("c")
+        b2 = self.cluster.add("b2", peers=["c"])
+        a2 = self.cluster.add("a2", peers=["b2"])
+        old = b2.write("y", 1)
+        self.assertEqual(c.stored("y"), old)
+        self.cluster.net.down(c.url)
+        tomb = b2.delete("y")
+        self.cluster.net.up(c.url)
+        response, _ = a2.request("DELETE", "/c/y")
+        self.assertEqual(response.code, 404)
+        self.assertEqual(c.stored("y"), old)
+        to_c = [u for _, u in self.lookups() if u.startswith(c.url)]
+        self.assertEqual(len(to_c), 1)
+        self.assertIn("&newer_than=" + quote(json.loads(tomb)["version"], safe=""), to_c[0])
+        self.assertIsNone(a2.stored("y"))
+
+    def test_newer_copy_is_served(self):
+        """
+        A peer holding a copy written after the delete here is served (GET
+        200 with it), and a DELETE here is carried out on it (on the peer,
+        with a version after its copy's).
+        """
+        self.cluster.advance(0.01)  # a's retry is still 1 s away
+        newer = self.b.write("x", "again")
+        self.assertGreater(json.loads(newer)["version"], self.tombstone_version)
+        response, body = self.a.request("GET", "/c/x")
+        self.assertEqual((response.code, body), (200, newer))
+        self.assertIsNone(json.loads(self.a.stored("x")).get("value"))  # a lookup stores nothing
+        response, body = self.a.request("DELETE", "/c/x")
+        self.assertEqual(response.code, 200)
+        self.assertGreater(json.loads(body)["version"], json.loads(newer)["version"])
+        self.assertTrue(json.loads(self.b.stored("x"))["deleted"])
+        self.assertEqual(json.loads(self.b.stored("x"))["version"], json.loads(body)["version"])
+        # The older tombstone's replica, when it comes, changes nothing there.
+        self.cluster.advance(8.0)
+        self.assertEqual(json.loads(self.b.stored("x"))["version"], json.loads(body)["version"])
+
+    def test_nothing_held_sends_no_newer_than(self):
+        """A node that holds nothing of the uid asks without newer_than: any copy counts."""
+        data = self.b.write("z", 1)
+        response, body = self.a.request("GET", "/c/z")
+        self.assertEqual((response.code, body), (200, data))
+        self.assertNotIn("newer_than", self.lookups()[-1][1])

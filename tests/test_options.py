@@ -8,7 +8,6 @@ import json
 import os
 import sys
 
-from twisted.application.service import MultiService
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -16,10 +15,11 @@ from minstore.api import BoundedRequest
 from minstore.node import Node
 from minstore.process.lang import LanguageDetection
 from minstore.process.schema import SchemaValidation
-from minstore.service import NodeService, ThreadPoolService
+from minstore.node import run_inline
+from minstore.service import NodeRoot
 from minstore.storage.files import FileStorage
 from minstore.storage.memory import MemoryStorage
-from minstore.api import BoundedChannel, RecordAPI
+from minstore.api import BoundedChannel
 from minstore.tap import ListeningService, Options, listens_beyond_loopback, makeService
 
 
@@ -177,17 +177,14 @@ class GoodOptionTests(OptionsTestCase):
         self.assertFalse(options["server_list"].bridge)
         # Parsing creates nothing: makeService makes the data directory.
         self.assertFalse(os.path.exists(self.data))
-        # lang runs in a child process, started with the node.
+        # lang scores in the node itself, in the thread pool: no child to start.
         lang = options["process_list"][0]
-        self.assertIsNotNone(lang.worker)
-        self.assertFalse(lang.worker.running)
-
-    def test_no_lang_worker(self):
-        """--no-lang-worker: lang runs in the node's writer thread, with no child."""
-        options = self.parse("--no-lang-worker", processes="lang")
-        lang = options["process_list"][0]
-        self.assertIsNone(lang.worker)
         self.assertTrue(lang.threaded)
+        self.assertFalse(hasattr(lang, "start"))
+
+    def test_no_lang_worker_gone(self):
+        """--no-lang-worker is gone with the language worker: an unknown option."""
+        self.assertBad("--no-lang-worker", includes=["no-lang-worker"])
 
     def test_servers_and_sizes(self):
         """A servers.list, sizes and processes are parsed into their values."""
@@ -204,37 +201,65 @@ class GoodOptionTests(OptionsTestCase):
 class MakeServiceTests(OptionsTestCase):
     def test_service_tree(self):
         """
-        makeService wires, without starting, a MultiService holding the
-        thread pool, the node and the HTTP server on the --port endpoint,
-        already listening (bound before the data directory is made).
+        makeService wires, without starting, a NodeRoot holding the thread
+        pool, the node, the cluster and the HTTP server on the --port
+        endpoint, already bound (before the data directory is made: a busy
+        port stops the start with nothing created); no thread runs before it
+        starts, and nothing is read from the port before the reactor runs.
         """
         options = self.parse("--port", "tcp:0:interface=127.0.0.1", "--max-record-size", "500")
         reactor = MemoryReactorClock()
         root = makeService(options, reactor=reactor)
-        self.assertIsInstance(root, MultiService)
+        self.assertIsInstance(root, NodeRoot)
         self.assertFalse(root.running)
-        children = list(root)
-        pools = [s for s in children if isinstance(s, ThreadPoolService)]
-        nodes = [s for s in children if isinstance(s, NodeService)]
-        https = [s for s in children if isinstance(s, ListeningService)]
-        self.assertEqual((len(pools), len(nodes), len(https)), (1, 1, 1))
-        self.assertFalse(pools[0].pool.started)
-        self.assertEqual(pools[0].pool.max, 10)
-        node = nodes[0].node
+        self.assertFalse(root.pool.started)
+        self.assertEqual(root.pool.max, 10)
+        node = root.node
         self.assertIsInstance(node, Node)
         self.assertIsInstance(node.storage, FileStorage)
         self.assertEqual(node.storage.root, os.path.join(self.data, "records"))
         self.assertEqual(node.processes, [])
-        self.assertFalse(https[0].running)
+        self.assertIsInstance(root.port, ListeningService)
+        self.assertFalse(root.port.running)
         [(port, site, _, interface)] = reactor.tcpServers
         self.assertEqual((port, interface), (0, "127.0.0.1"))
         self.assertIs(site.requestFactory, BoundedRequest)
         self.assertIs(site.protocol, BoundedChannel)
         self.assertEqual(site.max_body, 500)
-        self.assertIsInstance(site.resource, type(RecordAPI(node).resource()))
-        # The thread pool stops after the other services (it is started first).
-        self.assertLess(children.index(pools[0]), children.index(nodes[0]))
-        self.assertLess(children.index(nodes[0]), children.index(https[0]))
+
+    def test_start_and_stop_in_order(self):
+        """
+        Started, the node opens its storage before the port is served (it is
+        bound since makeService, but read only once the reactor runs, after
+        the start); at stop the port is closed first, then the writes drain,
+        replication saves its checkpoints, the storage closes, and the thread
+        pool stops last.
+        """
+        options = self.parse("--port", "tcp:0:interface=127.0.0.1", "--storage", "sqlite")
+        reactor = MemoryReactorClock()
+        root = makeService(options, reactor=reactor)
+        events = []
+        storage = root.node.storage
+        real_open, real_close = storage.open, storage.close
+
+        def opened():
+            events.append(("open", root.port.running))
+            real_open()
+
+        def closed():
+            events.append(("close", root.port.running))
+            real_close()
+
+        storage.open, storage.close = opened, closed
+        root.pool.start = lambda: events.append("pool start")
+        root.pool.stop = lambda: events.append("pool stop")
+        root.node.in_thread = run_inline
+        root.cluster.replication.in_thread = run_inline
+        root.startService()
+        self.assertEqual(events, ["pool start", ("open", False)])
+        self.assertTrue(root.port.running)
+        self.successResultOf(root.stopService())
+        self.assertEqual(events[2:], [("close", False), "pool stop"])
 
     def test_port_in_use(self):
         """
@@ -283,22 +308,25 @@ class MakeServiceTests(OptionsTestCase):
                 calls.append("stop (writes pending: %d)" % node.pending())
 
         options["process_list"] = [Lifecycle()]
-        service = [s for s in makeService(options, reactor=MemoryReactorClock()) if isinstance(s, NodeService)][0]
-        node = service.node
-        service.startService()
+        root = makeService(options, reactor=MemoryReactorClock())
+        node = root.node
+        root.pool.start = root.pool.stop = lambda: None
+        node.in_thread = run_inline
+        root.cluster.replication.in_thread = run_inline
+        root.startService()
         self.assertEqual(calls, ["start"])
-        self.successResultOf(service.stopService())
+        self.successResultOf(root.stopService())
         self.assertEqual(calls, ["start", "stop (writes pending: 0)"])
 
     def test_node_id_kept(self):
         """A node keeps its id across service builds over the same data directory."""
         options = self.parse("--storage", "memory")
-        first = [s for s in makeService(options, reactor=MemoryReactorClock()) if isinstance(s, NodeService)][0]
-        second = [s for s in makeService(options, reactor=MemoryReactorClock()) if isinstance(s, NodeService)][0]
-        self.assertIsInstance(first.node.storage, MemoryStorage)
-        self.assertEqual(first.node.node_id, second.node.node_id)
+        first = makeService(options, reactor=MemoryReactorClock()).node
+        second = makeService(options, reactor=MemoryReactorClock()).node
+        self.assertIsInstance(first.storage, MemoryStorage)
+        self.assertEqual(first.node_id, second.node_id)
         with open(os.path.join(self.data, "node_id")) as f:
-            self.assertEqual(f.read(), first.node.node_id)
+            self.assertEqual(f.read(), first.node_id)
 
 
 class LoopbackTests(SynchronousTestCase):

@@ -6,8 +6,10 @@ chains them, and processes added by a third-party package.
 import importlib
 import json
 import os
+import random
 import sys
 import textwrap
+from array import array
 
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
@@ -19,7 +21,8 @@ from minstore.errors import Rejected
 from minstore.interfaces import IProcess
 from minstore.node import Node
 from minstore.process import BUILTIN, DEFAULT, available_processes, make_processes, run_pipeline
-from minstore.process.lang import LanguageDetection, detect_language, text_of
+from minstore.process import lang as lang_module, langscore
+from minstore.process.lang import LanguageDetection, detect_language, make_scorer, text_of
 from minstore.process.schema import SchemaError, SchemaValidation, SchemaViolation, json_path, load_schemas
 from minstore.records import make_record
 from minstore.storage.memory import MemoryStorage
@@ -41,6 +44,114 @@ BOOKS_SCHEMA = {
 
 def record(value, collection="books", uid="u"):
     return make_record(collection, uid, value, "0000000000001-000000-n", 1.0)
+
+
+CORPUS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lang_corpus.txt")
+#: Written without spaces between words: windows of characters, not words.
+NO_SPACES = {"ja", "zh", "th"}
+
+#: The README's example values and the lang py3langid gave them before the
+#: pure-Python scorer (a node at bfb782c, with the language worker).
+README_EXAMPLES = [
+    ("hello world, this is minstore", "en"),
+    ("A desert planet and its spice", "en"),
+    ({"title": "Dune Messiah", "year": 1969}, None),
+    ("Children of Dune", None),
+    (42, None),
+    ("Dune, by Frank Herbert", None),
+    ("x", None),
+    ("again", None),
+    ("Le chat dort sur le canap\u00e9", "fr"),
+]
+
+
+def corpus():
+    """
+    ``(language, text)`` pairs, the same on every run: for each language of
+    tests/lang_corpus.txt, its sentences, all of them as one text, and 16
+    windows of 1-12 words (2-40 characters for the languages written without
+    spaces) at seeded random places, some upper-cased (py3langid lower-cases
+    an all-capitals text) or lower-cased.  Short windows are where the
+    confidence is near the undecidable threshold.
+    """
+    by_lang = {}
+    with open(CORPUS_FILE, encoding="utf-8") as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                code, sentence = line.rstrip("\n").split("\t")
+                by_lang.setdefault(code, []).append(sentence)
+    rng = random.Random(11)
+    texts = []
+    for code in sorted(by_lang):
+        whole = " ".join(by_lang[code])
+        texts.extend((code, sentence) for sentence in by_lang[code])
+        texts.append((code, whole))
+        for i in range(16):
+            if code in NO_SPACES:
+                n = rng.randint(2, 40)
+                start = rng.randrange(max(1, len(whole) - n))
+                text = whole[start : start + n]
+            else:
+                words = whole.split()
+                n = rng.randint(1, 12)
+                start = rng.randrange(max(1, len(words) - n))
+                text = " ".join(words[start : start + n])
+            if i % 8 == 3:
+                text = text.upper()
+            elif i % 8 == 5:
+                text = text.lower()
+            texts.append((code, text))
+    return texts
+
+
+EXPECTED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lang_corpus_expected.txt")
+
+
+def expected_answers():
+    """py3langid 0.4's (language, confidence) for each text of L{corpus}, as recorded."""
+    with open(EXPECTED_FILE, encoding="utf-8") as f:
+        return [(code, float(confidence)) for code, confidence in
+                (line.split() for line in f if not line.startswith("#"))]
+
+
+def write_expected():
+    """Re-record tests/lang_corpus_expected.txt (after changing the corpus), on CPython."""
+    stock = stock_py3langid()
+    with open(EXPECTED_FILE, "w", encoding="utf-8") as f:
+        f.write("# py3langid 0.4.0's classify of each text of tests.test_process.corpus(), in order:\n")
+        f.write("# language, confidence (norm_probs=True, two-letter codes).  Made on CPython with\n")
+        f.write("# tests/test_process.py's write_expected(); test_expected_is_py3langids checks it.\n")
+        for _, text in corpus():
+            f.write("%s %.7f\n" % stock.classify(text))
+
+
+_cache = {}
+
+
+def sparse_scorer():
+    """One SparseScorer for all the tests (it takes seconds to build)."""
+    if "sparse" not in _cache:
+        _cache["sparse"] = langscore.SparseScorer()
+    return _cache["sparse"]
+
+
+def stock_py3langid():
+    """py3langid 0.4's own identifier, as it loads itself, kept to two-letter codes."""
+    if not langscore.has_py3langid_04():
+        raise SkipTest("py3langid 0.4 is not installed (pip has only 0.3 for Python 3.9 and PyPy 3.9)")
+    if "stock" not in _cache:
+        from py3langid import langid
+
+        stock = langid._load_identifier(norm_probs=True)
+        stock.set_languages([l for l in stock.nb_classes if len(l) == 2])
+        _cache["stock"] = stock
+    return _cache["stock"]
+
+
+def decision(answer):
+    """What lang stores for a classify answer: the code, or None under MIN_CONFIDENCE."""
+    code, confidence = answer
+    return code if confidence >= lang_module.MIN_CONFIDENCE else None
 
 
 class Client:
@@ -105,31 +216,6 @@ class LanguageTests(SynchronousTestCase):
         result = self.lang(dict(original))
         self.assertEqual(result, dict(original, lang="en"))
 
-    def test_float32_table_scores_as_py3langid(self):
-        """
-        The widened float32 table gives py3langid's own answers and confidences
-        (its float16 table, as loaded), sentence after sentence.
-        """
-        from minstore.process import lang
-
-        try:
-            from py3langid import langid as upstream
-        except ImportError:
-            raise SkipTest("py3langid is not installed")
-        if not hasattr(upstream, "_load_identifier"):
-            raise SkipTest("py3langid 0.3 has no float16 table to widen")
-        widened = lang._get_identifier()
-        stock = upstream._load_identifier(norm_probs=True)
-        stock.set_languages([l for l in stock.nb_classes if len(l) == 2])
-        self.assertEqual(str(widened.nb_ptc.dtype), "float32")
-        self.assertEqual(str(stock.nb_ptc.dtype), "float16")
-        texts = [ENGLISH, FRENCH, GERMAN, "ok", "x", "Ciao, come stai oggi?", "Быстрая лиса", "素早い茶色の狐"]
-        texts += [(ENGLISH + " " + GERMAN)[i : i + 40] for i in range(0, 200, 7)]
-        for text in texts:
-            (code, confidence), (stock_code, stock_confidence) = widened.classify(text), stock.classify(text)
-            self.assertEqual(code, stock_code, text)
-            self.assertAlmostEqual(confidence, stock_confidence, places=5, msg=text)
-
     def test_detect_language(self):
         """detect_language gives an ISO 639-1 code (two letters), or None."""
         self.assertEqual(detect_language(ENGLISH), "en")
@@ -144,6 +230,168 @@ class LanguageTests(SynchronousTestCase):
         self.assertEqual(code, 200)
         self.assertIsNone(document["lang"])
         self.assertIsNone(client.request("GET", "/notes/b")[1]["lang"])
+
+
+    def test_readme_examples(self):
+        """The README's example values get the lang they got before the pure-Python scorer."""
+        for value, code in README_EXAMPLES:
+            self.assertEqual(self.lang(record(value))["lang"], code, value)
+
+    def test_process_batch(self):
+        """process_batch sets lang on every record of a batch, in order, as one by one."""
+        values = [ENGLISH, 12345, {"t": FRENCH}, "", GERMAN, "ok"]
+        records = [record(v, uid=str(i)) for i, v in enumerate(values)]
+        result = self.lang.process_batch(records)
+        self.assertEqual([r["lang"] for r in result], ["en", None, "fr", None, "de", None])
+        self.assertEqual([r["uid"] for r in result], [str(i) for i in range(len(values))])
+        self.assertEqual(result, [self.lang(record(v, uid=str(i))) for i, v in enumerate(values)])
+
+    def test_no_child_process(self):
+        """lang has no life of its own: nothing for the node to start or stop."""
+        self.assertFalse(hasattr(self.lang, "start"))
+        self.assertFalse(hasattr(self.lang, "stop"))
+
+
+class SparseLanguageTests(LanguageTests):
+    """The same tests, whatever this interpreter uses, with the pure-Python sparse scorer."""
+
+    def setUp(self):
+        self.patch(lang_module, "_identifier", sparse_scorer())
+        self.lang = LanguageDetection({})
+
+
+class ScorerTests(SynchronousTestCase):
+    """The pure-Python sparse scorer gives py3langid 0.4's answers."""
+
+    def test_corpus(self):
+        """The corpus has at least 1,000 texts in at least 40 languages."""
+        texts = corpus()
+        self.assertGreaterEqual(len(texts), 1000)
+        self.assertGreaterEqual(len({code for code, _ in texts}), 40)
+
+    def test_sparse_equals_py3langid(self):
+        """
+        On every text of the corpus the sparse scorer gives py3langid's
+        language and the same decision (a code, or null under 0.5), its
+        confidence within 1e-5.  Most texts are classified as written, and
+        some short ones are undecidable: both sides of the threshold are
+        exercised.
+        """
+        stock, sparse = stock_py3langid(), sparse_scorer()
+        right = undecided = 0
+        for code, text in corpus():
+            expected, got = stock.classify(text), sparse.classify(text)
+            self.assertEqual(got[0], expected[0], text)
+            self.assertEqual(decision(got), decision(expected), text)
+            self.assertAlmostEqual(got[1], expected[1], places=5, msg=text)
+            right += decision(expected) == code
+            undecided += decision(expected) is None
+        self.assertGreater(right, 900)
+        self.assertGreater(undecided, 50)
+
+    def test_sparse_equals_recorded_py3langid(self):
+        """
+        The same, against py3langid's answers recorded on CPython, so that it
+        holds on an interpreter without py3langid 0.4 (PyPy 3.9): a record
+        gets the same lang whichever interpreter the node runs.
+        """
+        sparse = sparse_scorer()
+        texts, expected = corpus(), expected_answers()
+        self.assertEqual(len(expected), len(texts))
+        for (_, text), answer in zip(texts, expected):
+            got = sparse.classify(text)
+            self.assertEqual(got[0], answer[0], text)
+            self.assertEqual(decision(got), decision(answer), text)
+            self.assertAlmostEqual(got[1], answer[1], places=5, msg=text)
+
+    def test_expected_is_py3langids(self):
+        """tests/lang_corpus_expected.txt is py3langid's answers for the corpus of today."""
+        stock = stock_py3langid()
+        for (_, text), (code, confidence) in zip(corpus(), expected_answers()):
+            self.assertEqual(stock.classify(text)[0], code, text)
+            self.assertAlmostEqual(stock.classify(text)[1], confidence, places=6, msg=text)
+
+    def test_sparse_edge_texts(self):
+        """No feature, one letter, digits, capitals, mixed scripts: py3langid's answers."""
+        stock, sparse = stock_py3langid(), sparse_scorer()
+        texts = ["", " ", "x", "ok", "12345", "?!", "HELLO THERE MY FRIEND", "\u00c9T\u00c9",
+                 ENGLISH + " " + GERMAN, FRENCH[:20] + "\u7d20\u65e9\u3044", "e\u0301t\u00e9",
+                 "word " * 300, "\ud800 lone surrogate"]
+        for text in texts:
+            expected, got = stock.classify(text), sparse.classify(text)
+            self.assertEqual(got[0], expected[0], repr(text))
+            self.assertAlmostEqual(got[1], expected[1], places=5, msg=repr(text))
+
+    def test_numpy_scorer_equals_py3langid(self):
+        """
+        The scorer CPython uses (py3langid's numpy over a float32 copy of its
+        float16 table) gives py3langid's answers and confidences on the corpus.
+        """
+        stock = stock_py3langid()
+        widened = langscore.Py3langidScorer()
+        self.assertEqual(str(widened.identifier.nb_ptc.dtype), "float32")
+        self.assertEqual(str(stock.nb_ptc.dtype), "float16")
+        for _, text in corpus():
+            (code, confidence), (stock_code, stock_confidence) = widened.classify(text), stock.classify(text)
+            self.assertEqual(code, stock_code, text)
+            self.assertAlmostEqual(confidence, stock_confidence, places=5, msg=text)
+
+    def test_no_numpy_in_the_sparse_scorer(self):
+        """The sparse scorer keeps only stdlib arrays, lists and numbers: no numpy per call."""
+        for name, value in vars(sparse_scorer()).items():
+            self.assertIn(type(value), (array, list, int, float), name)
+            if isinstance(value, list):
+                for item in value[:1000]:
+                    self.assertIn(type(item), (int, float, str, tuple), name)
+
+    def test_model_is_py3langid_04s(self):
+        """The shipped model is byte for byte the file py3langid 0.4.0 installs."""
+        stock_py3langid()
+        from py3langid import langid
+
+        with open(os.path.join(langid.MODEL_DIR, langid.MODEL_FILE), "rb") as f:
+            installed = f.read()
+        with open(langscore.MODEL_FILE, "rb") as f:
+            self.assertEqual(f.read(), installed)
+
+    def test_model_read_without_numpy(self):
+        """The model is read with the standard library only (a PyPy node imports no numpy)."""
+        saved = sys.modules.get("numpy")
+        sys.modules["numpy"] = None  # import numpy: ImportError
+        self.addCleanup(lambda: sys.modules.pop("numpy") if saved is None else sys.modules.update(numpy=saved))
+        model = langscore.read_model()
+        self.assertEqual(model["shape"], (100053, 142))
+        self.assertEqual(len(model["ptc"]), 100053 * 142)
+        self.assertEqual(len(model["classes"]), 142)
+        self.assertEqual(len(model["pc"]), 142)
+        self.assertEqual(len(model["out_feat"]), len(model["nextmove_row"]))
+        self.assertEqual(len(model["nextmove"]) % 256, 0)
+        self.assertIn("en", model["classes"])
+
+    def test_altered_model_refused(self):
+        """A model file that is not py3langid 0.4.0's is refused, naming it."""
+        path = self.mktemp()
+        with open(langscore.MODEL_FILE, "rb") as f:
+            data = bytearray(f.read())
+        data[1000] ^= 1
+        with open(path, "wb") as f:
+            f.write(bytes(data))
+        e = self.assertRaises(langscore.ModelError, langscore.read_model, path)
+        self.assertIn(path, str(e))
+        e = self.assertRaises(langscore.ModelError, langscore.read_model, path + ".missing")
+        self.assertIn(path + ".missing", str(e))
+
+    def test_scorer_per_interpreter(self):
+        """PyPy scores in pure Python; CPython with py3langid 0.4 with py3langid's numpy."""
+        made = []
+        self.patch(langscore, "SparseScorer", lambda: made.append("sparse") or "sparse")
+        self.patch(langscore, "Py3langidScorer", lambda: made.append("numpy") or "numpy")
+        self.assertEqual(make_scorer("PyPy"), "sparse")
+        self.patch(langscore, "has_py3langid_04", lambda: True)
+        self.assertEqual(make_scorer("CPython"), "numpy")
+        self.patch(langscore, "has_py3langid_04", lambda: False)
+        self.assertEqual(make_scorer("CPython"), "sparse")
+        self.assertEqual(made, ["sparse", "numpy", "sparse"])
 
 
 class SchemaTests(SynchronousTestCase):
@@ -423,56 +671,6 @@ class ThirdPartyTests(SynchronousTestCase):
 
 
 class LangModelLoadingTests(SynchronousTestCase):
-    def test_py3langid_03_api(self):
-        """
-        With py3langid 0.3 (what pip installs on Python 3.9 and PyPy 3.9),
-        which has no _load_identifier, the model loads through
-        LanguageIdentifier.from_pickled_model, kept to two-letter codes.
-        """
-        import sys
-        import types
-
-        from minstore.process import lang
-
-        loaded = []
-
-        class FakeIdentifier:
-            nb_classes = ["en", "fr", "ary"]
-
-            @classmethod
-            def from_pickled_model(cls, path, norm_probs=False):
-                loaded.append((path, norm_probs))
-                return cls()
-
-            def set_languages(self, langs):
-                self.languages = langs
-
-            def classify(self, text):
-                return ("fr", 0.9)
-
-        old_langid = types.ModuleType("py3langid.langid")
-        old_langid.MODEL_FILE = "data/model.plzma"
-        old_langid.LanguageIdentifier = FakeIdentifier
-        package = types.ModuleType("py3langid")
-        package.langid = old_langid
-        self.patch(lang, "_identifier", None)
-        self.addCleanup(setattr, lang, "_identifier", None)
-        saved = {name: sys.modules.get(name) for name in ("py3langid", "py3langid.langid")}
-
-        def restore():
-            for name, module in saved.items():
-                if module is None:
-                    sys.modules.pop(name, None)
-                else:
-                    sys.modules[name] = module
-
-        self.addCleanup(restore)
-        sys.modules["py3langid"] = package
-        sys.modules["py3langid.langid"] = old_langid
-        self.assertEqual(lang.detect_language("Bonjour à tous"), "fr")
-        self.assertEqual(loaded, [("data/model.plzma", True)])
-        self.assertEqual(lang._identifier.languages, ["en", "fr"])
-
     def test_long_text_is_cut(self):
         """Only the first MAX_TEXT characters of a value's text are classified."""
         from minstore.process import lang

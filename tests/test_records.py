@@ -268,67 +268,46 @@ class HybridLogicalClockTests(SynchronousTestCase):
         clock.observe(edge)
         self.assertGreater(clock.now(), edge)
 
-    def test_state_file_written_at_start(self):
-        """A clock with a state file reserves a time ahead of the wall clock at once."""
-        path = self.mktemp()
-        time = FakeTime()
-        HybridLogicalClock("a", state_path=path, now=time)
-        with open(path) as f:
-            reserved = int(f.read())
-        self.assertEqual(reserved, int(time.seconds * 1000) + HybridLogicalClock.RESERVE_MS)
-        self.assertFalse(os.path.exists(path + ".tmp"))
-
-    def test_monotonic_across_restart(self):
+    def test_resume_continues_after_the_highest_version_held(self):
         """
-        A new clock over the same state file issues versions greater than
-        every version the first one issued, even when the wall clock went
+        After a restart (a new clock given the highest version held) versions
+        sort after every version issued before, even when the wall clock went
         back in time in between.
         """
-        path = self.mktemp()
         time = FakeTime()
-        first = HybridLogicalClock("a", state_path=path, now=time)
-        issued = []
-        for _ in range(200):
-            issued.append(first.now())
-            time.seconds += 0.05  # 10 seconds in all: several reservations
+        first = HybridLogicalClock("a", now=time)
+        issued = [first.now() for _ in range(5)]
         time.seconds -= 3600
-        second = HybridLogicalClock("a", state_path=path, now=time)
+        second = HybridLogicalClock("a", now=time)
+        second.resume(max(issued))
         later = [second.now() for _ in range(5)]
         self.assertGreater(later[0], max(issued))
         self.assertEqual(sorted(set(later)), later)
 
-    def test_monotonic_across_restart_after_observe(self):
-        """A version folded in from a peer still bounds the versions issued after a restart."""
-        path = self.mktemp()
+    def test_resume_never_runs_ahead_of_the_wall_clock(self):
+        """
+        Resumed from a version older than the wall clock, the next version is
+        the wall clock's millisecond: no reservation carries it further ahead.
+        """
         time = FakeTime()
-        first = HybridLogicalClock("a", state_path=path, now=time)
-        theirs = "%013d-000007-b" % (int(time.seconds * 1000) + 50_000)
-        first.observe(theirs)
-        issued = first.now()
-        self.assertGreater(issued, theirs)
-        time.seconds -= 120
-        second = HybridLogicalClock("a", state_path=path, now=time)
-        self.assertGreater(second.now(), issued)
+        clock = HybridLogicalClock("a", now=time)
+        clock.resume("%013d-000042-a" % (int(time.seconds * 1000) - 5000))
+        self.assertEqual(clock.now(), "%013d-000000-a" % int(time.seconds * 1000))
 
-    def test_monotonic_across_two_restarts_with_frozen_clock(self):
+    def test_resume_from_a_frozen_millisecond(self):
         """Restarting twice within one frozen millisecond still gives increasing versions."""
-        path = self.mktemp()
         time = FakeTime()
         versions = []
         for _ in range(3):
-            clock = HybridLogicalClock("a", state_path=path, now=time)
+            clock = HybridLogicalClock("a", now=time)
+            if versions:
+                clock.resume(versions[-1])
             versions.extend(clock.now() for _ in range(3))
         self.assertEqual(sorted(set(versions)), versions)
 
-    def test_reservation_renewed_through_persist_later(self):
-        """Half-way through a reservation, a new one is handed to persist_later."""
+    def test_resume_ignores_a_foreign_string(self):
+        """A held version that is not one of ours (damaged) does not move the clock."""
         time = FakeTime()
-        clock = HybridLogicalClock("a", state_path=self.mktemp(), now=time)
-        calls = []
-        clock.persist_later = calls.append
-        clock.now()
-        self.assertEqual(calls, [])
-        time.seconds += HybridLogicalClock.RESERVE_MS / 2000.0 + 0.001
-        clock.now()
-        clock.now()  # one renewal in flight at a time
-        self.assertEqual(calls, [int(time.seconds * 1000) + HybridLogicalClock.RESERVE_MS])
+        clock = HybridLogicalClock("a", now=time)
+        clock.resume("not-a-version")
+        self.assertEqual(clock.now(), "%013d-000000-a" % int(time.seconds * 1000))

@@ -4,9 +4,11 @@ forwarding, coalescing, ordering by version, tombstones, back-off with
 jitter, durable checkpoints, ``sync=1``, status and metrics, re-reading
 servers.list.
 
-Each node is a real L{Node} over L{MemoryStorage} behind its real
-L{RecordAPI}, reached by its peers through L{tests.fakes.FakeNetwork}
-(a StubTreq per host); time is a L{Clock}.
+Each node is a real L{Node} behind its real L{RecordAPI}, reached by its
+peers through L{tests.fakes.FakeNetwork} (a StubTreq per host); time is a
+L{Clock} (the fixture is L{tests.fakes.Cluster}).  Replication reads each
+node's own storage feed (L{minstore.interfaces.IStorage.changes}); the
+restart tests run over L{SQLiteStorage} in a directory.
 """
 
 import json
@@ -19,140 +21,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from minstore.api import RecordAPI
-from minstore.cluster.changelog import ChangeLog
-from minstore.cluster.lookup import Lookups
 from minstore.cluster.peers import PeerClient, PeerError
-from minstore.cluster.replication import DOWN_AFTER, Replication, backoff_delay
+from minstore.cluster.replication import BATCH_RECORDS, DOWN_AFTER, Replication, backoff_delay
 from minstore.cluster.servers import ServerList
 from minstore.cluster.service import ClusterService
 from minstore.node import Node, run_inline
-from minstore.records import encode_record, make_record, make_tombstone
 from minstore.storage.memory import MemoryStorage
-from tests.fakes import FakeNetwork
-
-T0 = 1_700_000_000.0
-JSON = {b"content-type": [b"application/json"]}
-
-
-def url(name):
-    return "http://%s:8001" % (name,)
-
-
-def version(ms, node="z", logical=0):
-    """A version string ``ms`` milliseconds after T0."""
-    return "%013d-%06d-%s" % (int(T0 * 1000) + ms, logical, node)
-
-
-def replica(uid, ms, value="v", collection="c", node="z"):
-    """The bytes of a record made elsewhere, with a chosen version."""
-    return encode_record(make_record(collection, uid, value, version(ms, node), T0 + ms / 1000.0))
-
-
-def tombstone(uid, ms, collection="c", node="z"):
-    return encode_record(make_tombstone(collection, uid, version(ms, node), T0 + ms / 1000.0))
-
-
-class Cluster:
-    """Nodes named by a short string, on one FakeNetwork and one Clock."""
-
-    def __init__(self, test):
-        self.test = test
-        self.clock = Clock()
-        self.clock.advance(T0)
-        self.net = FakeNetwork()
-        self.members = {}
-
-    def add(self, name, peers=(), bridge=False, directory=None, storage=None, processes=(), **kwargs):
-        member = Member(self, name, peers, bridge, directory, storage, processes, **kwargs)
-        self.members[name] = member
-        return member
-
-    def replica_posts(self, name):
-        """URLs of the replica batches sent to a node (failed ones included)."""
-        return [u for u in self.net.requests_to(url(name), "POST") if "/_cluster/replicas" in u]
-
-    def all_replica_posts(self):
-        return [u for m, u in self.net.requests if m == "POST" and "/_cluster/replicas" in u]
-
-    def advance(self, seconds):
-        self.clock.advance(seconds)
-        self.net.flush()
-
-
-class Member:
-    def __init__(self, cluster, name, peers, bridge, directory, storage, processes, in_thread=run_inline, **kwargs):
-        test = cluster.test
-        self.cluster = cluster
-        self.name = name
-        self.url = url(name)
-        self.node = Node(
-            storage if storage is not None else MemoryStorage(),
-            processes,
-            node_id=name,
-            now=cluster.clock.seconds,
-            in_thread=in_thread,
-        )
-        self.directory = directory or test.mktemp()
-        self.changelog = ChangeLog(self.directory)
-        self.client = PeerClient(cluster.net, name)
-        options = dict(timeout=5.0, retry_base=1.0, retry_cap=8.0, rng=lambda: 1.0)
-        options.update(kwargs)
-        self.replication = Replication(
-            self.node, self.changelog, self.client, cluster.clock, in_thread, **options
-        )
-        self.servers = ServerList([url(p) for p in peers], bridge)
-        self.lookups = Lookups(self.node, lambda: self.servers.peers, self.client, cluster.clock)
-        self.node.remote = self.lookups
-        self.api = RecordAPI(
-            self.node, lookups=self.lookups, replication=self.replication, sync_timeout=5.0
-        )
-        self.http = cluster.net.add(self.url, self.api.resource())
-        #: Every replica this node was sent, with whether it was applied.
-        self.received = []
-        apply_replica = self.node.apply_replica
-
-        def recording(data, forward=False):
-            d = apply_replica(data, forward=forward)
-            d.addCallback(lambda applied: self.received.append((data, forward, applied)) or applied)
-            return d
-
-        self.node.apply_replica = recording
-        self.replication.start(self.servers)
-        test.addCleanup(self.replication.stop)
-
-    def stored(self, uid, collection="c"):
-        return self.node.storage.get(collection, uid)
-
-    def write(self, uid, value, collection="c"):
-        """Create or update through the node; the stored bytes."""
-        test = self.cluster.test
-        current = self.stored(uid, collection)
-        if current is None or json.loads(current).get("deleted"):
-            d = self.node.create(collection, uid, value)
-        else:
-            d = self.node.update(collection, uid, value)
-        return test.successResultOf(d).data
-
-    def delete(self, uid, collection="c"):
-        return self.cluster.test.successResultOf(self.node.delete(collection, uid)).data
-
-    def request(self, method, path, body=None, headers=None):
-        """A request through this node's RecordAPI: (response, body bytes)."""
-        test = self.cluster.test
-        kwargs = {}
-        if body is not None:
-            kwargs["data"] = json.dumps(body).encode()
-            kwargs["headers"] = JSON
-        if headers:
-            kwargs.setdefault("headers", {}).update(headers)
-        d = self.http.request(method, self.url + path, **kwargs)
-        self.http.flush()
-        response = test.successResultOf(d)
-        return response, test.successResultOf(response.content())
-
-    def received_uids(self):
-        return [json.loads(data)["uid"] for data, _, _ in self.received]
+from tests.fakes import JSON, T0, Cluster, replica, tombstone, url, version
 
 
 class LaterThread:
@@ -229,7 +104,6 @@ class RetryScheduleTests(SynchronousTestCase):
         self.client = FlakyClient(self.clock)
         self.replication = Replication(
             self.node,
-            ChangeLog(self.mktemp()),
             self.client,
             self.clock,
             run_inline,
@@ -284,8 +158,9 @@ class RetryScheduleTests(SynchronousTestCase):
     def test_back_up_delivers_everything(self):
         """
         Once the failing peer answers again, everything written meanwhile
-        is delivered (the newest version of each uid), it is "up" with a
-        backlog of 0, failures reset, and its checkpoint is the last seq.
+        is delivered in one request (the newest version of each uid, in
+        sequence order), it is "up" with a backlog of 0, failures reset,
+        and its checkpoint is the last seq, saved an interval later.
         """
         peer = self.make(lambda: 1.0)
         self.successResultOf(self.node.create("c", "x", 1))
@@ -294,7 +169,8 @@ class RetryScheduleTests(SynchronousTestCase):
         self.assertEqual(peer.state, "down")
         self.successResultOf(self.node.create("c", "y", 2))
         self.successResultOf(self.node.update("c", "x", 3))
-        self.assertEqual(len(peer.pending), 2)
+        self.clock.advance(8.0)  # a retry fails again, and counts the feed
+        self.assertEqual(peer.backlog, 2)
         calls = len(self.client.calls)
 
         self.client.failing = False
@@ -302,17 +178,80 @@ class RetryScheduleTests(SynchronousTestCase):
         self.assertEqual(len(self.client.calls), calls + 1)
         self.assertEqual(peer.state, "up")
         self.assertEqual(peer.failures, 0)
-        self.assertEqual(len(peer.pending), 0)
-        self.assertEqual(peer.checkpoint, self.replication.changelog.last_seq)
+        self.assertEqual(peer.backlog, 0)
+        self.assertEqual(peer.checkpoint, self.node.storage.last_seq())
         self.assertEqual(peer.checkpoint, 3)
         self.assertEqual(peer.last_success, self.clock.seconds())
         self.assertEqual(
-            sorted(self.client.delivered),
-            sorted([self.node.storage.get("c", "x"), self.node.storage.get("c", "y")]),
+            self.client.delivered, [self.node.storage.get("c", "y"), self.node.storage.get("c", "x")]
         )
         self.clock.advance(Replication.CHECKPOINT_INTERVAL)
-        self.assertEqual(self.replication.changelog.read_checkpoints(), {url("b"): 3})
+        self.assertEqual(self.node.storage.checkpoints(), {url("b"): 3})
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_retry_reads_the_feed_again(self):
+        """
+        A failed batch is not kept for the retry: the retry reads the feed
+        again, so it carries what was written meanwhile, each uid once, at
+        its newest version (ten updates while the peer is down: one change).
+        """
+        peer = self.make(lambda: 1.0)
+        for n in range(10):
+            self.successResultOf(self.node.create("c", "x", n) if n == 0 else self.node.update("c", "x", n))
+        self.successResultOf(self.node.create("c", "y", 0))
+        self.assertEqual([len(records) for _, _, records in self.client.calls], [1])
+        self.assertIsNone(peer._batch)
+        self.client.failing = False
+        self.clock.advance(1.0)
+        self.assertEqual(
+            self.client.delivered, [self.node.storage.get("c", "x"), self.node.storage.get("c", "y")]
+        )
+        self.assertEqual(json.loads(self.client.delivered[0])["value"], 9)
+        self.assertEqual(peer.sent, 2)
+
+    def test_many_writes_while_down_hold_one_batch(self):
+        """
+        A peer down for 1,000 writes costs the emitter one batch at most:
+        nothing the replicator holds grows with the backlog (each request
+        carries at most BATCH_RECORDS, the failed one is not even kept),
+        the backlog is counted from the feed, and once the peer is back the
+        storage's feed delivers every uid once, at its newest version, in
+        requests of at most BATCH_RECORDS.
+        """
+        peer = self.make(lambda: 1.0)
+        uids = ["u%03d" % (n % 400) for n in range(1000)]  # 400 uids, most written 2 or 3 times
+        for n, uid in enumerate(uids):
+            if self.node.storage.get("c", uid) is None:
+                self.successResultOf(self.node.create("c", uid, n))
+            else:
+                self.successResultOf(self.node.update("c", uid, n))
+            if n % 100 == 0:
+                self.clock.advance(1.0)  # retries come and fail while the writes go on
+                for name, held in vars(peer).items():
+                    if hasattr(held, "__len__") and not isinstance(held, str):
+                        self.assertLessEqual(len(held), BATCH_RECORDS, name)
+        self.assertEqual(self.node.storage.last_seq(), 1000)
+        self.assertIsNone(peer._batch)
+        self.assertTrue(all(len(records) <= BATCH_RECORDS for _, _, records in self.client.calls))
+        self.clock.advance(8.0)
+        self.assertEqual(peer.backlog, 400)
+        self.assertEqual(self.replication.status()[0]["backlog"], 400)
+        self.assertEqual(self.client.delivered, [])
+
+        self.client.failing = False
+        self.clock.advance(8.0)
+        sizes = [len(records) for _, _, records in self.client.calls[-2:]]
+        self.assertEqual(sizes, [BATCH_RECORDS, 400 - BATCH_RECORDS])
+        delivered = [json.loads(data) for data in self.client.delivered]
+        self.assertEqual(len(delivered), 400)
+        self.assertEqual(sorted(r["uid"] for r in delivered), sorted(set(uids)))
+        self.assertEqual(
+            self.client.delivered, [self.node.storage.get("c", r["uid"]) for r in delivered]
+        )
+        # In the order of each uid's last write (the feed's sequence order).
+        last_write = {uid: n for n, uid in enumerate(uids)}
+        self.assertEqual([r["uid"] for r in delivered], sorted(last_write, key=last_write.get))
+        self.assertEqual((peer.backlog, peer.checkpoint, peer.state), (0, 1000, "up"))
 
     def test_stop_cancels_the_retry(self):
         """stop() cancels a pending retry: no call is left on the clock, none is sent after."""
@@ -357,16 +296,16 @@ class SendIntervalTests(SynchronousTestCase):
         self.assertEqual(len(cluster.replica_posts("b")), 3)
 
 
-class CountingChangeLog(ChangeLog):
-    """A ChangeLog that records the checkpoints of each save."""
+class CountingStorage(MemoryStorage):
+    """A MemoryStorage that records the checkpoints of each save."""
 
-    def __init__(self, *args, **kwargs):
-        ChangeLog.__init__(self, *args, **kwargs)
+    def __init__(self):
+        MemoryStorage.__init__(self)
         self.saves = []
 
     def save_checkpoints(self, checkpoints):
         self.saves.append(dict(checkpoints))
-        return ChangeLog.save_checkpoints(self, checkpoints)
+        return MemoryStorage.save_checkpoints(self, checkpoints)
 
 
 class CheckpointSaveTests(SynchronousTestCase):
@@ -374,19 +313,38 @@ class CheckpointSaveTests(SynchronousTestCase):
 
     interval = Replication.CHECKPOINT_INTERVAL
 
-    def make(self, peers=("b",), in_thread=run_inline, **kwargs):
+    def make(self, peers=("b",), in_thread=run_inline):
         self.clock = Clock()
         self.clock.advance(T0)
-        self.node = Node(MemoryStorage(), node_id="a", now=self.clock.seconds)
+        self.storage = CountingStorage()
+        self.node = Node(self.storage, node_id="a", now=self.clock.seconds)
         self.client = FlakyClient(self.clock)
         self.client.failing = False
-        self.changelog = CountingChangeLog(self.mktemp(), **kwargs)
-        self.replication = Replication(self.node, self.changelog, self.client, self.clock, in_thread)
+        self.replication = Replication(self.node, self.client, self.clock, in_thread)
         self.replication.start(ServerList([url(p) for p in peers]))
+        # Peers seen for the first time are saved at once, at start.
+        self.assertEqual(self.storage.saves, [{url(p): 0 for p in peers}])
+        del self.storage.saves[:]
         self.addCleanup(self.replication.stop)
 
     def test_interval(self):
         self.assertEqual(Replication.CHECKPOINT_INTERVAL, 1.0)
+
+    def test_known_peers_not_saved_at_start(self):
+        """A start whose peers all have a saved checkpoint saves nothing; one that drops a peer saves at once."""
+        self.make(peers=("b", "c"))
+        self.successResultOf(self.node.create("c", "x", 1))
+        self.successResultOf(self.replication.stop())
+        self.assertEqual(self.storage.saves, [{url("b"): 1, url("c"): 1}])
+        again = Replication(self.node, self.client, self.clock, run_inline)
+        again.start(ServerList([url("b"), url("c")]))
+        self.assertEqual(len(self.storage.saves), 1)
+        self.assertEqual({u: r.checkpoint for u, r in again.peers.items()}, {url("b"): 1, url("c"): 1})
+        self.successResultOf(again.stop())
+        third = Replication(self.node, self.client, self.clock, run_inline)
+        third.start(ServerList([url("b")]))
+        self.addCleanup(third.stop)
+        self.assertEqual(self.storage.checkpoints(), {url("b"): 1})
 
     def test_many_deliveries_one_save(self):
         """
@@ -399,29 +357,29 @@ class CheckpointSaveTests(SynchronousTestCase):
             self.successResultOf(self.node.create("c", "u%d" % n, n))
             self.clock.advance(self.interval / 40)
         self.assertEqual(len(self.client.calls), 20)
-        self.assertEqual(self.changelog.saves, [])
-        self.assertEqual(self.changelog.read_checkpoints(), {})
+        self.assertEqual(self.storage.saves, [])
+        self.assertEqual(self.storage.checkpoints(), {url("b"): 0})
         self.clock.advance(self.interval / 2 - 0.001)
-        self.assertEqual(self.changelog.saves, [])
+        self.assertEqual(self.storage.saves, [])
         self.clock.advance(0.001)
-        self.assertEqual(self.changelog.saves, [{url("b"): 20}])
-        self.assertEqual(self.changelog.read_checkpoints(), {url("b"): 20})
+        self.assertEqual(self.storage.saves, [{url("b"): 20}])
+        self.assertEqual(self.storage.checkpoints(), {url("b"): 20})
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.clock.advance(10 * self.interval)
-        self.assertEqual(len(self.changelog.saves), 1)
+        self.assertEqual(len(self.storage.saves), 1)
 
     def test_next_save_after_the_interval(self):
         """A delivery after a save schedules the next one an interval later, not sooner."""
         self.make()
         self.successResultOf(self.node.create("c", "x", 1))
         self.clock.advance(self.interval)
-        self.assertEqual(self.changelog.saves, [{url("b"): 1}])
+        self.assertEqual(self.storage.saves, [{url("b"): 1}])
         self.clock.advance(5.0)
         self.successResultOf(self.node.create("c", "y", 1))
         self.clock.advance(self.interval - 0.001)
-        self.assertEqual(len(self.changelog.saves), 1)
+        self.assertEqual(len(self.storage.saves), 1)
         self.clock.advance(0.001)
-        self.assertEqual(self.changelog.saves, [{url("b"): 1}, {url("b"): 2}])
+        self.assertEqual(self.storage.saves, [{url("b"): 1}, {url("b"): 2}])
 
     def test_steady_deliveries_save_once_per_interval(self):
         """Under a steady flow of deliveries there is one save per interval."""
@@ -430,8 +388,8 @@ class CheckpointSaveTests(SynchronousTestCase):
             self.successResultOf(self.node.create("c", "u%d" % n, n))
             self.clock.advance(self.interval / 4)
         self.assertEqual(len(self.client.calls), 40)
-        self.assertEqual(len(self.changelog.saves), 10)
-        seqs = [save[url("b")] for save in self.changelog.saves]
+        self.assertEqual(len(self.storage.saves), 10)
+        seqs = [save[url("b")] for save in self.storage.saves]
         self.assertEqual(seqs, sorted(seqs))
 
     def test_save_in_a_thread(self):
@@ -440,9 +398,11 @@ class CheckpointSaveTests(SynchronousTestCase):
         previous one is still running follows it, with the newer
         checkpoints; two never run at once.
         """
-        pool = []  # (f, args, Deferred) handed to the "thread pool", not run yet
+        pool = []  # (f, args, Deferred) of the saves handed to the "thread pool", not run yet
 
         def in_thread(f, *args):
+            if f != self.storage.save_checkpoints:
+                return run_inline(f, *args)  # the feed's reads: at once
             d = Deferred()
             pool.append((f, args, d))
             return d
@@ -459,64 +419,58 @@ class CheckpointSaveTests(SynchronousTestCase):
         self.clock.advance(self.interval)
         self.assertEqual(len(pool), 1)  # the second waits for the first
         run_one()
-        self.assertEqual(self.changelog.saves, [{url("b"): 1}])
+        self.assertEqual(self.storage.saves, [{url("b"): 1}])
         self.assertEqual(len(pool), 1)
         run_one()
-        self.assertEqual(self.changelog.saves, [{url("b"): 1}, {url("b"): 2}])
+        self.assertEqual(self.storage.saves, [{url("b"): 1}, {url("b"): 2}])
         self.assertEqual((pool, self.clock.getDelayedCalls()), ([], []))
 
-    def test_compaction_waits_for_the_save(self):
+    def test_unacknowledged_peer_keeps_its_checkpoint(self):
         """
-        Segments every peer has passed are deleted when the checkpoints are
-        saved (so at most an interval later), never those a peer still lacks.
+        A save records each peer's own checkpoint: a peer that is sent
+        nothing more stays at what it acknowledged while the other moves on.
         """
-        self.make(peers=("b", "c"), segment_bytes=1)
-        directory = self.changelog.directory
-
-        def segments():
-            return sorted(int(n[:-4]) for n in os.listdir(directory) if n.endswith(".log"))
-
+        self.make(peers=("b", "c"))
         for n in range(1, 4):
             self.successResultOf(self.node.create("c", "u%d" % n, n))
-        self.assertEqual(segments(), [1, 2, 3])
         self.clock.advance(self.interval)
-        self.assertEqual(segments(), [3])
-
-        self.replication.peers[url("c")].stop()  # c is sent nothing more: it holds the log back
+        self.assertEqual(self.storage.checkpoints(), {url("b"): 3, url("c"): 3})
+        self.replication.peers[url("c")].stop()  # c is sent nothing more
         for n in range(4, 6):
             self.successResultOf(self.node.create("c", "u%d" % n, n))
         self.clock.advance(self.interval)
-        self.assertEqual(self.changelog.read_checkpoints(), {url("b"): 5, url("c"): 3})
-        self.assertEqual(segments(), [4, 5])
+        self.assertEqual(self.storage.checkpoints(), {url("b"): 5, url("c"): 3})
 
     def test_reconfigure_saves_at_once(self):
         """
         Adding or removing a peer saves the checkpoints at once (an added
-        peer must be in the file before a crash), replacing a save that was
+        peer must be saved before a crash), replacing a save that was
         due; no second save follows.
         """
         self.make()
         self.successResultOf(self.node.create("c", "x", 1))
         self.replication.reconfigure(ServerList([url("b"), url("c")]))
-        self.assertEqual(self.changelog.saves, [{url("b"): 1, url("c"): 1}])
+        self.assertEqual(self.storage.saves, [{url("b"): 1, url("c"): 1}])
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.replication.reconfigure(ServerList([url("c")]))
-        self.assertEqual(self.changelog.saves[-1], {url("c"): 1})
+        self.assertEqual(self.storage.saves[-1], {url("c"): 1})
         self.clock.advance(10 * self.interval)
-        self.assertEqual(len(self.changelog.saves), 2)
+        self.assertEqual(len(self.storage.saves), 2)
 
-    def test_stop_cancels_the_pending_save(self):
+    def test_stop_makes_the_final_save(self):
         """
-        stop() leaves no save on the clock and none runs after it (the
-        final save is ClusterService's: see ClusterServiceTests).
+        stop() cancels the save that was due and makes the final one at
+        once, with the current checkpoints (its Deferred fires once it is
+        done); nothing is left on the clock and no save runs after it.
         """
         self.make()
         self.successResultOf(self.node.create("c", "x", 1))
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
-        self.replication.stop()
+        self.successResultOf(self.replication.stop())
         self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.storage.saves, [{url("b"): 1}])
         self.clock.advance(10 * self.interval)
-        self.assertEqual(self.changelog.saves, [])
+        self.assertEqual(len(self.storage.saves), 1)
 
 
 class MirrorTests(SynchronousTestCase):
@@ -569,8 +523,13 @@ class MirrorTests(SynchronousTestCase):
         self.assertEqual(d.stored("x"), None)
         self.assertEqual(self.cluster.replica_posts("d"), [])
         self.assertEqual([forward for _, forward, _ in self.b.received], [False])
-        # Nothing was logged for b's peers either.
-        self.assertEqual(self.b.changelog.last_seq, 0)
+        # b's feed holds the replica, not flagged to pass on: b owes d nothing.
+        changes, _ = self.b.storage.changes(0, 10)
+        self.assertEqual([(c.uid, c.forward) for c in changes], [("x", False)])
+        self.assertEqual(self.b.storage.changes(0, 10, forwarded_only=True)[0], [])
+        self.cluster.advance(60)
+        self.assertEqual(self.cluster.replica_posts("d"), [])
+        self.assertEqual(self.b.replication.status()[0]["backlog"], 0)
 
     def test_coalescing_while_down(self):
         """
@@ -581,7 +540,7 @@ class MirrorTests(SynchronousTestCase):
         for n in range(10):
             data = self.a.write("x", n)
         peer_c = self.a.replication.peers[self.c.url]
-        self.assertEqual(len(peer_c.pending), 1)
+        self.assertEqual(peer_c.backlog, 1)
         self.assertEqual(self.a.replication.status()[1]["backlog"], 1)
         self.assertEqual(len(self.b.received), 10)
         failed = len(self.cluster.replica_posts("c"))
@@ -694,22 +653,26 @@ class VersionOrderTests(SynchronousTestCase):
         self.assertTrue(self.apply(replica("x", 30, "again")))
         self.assertEqual(self.successResultOf(self.node.get("c", "x")).data, replica("x", 30, "again"))
 
-    def test_new_uid_applied_without_a_read(self):
+    def test_replica_applied_without_a_read(self):
         """
-        A replica of a uid the node has never held is stored without reading
-        storage first (a receiver's common case); one of a held uid is compared.
+        A replica is stored without reading storage first, whether the uid
+        is held or not: the storage write's NEWER condition compares the
+        versions in the same step (an older one is not stored).
         """
         reads = []
         storage = self.node.storage
         get = storage.get
         storage.get = lambda collection, uid: reads.append(uid) or get(collection, uid)
         self.assertTrue(self.apply(replica("x", 10)))
-        self.assertEqual(reads, [])
         self.node._cache.clear()
         self.assertFalse(self.apply(replica("x", 5)))
         self.assertTrue(self.apply(replica("x", 20)))
-        self.assertEqual(reads, ["x"])
+        self.node._cache.clear()
+        self.assertFalse(self.apply(replica("x", 20)))
+        self.assertEqual(reads, [])
+        storage.get = get
         self.assertEqual(storage.get("c", "x"), replica("x", 20))
+        self.assertEqual(storage.last_seq(), 2)
 
     def test_tombstone_arriving_first(self):
         """A tombstone for a uid never seen is kept, so the older record arriving after it is refused."""
@@ -743,7 +706,9 @@ class VersionOrderTests(SynchronousTestCase):
         member = self.cluster.members["r"]
         writes = []
         storage_write = self.node.storage.write
-        self.node.storage.write = lambda items: writes.append([uid for _, uid, _, _ in items]) or storage_write(items)
+        self.node.storage.write = lambda items, checkpoints=None: (
+            writes.append([item.uid for item in items]) or storage_write(items, checkpoints)
+        )
         body = b"\n".join([replica(uid, 10) for uid in ("x", "y", "z")])
         d = member.http.post(member.url + "/_cluster/replicas", data=body)
         member.http.flush()
@@ -782,9 +747,11 @@ class ConvergenceTests(SynchronousTestCase):
         for node in (a, b):
             self.assertEqual(node.stored("x"), newer_x)
             self.assertEqual(node.stored("y"), newer_y)
-        # Each refused the older replica it was sent.
-        self.assertIn((older_x, False, False), b.received)
-        self.assertIn((older_y, False, False), a.received)
+        # The first to retry (a) sends its older x, which b refuses; b's
+        # older y is never sent: the newer replica a sent took its place in
+        # b's feed (the newest per uid), not flagged to pass on.
+        self.assertEqual(b.received, [(older_x, False, False), (newer_y, False, True)])
+        self.assertEqual(a.received, [(newer_x, False, True)])
         for node in (a, b):
             self.assertEqual([s["backlog"] for s in node.replication.status()], [0])
 
@@ -868,11 +835,44 @@ class BridgeTests(SynchronousTestCase):
             self.assertEqual(node.stored("x"), data)
 
 
+    def test_bridge_forwarding_reads_the_feed(self):
+        """
+        A replica received with bridge=1 is stored flagged to pass on, so
+        it is in the feed the node's replicators read and reaches its
+        peers, even one that was down when it arrived; one received
+        without bridge=1 is stored but never sent on.
+        """
+        c = self.cluster.add("c")
+        b = self.cluster.add("b", peers=["c"])
+        self.cluster.net.down(c.url)
+
+        def post(body, query=""):
+            d = b.http.post(
+                b.url + "/_cluster/replicas" + query, data=body, headers={b"content-type": [b"application/x-ndjson"]}
+            )
+            b.http.flush()
+            self.assertEqual(self.successResultOf(d).code, 200)
+
+        post(replica("x", 10), "?bridge=1")
+        post(replica("y", 10))
+        changes, _ = b.storage.changes(0, 10)
+        self.assertEqual([(ch.uid, ch.forward) for ch in changes], [("x", True), ("y", False)])
+        self.assertEqual([ch.uid for ch in b.storage.changes(0, 10, forwarded_only=True)[0]], ["x"])
+        self.assertEqual(b.replication.peers[c.url].backlog, 1)
+
+        self.cluster.net.up(c.url)
+        self.cluster.advance(8.0)
+        self.assertEqual(c.received, [(replica("x", 10), False, True)])
+        self.assertIsNone(c.stored("y"))
+        self.assertEqual(b.replication.status()[0]["backlog"], 0)
+        self.assertEqual(b.replication.peers[c.url].checkpoint, 2)
+
+
 class HeldThreads:
     """
     An ``in_thread`` whose calls run when the test says, and whose results
     reach the reactor when the test says, in any order: two storage writes
-    that finish in the reverse of the order they were logged in.
+    that finish in the reverse of the order they were made in.
     """
 
     def __init__(self):
@@ -884,34 +884,41 @@ class HeldThreads:
         return d
 
     def run_all(self):
-        """Run every queued call in order; their Deferreds, not fired yet."""
+        """Run every queued call in order; their results and Deferreds, not fired yet."""
         done = []
         for f, args, d in self.calls:
             done.append((f(*args), d))
         self.calls = []
         return done
 
+    def settle(self):
+        """Run and fire every call, and those they make, until none is left."""
+        while self.calls:
+            for result, d in self.run_all():
+                d.callback(result)
+
 
 class OutOfOrderCommitTests(SynchronousTestCase):
-    def test_later_batch_committed_first_waits_for_the_earlier(self):
+    def test_later_batch_committed_first(self):
         """
-        Two group commits in flight: the second, logged after the first,
-        comes back first.  Its changes wait for the first's, so the peer's
-        checkpoint never passes a change it has not had, and it gets both.
+        Two group commits in flight: the second, stored after the first,
+        comes back to the reactor first.  The peer's checkpoint never passes
+        a change it has not had (the feed holds both already), and it gets
+        both.
         """
         threads = HeldThreads()
         cluster = Cluster(self)
         b = cluster.add("b")
         a = cluster.add("a", peers=["b"], in_thread=threads)
+        threads.settle()  # the feed's read at start
         first = a.node.create("c", "x", 1)
         second = a.node.create("c", "y", 2)
-        (x_result, x_done), (y_result, y_done) = threads.run_all()  # logged as seq 1, then seq 2
+        (x_result, x_done), (y_result, y_done) = threads.run_all()  # stored as seq 1, then seq 2
         y_done.callback(y_result)
-        cluster.advance(0)
-        self.assertEqual(b.received_uids(), [])  # y waits for x
+        self.assertNoResult(first)
         self.assertEqual(a.replication.peers[b.url].checkpoint, 0)
         x_done.callback(x_result)
-        cluster.advance(0)
+        threads.settle()
         self.successResultOf(first)
         self.successResultOf(second)
         self.assertEqual(b.received_uids(), ["x", "y"])
@@ -920,48 +927,64 @@ class OutOfOrderCommitTests(SynchronousTestCase):
 
 
 class CheckpointTests(SynchronousTestCase):
+    """A restart over the same SQLite data resumes every peer from its saved checkpoint."""
+
     def setUp(self):
         self.cluster = Cluster(self)
         self.b = self.cluster.add("b")
         self.c = self.cluster.add("c")
         self.directory = self.mktemp()
-        self.storage = MemoryStorage()
-        self.a = self.cluster.add("a", peers=["b", "c"], directory=self.directory, storage=self.storage)
+        self.a = self.cluster.add("a", peers=["b", "c"], directory=self.directory)
 
-    def restart_a(self, save=False):
-        """Stop a (saving checkpoints like ClusterService when ``save``) and start it again over the same data."""
-        if save:
-            checkpoints = {u: r.checkpoint for u, r in self.a.replication.peers.items()}
-        self.a.replication.stop()
-        if save:
-            self.a.changelog.save_checkpoints(checkpoints)
+    def restart_a(self, save=False, peers=("b", "c")):
+        """
+        Stop a (with replication's final save of the checkpoints when
+        ``save``, else as after kill -9), close its storage, and start it
+        again over the same directory.
+        """
+        self.a.close(save=save)
         for member in (self.b, self.c):
             del member.received[:]
-        self.a = self.cluster.add("a", peers=["b", "c"], directory=self.directory, storage=self.storage)
+        self.a = self.cluster.add("a", peers=peers, directory=self.directory)
 
     def test_restart_resends_only_unacknowledged(self):
         """
-        After a restart over the same change log, each peer is sent what it
-        had not acknowledged, and nothing it had.
+        After a restart over the same data, each peer is sent what it had
+        not acknowledged, and nothing it had.
         """
         self.cluster.net.down(self.c.url)
         x, y = self.a.write("x", 1), self.a.write("y", 1)
         self.cluster.net.down(self.b.url)
         z = self.a.write("z", 1)
         self.cluster.advance(Replication.CHECKPOINT_INTERVAL)
-        self.assertEqual(self.a.changelog.read_checkpoints(), {self.b.url: 2, self.c.url: 0})
+        self.assertEqual(self.a.storage.checkpoints(), {self.b.url: 2, self.c.url: 0})
 
         self.cluster.net.up(self.b.url)
         self.cluster.net.up(self.c.url)
         self.restart_a()
         self.assertEqual([d for d, _, _ in self.b.received], [z])
-        self.assertEqual(sorted(d for d, _, _ in self.c.received), sorted([x, y, z]))
+        self.assertEqual([d for d, _, _ in self.c.received], [x, y, z])
         self.cluster.advance(Replication.CHECKPOINT_INTERVAL)
-        self.assertEqual(self.a.changelog.read_checkpoints(), {self.b.url: 3, self.c.url: 3})
+        self.assertEqual(self.a.storage.checkpoints(), {self.b.url: 3, self.c.url: 3})
 
         # And once everything is acknowledged, a restart sends nothing.
         self.restart_a(save=True)
         self.assertEqual((self.b.received, self.c.received), ([], []))
+        self.assertEqual(self.a.write("w", 1), self.b.stored("w"))
+
+    def test_clean_stop_saves_what_was_acknowledged(self):
+        """
+        A clean stop saves the checkpoints a delivery left waiting for the
+        interval: the restarted node resends nothing, and then goes on.
+        """
+        self.a.write("x", 1)
+        self.a.write("y", 1)
+        self.assertEqual(self.a.storage.checkpoints(), {self.b.url: 0, self.c.url: 0})
+        self.restart_a(save=True)
+        self.assertEqual(self.a.storage.checkpoints(), {self.b.url: 2, self.c.url: 2})
+        self.assertEqual((self.b.received, self.c.received), ([], []))
+        z = self.a.write("z", 1)
+        self.assertEqual((self.b.stored("z"), self.c.stored("z")), (z, z))
 
     def test_crash_before_the_save_resends(self):
         """
@@ -973,49 +996,60 @@ class CheckpointTests(SynchronousTestCase):
         self.cluster.advance(Replication.CHECKPOINT_INTERVAL)
         y = self.a.write("y", 1)
         self.assertEqual(self.b.received_uids(), ["x", "y"])
-        self.assertEqual(self.a.changelog.read_checkpoints(), {self.b.url: 1, self.c.url: 1})
+        self.assertEqual(self.a.storage.checkpoints(), {self.b.url: 1, self.c.url: 1})
         self.restart_a()  # no final save: as after kill -9
         for member in (self.b, self.c):
             self.assertEqual(member.received, [(y, False, False)])
             self.assertEqual((member.stored("x"), member.stored("y")), (x, y))
         self.cluster.advance(Replication.CHECKPOINT_INTERVAL)
-        self.assertEqual(self.a.changelog.read_checkpoints(), {self.b.url: 2, self.c.url: 2})
+        self.assertEqual(self.a.storage.checkpoints(), {self.b.url: 2, self.c.url: 2})
 
     def test_restart_before_any_delivery(self):
         """
-        Writes logged before any peer ever acknowledged anything (so no
-        checkpoint was ever saved), then a crash: the restarted node still
-        sends them.
+        Writes stored before any peer ever acknowledged anything, then a
+        crash: the restarted node still sends them (the peers were saved
+        at checkpoint 0 when first seen).
         """
         self.cluster.net.down(self.b.url)
         self.cluster.net.down(self.c.url)
         x = self.a.write("x", 1)
-        self.assertFalse(os.path.exists(os.path.join(self.directory, "checkpoints.json")))
+        self.assertEqual(self.a.storage.checkpoints(), {self.b.url: 0, self.c.url: 0})
         self.cluster.net.up(self.b.url)
         self.cluster.net.up(self.c.url)
         self.restart_a()
         self.assertEqual([d for d, _, _ in self.b.received], [x])
         self.assertEqual([d for d, _, _ in self.c.received], [x])
 
-    def test_restart_with_unreadable_checkpoints(self):
-        """A checkpoints.json cut short by a crash means resending the whole log, not losing it."""
+    def test_restart_coalesces_what_the_peer_missed(self):
+        """
+        A peer down across the emitter's restart gets, once back, each uid
+        it missed once, at its newest version (the emitter held nothing of
+        it in memory; the feed had it), and the versions made after the
+        restart sort after those made before.
+        """
         self.cluster.net.down(self.c.url)
-        x = self.a.write("x", 1)
-        with open(os.path.join(self.directory, "checkpoints.json"), "wb") as f:
-            f.write(b'{"http://b:8001": 1, "http://c:80')
+        for n in range(5):
+            self.a.write("x", n)
+            self.a.write("y", n)
+        before = json.loads(self.a.stored("x"))["version"]
+        self.restart_a(save=True)
+        self.assertEqual(self.a.replication.peers[self.c.url].checkpoint, 0)
+        x = self.a.write("x", "after")
+        self.assertGreater(json.loads(x)["version"], before)
         self.cluster.net.up(self.c.url)
-        self.restart_a()
-        self.assertEqual([d for d, _, _ in self.c.received], [x])
-        self.assertEqual([d for d, _, _ in self.b.received], [x])
+        self.cluster.advance(8.0)
+        self.assertEqual(self.c.received_uids(), ["y", "x"])
+        self.assertEqual((self.c.stored("x"), self.c.stored("y")), (x, self.a.stored("y")))
+        self.assertTrue(all(applied for _, _, applied in self.c.received))
 
     def test_new_peer_at_restart_gets_only_later_writes(self):
-        """A peer first listed at a restart is not sent the log's older writes, only those made after."""
+        """A peer first listed at a restart is not sent the older writes, only those made after."""
         self.a.write("x", 1)
         self.cluster.advance(Replication.CHECKPOINT_INTERVAL)
         d = self.cluster.add("d")
-        self.a.replication.stop()
-        self.a = self.cluster.add("a", peers=["b", "c", "d"], directory=self.directory, storage=self.storage)
+        self.restart_a(save=True, peers=("b", "c", "d"))
         self.assertEqual(d.received, [])
+        self.assertEqual(self.a.storage.checkpoints()[d.url], 1)
         y = self.a.write("y", 1)
         self.assertEqual([data for data, _, _ in d.received], [y])
 
@@ -1094,7 +1128,7 @@ class SyncTests(SynchronousTestCase):
         """A sync write fires as soon as the late peer stores it, before the timeout."""
         self.cluster.net.down(self.c.url)
         entry = self.successResultOf(self.a.node.create("c", "x", 1))
-        d = self.a.replication.wait_stored("c", "x", entry.version, 5.0)
+        d = self.a.replication.wait_stored(entry.seq, 5.0)
         self.assertNoResult(d)
         self.cluster.net.up(self.c.url)
         self.cluster.advance(1.0)
@@ -1105,7 +1139,7 @@ class SyncTests(SynchronousTestCase):
         """A peer that stored a newer version of the uid counts as holding the one waited for."""
         self.cluster.net.down(self.c.url)
         first = self.successResultOf(self.a.node.create("c", "x", 1))
-        d = self.a.replication.wait_stored("c", "x", first.version, 5.0)
+        d = self.a.replication.wait_stored(first.seq, 5.0)
         self.a.write("x", 2)
         self.cluster.net.up(self.c.url)
         self.cluster.advance(1.0)
@@ -1120,7 +1154,7 @@ class SyncTests(SynchronousTestCase):
         self.cluster.net.down(self.c.url)
         first = self.successResultOf(self.a.node.create("c", "x", 1))
         self.a.write("x", 2)
-        d = self.a.replication.wait_stored("c", "x", first.version, 5.0)
+        d = self.a.replication.wait_stored(first.seq, 5.0)
         self.assertNoResult(d)
         self.assertEqual(self.c.stored("x"), None)
         self.cluster.net.up(self.c.url)
@@ -1130,9 +1164,9 @@ class SyncTests(SynchronousTestCase):
 
     def test_sync_batch_in_flight(self):
         """
-        A version in a batch being sent counts only once the peer
-        acknowledges that batch; a newer version written meanwhile is waited
-        for until its own batch is acknowledged.
+        A write in a batch being sent counts only once the peer acknowledges
+        that batch; a newer version written meanwhile is waited for until
+        its own batch is acknowledged.
         """
         sends = []  # (records, Deferred) of the sends not answered yet
 
@@ -1144,14 +1178,15 @@ class SyncTests(SynchronousTestCase):
 
         clock = Clock()
         node = Node(MemoryStorage(), node_id="a", now=clock.seconds)
-        replication = Replication(node, ChangeLog(self.mktemp()), HeldClient(), clock, run_inline)
+        replication = Replication(node, HeldClient(), clock, run_inline)
         replication.start(ServerList([url("b")]))
         self.addCleanup(replication.stop)
 
         first = self.successResultOf(node.create("c", "x", 1))
-        waiting_first = replication.wait_stored("c", "x", first.version, 5.0)
+        waiting_first = replication.wait_stored(first.seq, 5.0)
         second = self.successResultOf(node.update("c", "x", 2))
-        waiting_second = replication.wait_stored("c", "x", second.version, 5.0)
+        waiting_second = replication.wait_stored(second.seq, 5.0)
+        self.assertEqual((first.seq, second.seq), (1, 2))
         self.assertEqual([records for records, _ in sends], [[first.data]])
         self.assertNoResult(waiting_first)
         self.assertNoResult(waiting_second)
@@ -1160,11 +1195,22 @@ class SyncTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(waiting_first), (1, 1))
         self.assertNoResult(waiting_second)
         self.assertEqual([records for records, _ in sends], [[second.data]])
-        self.assertNoResult(replication.wait_stored("c", "x", first.version, 5.0))
+        self.assertEqual(self.successResultOf(replication.wait_stored(first.seq, 5.0)), (1, 1))
+        self.assertNoResult(replication.wait_stored(second.seq, 5.0))
 
         sends.pop(0)[1].callback(1)
         self.assertEqual(self.successResultOf(waiting_second), (1, 1))
-        self.assertEqual(self.successResultOf(replication.wait_stored("c", "x", first.version, 5.0)), (1, 1))
+        self.assertEqual(self.successResultOf(replication.wait_stored(second.seq, 5.0)), (1, 1))
+
+    def test_unchanged_put_does_not_wait(self):
+        """A PUT that changes nothing stores nothing (no seq): sync=1 answers at once, with every peer counted."""
+        self.a.write("x", 1)
+        self.cluster.net.down(self.c.url)
+        d = self.a.http.put(self.a.url + "/c/x?sync=1", data=b'{"value": 1}', headers=JSON)
+        self.a.http.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"minstore-replicas-stored"), [b"2"])
 
     def test_sync_delete(self):
         """DELETE ?sync=1 answers with the replica counts once the tombstone is on both peers."""
@@ -1203,9 +1249,7 @@ class ReconfigureTests(SynchronousTestCase):
         self.assertEqual([d for d, _, _ in self.c.received], [y])
         self.assertEqual(self.b.received_uids(), ["x", "y"])
         self.cluster.advance(Replication.CHECKPOINT_INTERVAL)
-        self.assertEqual(
-            self.a.changelog.read_checkpoints(), {self.b.url: 2, self.c.url: 2}
-        )
+        self.assertEqual(self.a.storage.checkpoints(), {self.b.url: 2, self.c.url: 2})
 
     def test_removed_peer_stops(self):
         """A removed peer gets nothing more, its retry is cancelled and its checkpoint dropped."""
@@ -1221,7 +1265,7 @@ class ReconfigureTests(SynchronousTestCase):
         self.assertEqual(self.b.received, [])
         self.assertEqual(self.c.received_uids(), ["y"])
         self.assertEqual(list(self.a.replication.peers), [self.c.url])
-        self.assertEqual(self.a.changelog.read_checkpoints(), {self.c.url: 2})
+        self.assertEqual(self.a.storage.checkpoints(), {self.c.url: 2})
 
     def test_bridge_change_reported(self):
         """reconfigure says whether the bridge flag changed, and replicas carry bridge=1 from then on."""
@@ -1293,9 +1337,9 @@ class ClusterServiceTests(SynchronousTestCase):
         """
         self.a.write("x", 1)
         self.a.write("y", 1)
-        self.assertEqual(self.a.changelog.read_checkpoints(), {})
+        self.assertEqual(self.a.storage.checkpoints(), {self.b.url: 0})  # saved when first seen
         self.successResultOf(self.service.stopService())
-        self.assertEqual(self.a.changelog.read_checkpoints(), {self.b.url: 2})
+        self.assertEqual(self.a.storage.checkpoints(), {self.b.url: 2})
         self.assertEqual(self.cluster.clock.getDelayedCalls(), [])
 
     def test_stop_saves_checkpoints(self):
@@ -1303,7 +1347,7 @@ class ClusterServiceTests(SynchronousTestCase):
         self.cluster.net.down(self.b.url)
         self.a.write("x", 1)
         self.successResultOf(self.service.stopService())
-        self.assertEqual(self.a.changelog.read_checkpoints(), {self.b.url: 0})
+        self.assertEqual(self.a.storage.checkpoints(), {self.b.url: 0})
         self.assertEqual(self.cluster.clock.getDelayedCalls(), [])
 
 
@@ -1364,7 +1408,7 @@ class PeerClientTests(SynchronousTestCase):
         http = RecordingHTTP()
         node = Node(MemoryStorage(), node_id="a", now=clock.seconds)
         replication = Replication(
-            node, ChangeLog(self.mktemp()), PeerClient(http, "a"), clock, run_inline, timeout=3.5
+            node, PeerClient(http, "a"), clock, run_inline, timeout=3.5
         )
         replication.start(ServerList([url("b")]))
         self.addCleanup(replication.stop)

@@ -9,9 +9,17 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from minstore.storage import BUILTIN, available_engines, make_storage
+from minstore.errors import StorageFailed
+from minstore.interfaces import WriteItem
 from minstore.storage.files import FileStorage, filename_to_uid, uid_to_filename
 from minstore.storage.memory import MemoryStorage
-from tests.contracts import TRICKY_UIDS, StorageContract, record, tombstone, uids_of
+from minstore.storage.sqlite import SQLiteStorage, prefix_bound
+from minstore.testing import TRICKY_UIDS, DurableStorageContract, StorageContract, record, tombstone, uids_of
+
+
+def w(collection, uid, data, deleted=False):
+    """A WriteItem of stored bytes (the version read from them)."""
+    return WriteItem(collection, uid, data, deleted, json.loads(data)["version"], True, None)
 
 
 class MemoryStorageTests(StorageContract, SynchronousTestCase):
@@ -22,29 +30,80 @@ class MemoryStorageTests(StorageContract, SynchronousTestCase):
         return storage
 
 
-class FileStorageContractTests(StorageContract, SynchronousTestCase):
+class _DurableEngineTests(StorageContract, DurableStorageContract):
+    engine = None
+
     def make_storage(self):
-        storage = FileStorage(self.mktemp())
+        self.data = os.path.abspath(self.mktemp())
+        return self._open()
+
+    def _open(self):
+        storage = self.engine(self.data)
         storage.open()
         self.addCleanup(storage.close)
         return storage
 
+    def reopen_storage(self, storage):
+        storage.close()
+        return self._open()
+
+    def engine_spec(self):
+        return ("%s:%s" % (self.engine.__module__, self.engine.__name__), os.path.abspath(self.mktemp()))
+
+    def fill_disk(self, storage):
+        # SQLite's own size limit fails a write exactly as a full disk does (SQLITE_FULL).
+        pages = storage._writer.execute("PRAGMA page_count").fetchone()[0]
+        storage._writer.execute("PRAGMA max_page_count = %d" % (pages + 2)).fetchall()
+        return True
+
+    def free_disk(self, storage):
+        storage._writer.execute("PRAGMA max_page_count = 1073741823").fetchall()
+
+
+class SQLiteStorageContractTests(_DurableEngineTests, SynchronousTestCase):
+    engine = SQLiteStorage
+
+
+class FileStorageContractTests(_DurableEngineTests, SynchronousTestCase):
+    engine = FileStorage
+
 
 class EngineRegistryTests(SynchronousTestCase):
     def test_builtin_engines(self):
-        """``--storage files`` and ``--storage memory`` name the two built-in engines."""
-        self.assertEqual(BUILTIN, {"files": FileStorage, "memory": MemoryStorage})
+        """``--storage files``, ``sqlite`` and ``memory`` name the three built-in engines."""
+        self.assertEqual(BUILTIN, {"files": FileStorage, "sqlite": SQLiteStorage, "memory": MemoryStorage})
         self.assertIs(available_engines()["files"], FileStorage)
         data = self.mktemp()
         storage = make_storage("files", data)
         self.assertIsInstance(storage, FileStorage)
         self.assertEqual(storage.root, os.path.join(os.path.abspath(data), "records"))
         self.assertIsInstance(make_storage("memory", data), MemoryStorage)
+        self.assertEqual(make_storage("sqlite", data).path, os.path.join(os.path.abspath(data), "minstore.sqlite3"))
 
     def test_unknown_engine(self):
         """An unknown engine name raises KeyError naming it."""
         e = self.assertRaises(KeyError, make_storage, "nosuch", self.mktemp())
         self.assertEqual(e.args, ("nosuch",))
+
+
+class SQLiteDamageTests(SynchronousTestCase):
+    def test_foreign_file_refuses_open_with_one_line(self):
+        """A database file that is not SQLite's makes open raise StorageFailed naming the file."""
+        for engine, name in ((SQLiteStorage, "minstore.sqlite3"), (FileStorage, "catalog.sqlite3")):
+            data = os.path.abspath(self.mktemp())
+            os.makedirs(data)
+            with open(os.path.join(data, name), "wb") as f:
+                f.write(b"this is not a database\n" * 100)
+            e = self.assertRaises(StorageFailed, engine(data).open)
+            self.assertIn(name, str(e))
+            self.assertNotIn("\n", str(e))
+
+    def test_prefix_bound(self):
+        """The bound of a prefix is above every string starting with it and below the next prefix."""
+        self.assertEqual(prefix_bound("ab"), "ac")
+        self.assertEqual(prefix_bound("a\U0010ffff"), "b")
+        self.assertEqual(prefix_bound("\ud7ff"), "\ue000")
+        self.assertIsNone(prefix_bound("\U0010ffff"))
 
 
 def _all_paths(top):
@@ -110,10 +169,10 @@ class FileStorageTests(SynchronousTestCase):
         written = {}
         for uid in TRICKY_UIDS:
             written[uid] = record("books", uid, uid)
-        first.write([("books", uid, data, False) for uid, data in written.items()])
+        first.write([w("books", uid, data) for uid, data in written.items()])
         film = record("films", "f", {"n": 1})
         dead = tombstone("books", "..")
-        first.write([("films", "f", film, False), ("books", "..", dead, True)])
+        first.write([w("films", "f", film), w("books", "..", dead, True)])
         first.close()
 
         second = self.open()
@@ -129,9 +188,10 @@ class FileStorageTests(SynchronousTestCase):
     def test_reopen_after_overwrite(self):
         """After a reopen the last write of a uid is the one read."""
         first = self.open()
-        first.write([("books", "a", record("books", "a", 1), False)])
+        first.write([w("books", "a", record("books", "a", 1))])
         last = record("books", "a", 2, version="0000000000009-000000-test")
-        first.write([("books", "a", last, False)])
+        first.write([w("books", "a", last)])
+        first.close()
         second = self.open()
         self.assertEqual(second.get("books", "a"), last)
         self.assertEqual(second.count(), 1)
@@ -139,54 +199,88 @@ class FileStorageTests(SynchronousTestCase):
     def test_no_temporary_file_left_after_write(self):
         """A completed write leaves exactly one file per uid, no temporary file."""
         storage = self.open()
-        storage.write([("books", u, record("books", u, u), False) for u in ["a", "b", "a"]])
-        storage.flush()
+        storage.write([w("books", u, record("books", u, u)) for u in ["a", "b", "a"]])
         names = sorted(os.listdir(os.path.join(self.data, "records", "books")))
         self.assertEqual(names, ["a", "b"])
 
-    def test_stray_temporary_files_removed_at_open(self):
+    def test_record_files_follow_the_catalog(self):
         """
-        ``.tmp-*`` files left by a write that never reached its rename are
-        removed at open and never listed, counted or read as records.
-        """
-        storage = self.open()
-        kept = record("books", "kept", 1)
-        storage.write([("books", "kept", kept, False)])
-        directory = os.path.join(self.data, "records", "books")
-        orphan = os.path.join(directory, ".tmp-0")
-        with open(orphan, "wb") as f:
-            f.write(record("books", "orphan", 2))
-        half = os.path.join(directory, ".tmp-99")
-        with open(half, "wb") as f:
-            f.write(b'{"uid": "trunc')  # a torn write: not even JSON
-
-        second = self.open()
-        self.assertFalse(os.path.exists(orphan))
-        self.assertFalse(os.path.exists(half))
-        self.assertEqual(os.listdir(directory), ["kept"])
-        self.assertEqual(second.list("books", None, None, 10), [kept])
-        self.assertEqual(second.count(), 1)
-        self.assertIsNone(second.get("books", "orphan"))
-
-    def test_torn_log_tail_not_applied(self):
-        """
-        After a crash in the middle of an unacknowledged write (its log
-        line torn, even right after a ``}`` of a nested value), the engine
-        opens and every acknowledged record reads as it was.
+        Each record has a readable JSON file, written as the write returns;
+        a file that a crash left older than the catalog (or lost) is written
+        again at the next open.
         """
         storage = self.open()
-        kept = record("books", "a", {"x": {"y": 1}})
-        storage.write([("books", "a", kept, False)])
-        newer = record("books", "a", {"x": {"y": 2}, "z": 3}, version="0000000000005-000000-test")
-        torn = newer[: newer.index(b"}") + 1]  # cut right after the inner object
-        self.assertFalse(torn.endswith(b"}}"))
-        # kill -9 while the next batch was being appended: no close().
-        with open(os.path.join(self.data, "records.wal"), "ab") as f:
-            f.write(b"0\tbooks\ta\t" + torn)
+        data = record("books", "dune", {"title": "Dune"})
+        storage.write([w("books", "dune", data), w("books", "gone", record("books", "gone", 1))])
+        path = os.path.join(self.data, "records", "books", "dune")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), data)
+        # As after a crash before the files were synced: one file lost, one stale.
+        os.unlink(os.path.join(self.data, "records", "books", "gone"))
+        with open(path, "wb") as f:
+            f.write(b'{"uid": "dune", "value": "stale')
+        storage._writer.execute("DELETE FROM meta WHERE key = 'files_seq'").close()
         second = self.open()
-        self.assertEqual(second.get("books", "a"), kept)
-        self.assertEqual(second.list("books", None, None, 10), [kept])
-        self.assertEqual(second.count(), 1)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), data)
+        self.assertTrue(os.path.exists(os.path.join(self.data, "records", "books", "gone")))
+        self.assertEqual(second.get("books", "dune"), data)
+
+    def test_reads_come_from_the_catalog(self):
+        """A record file damaged by hand changes nothing that the node serves."""
+        storage = self.open()
+        data = record("books", "a", 1)
+        storage.write([w("books", "a", data)])
+        with open(os.path.join(self.data, "records", "books", "a"), "wb") as f:
+            f.write(b"garbage")
+        self.assertEqual(storage.get("books", "a"), data)
+        self.assertEqual(storage.list("books", None, None, 10), [data])
+
+    def test_migrates_the_earlier_layout(self):
+        """
+        A data directory of the layout before the catalog (record files,
+        records.wal, changes/ with checkpoints) opens with every record, the
+        log's acknowledged writes applied, and the writes still owed to each
+        peer at the end of the feed after that peer's checkpoint.
+        """
+        books = os.path.join(self.data, "records", "books")
+        os.makedirs(books)
+        old = {uid: record("books", uid, uid, version="000000000000%d-000000-old" % i) for i, uid in enumerate("abc")}
+        for uid, data in old.items():
+            with open(os.path.join(books, uid), "wb") as f:
+                f.write(data)
+        with open(os.path.join(books, "bad"), "wb") as f:
+            f.write(b"not json")
+        newer_c = record("books", "c", "newer", version="0000000000008-000000-old")
+        d = record("books", "d", "in the log only", version="0000000000009-000000-old")
+        with open(os.path.join(self.data, "records.wal"), "wb") as f:
+            f.write(b"0\tbooks\tc\t" + newer_c + b"\n0\tbooks\td\t" + d + b"\n0\tbooks\te\t{\"torn")
+        changes = os.path.join(self.data, "changes")
+        os.makedirs(changes)
+        with open(os.path.join(changes, "%020d.log" % 1), "wb") as f:
+            f.write(b"1 " + old["a"] + b"\n2 " + newer_c + b"\n3 " + d + b"\n")
+        with open(os.path.join(changes, "checkpoints.json"), "w") as f:
+            json.dump({"http://p:1": 2, "http://q:1": 1}, f)
+        with open(os.path.join(self.data, "clock"), "w") as f:
+            f.write("99999999999999")
+
+        storage = self.open()
+        self.assertEqual(uids_of(storage.list("books", None, None, 10)), ["a", "b", "c", "d"])
+        self.assertEqual(storage.get("books", "c"), newer_c)
+        self.assertEqual(storage.get("books", "d"), d)
+        self.assertEqual(storage.max_version(), "0000000000009-000000-old")
+        feed, _ = storage.changes(0, 10, forwarded_only=True)
+        self.assertEqual([c.uid for c in feed], ["c", "d"])
+        cps = storage.checkpoints()
+        self.assertEqual([c.uid for c in storage.changes(cps["http://p:1"], 10, True)[0]], ["d"])
+        self.assertEqual([c.uid for c in storage.changes(cps["http://q:1"], 10, True)[0]], ["c", "d"])
+        self.assertTrue(os.path.exists(books + "/.damaged-bad"))
+        self.assertFalse(os.path.exists(os.path.join(self.data, "records.wal")))
+        self.assertFalse(os.path.exists(os.path.join(self.data, "clock")))
+        # Opened again: nothing migrated twice.
+        storage.close()
+        again = self.open()
+        self.assertEqual(again.last_seq(), 4)
 
     def test_hostile_uids_stay_in_collection_directory(self):
         """
@@ -195,16 +289,15 @@ class FileStorageTests(SynchronousTestCase):
         but directly inside DATA/records/COLLECTION, and each is read back.
         """
         storage = self.open()
-        batch = [("books", uid, record("books", uid, i), False) for i, uid in enumerate(HOSTILE_UIDS)]
+        batch = [w("books", uid, record("books", uid, i)) for i, uid in enumerate(HOSTILE_UIDS)]
         storage.write(batch)
-        storage.flush()  # the writer process has written every file
-        for _, uid, data, _ in batch:
+        for _, uid, data, _, _, _, _ in batch:
             self.assertEqual(storage.get("books", uid), data, uid)
         dirs, files = _all_paths(self.base)
         self.assertEqual(dirs, {"data", os.path.join("data", "records"), os.path.join("data", "records", "books")})
         collection_dir = os.path.join("data", "records", "books")
-        # Beside the records, only the engine's write-ahead log.
-        files = [f for f in files if f != os.path.join("data", "records.wal")]
+        # Beside the records, only the catalog.
+        files = [f for f in files if not os.path.basename(f).startswith("catalog.sqlite3")]
         self.assertEqual(len(files), len(HOSTILE_UIDS))
         for f in files:
             self.assertEqual(os.path.dirname(f), collection_dir)
@@ -218,7 +311,7 @@ class FileStorageTests(SynchronousTestCase):
     def test_hostile_uid_is_not_a_path_for_reading(self):
         """A uid naming an existing file outside the collection reads as missing."""
         storage = self.open()
-        storage.write([("books", "a", record("books", "a", 1), False)])
+        storage.write([w("books", "a", record("books", "a", 1))])
         secret = os.path.join(self.data, "secret")
         with open(secret, "wb") as f:
             f.write(b"{}")
@@ -274,8 +367,7 @@ class FileStorageTests(SynchronousTestCase):
         long_unicode = "\u00e9" * 127
         short = "k" * 200
         uids = [long_ascii, long_encoded, long_unicode, short]
-        storage.write([("books", uid, record("books", uid, uid), False) for uid in uids])
-        storage.flush()
+        storage.write([w("books", uid, record("books", uid, uid)) for uid in uids])
         names = set(os.listdir(os.path.join(self.data, "records", "books")))
         self.assertIn(short, names)
         hashed = names - {short}
@@ -284,6 +376,7 @@ class FileStorageTests(SynchronousTestCase):
             self.assertTrue(name.startswith("="))
             self.assertEqual(len(name), 65)
             self.assertIsNone(filename_to_uid(name))
+        storage.close()
         for storage in (storage, self.open()):
             for uid in uids:
                 self.assertEqual(json.loads(storage.get("books", uid))["uid"], uid)
@@ -294,8 +387,8 @@ class FileStorageTests(SynchronousTestCase):
         """A tombstone under a hashed name is still a tombstone after a reopen."""
         storage = self.open()
         uid = "\u65e5" * 80
-        storage.write([("books", uid, record("books", uid, 1), False)])
-        storage.write([("books", uid, tombstone("books", uid), True)])
+        storage.write([w("books", uid, record("books", uid, 1))])
+        storage.write([w("books", uid, tombstone("books", uid), True)])
         second = self.open()
         self.assertEqual(second.count(), 0)
         self.assertEqual(second.list("books", None, None, 10), [])

@@ -3,6 +3,17 @@ Lookups across nodes: a GET or DELETE that misses here asks the peers in
 parallel; each peer answers from its own storage or asks its own peers in
 turn, skipping nodes already asked, until one deadline.  The first hit wins;
 only when every node reached misses is the answer 404.
+
+A hit counts only when it is newer than what the walk already holds
+(DESIGN section 4): the asking node sends the version it holds of the uid
+(a tombstone's, since a GET or DELETE asks only when it holds no live
+record) as ``newer_than``, each node on the walk raises it to its own
+copy's version when that is higher, a node answers a GET only with a copy
+of a higher version and carries out a DELETE only on such a copy, and
+every asking node checks the answers again.  So a peer that has not yet
+received a delete never brings the record back, and a DELETE is never
+carried out, with a peer's clock, on a copy older than the tombstone held
+here (the tombstone's replica reaches that peer in time).
 """
 
 import json
@@ -15,6 +26,26 @@ from minstore.node import Entry
 
 #: No lookup walks further than this many nodes deep, whatever the graph.
 MAX_HOPS = 16
+
+#: ``held`` of L{Lookups.get} and L{Lookups.delete} when the caller did not
+#: say what this node holds: read it.
+READ = object()
+
+
+def is_newer(version, newer_than):
+    """Whether a copy of ``version`` counts against ``newer_than`` (None: anything counts)."""
+    return newer_than is None or version > newer_than
+
+
+def newer_only(data, newer_than):
+    """A peer's answer, or None when it is not newer than ``newer_than``."""
+    if data is None or newer_than is None:
+        return data
+    try:
+        version = json.loads(data)["version"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return data if isinstance(version, str) and version > newer_than else None
 
 
 def first_hit(deferreds):
@@ -80,7 +111,7 @@ class Lookups:
         self.timeout = timeout
 
     def ask_peers(
-        self, collection, uid, visited, method="GET", if_match=None, timeout=None, asked=()
+        self, collection, uid, visited, method="GET", if_match=None, timeout=None, asked=(), newer_than=None
     ):
         """
         Deferred record (or tombstone, for a DELETE) bytes, or None.
@@ -89,6 +120,8 @@ class Lookups:
         finds its own id there answers 404 at once); ``asked`` the URLs of
         the peers some node on the walk is asking already, which this node
         skips, so a full mesh of N nodes costs about 2N requests, not N!.
+        ``newer_than``: the version the walk holds; a peer's answer that is
+        not newer is a miss (checked here too, whatever the peer did with it).
         """
         timeout = self.timeout if timeout is None else timeout
         peers = [peer for peer in self.peers() if peer not in asked]
@@ -107,6 +140,7 @@ class Lookups:
                     if_match=if_match,
                     timeout=timeout,
                     asked=asked,
+                    newer_than=newer_than,
                 )
             )
 
@@ -132,19 +166,45 @@ class Lookups:
                     metrics.lookup_bad_answers.labels(peer).inc()
                 return None
 
-            calls.append(d.addCallbacks(checked, unreachable))
+            d.addCallbacks(checked, unreachable)
+            calls.append(d.addCallback(newer_only, newer_than))
         hit = first_hit(calls)
         hit.addTimeout(timeout, self.clock, onTimeoutCancel=lambda _result, _timeout: None)
         return hit
 
     # The node's ``remote``: what a client's GET or DELETE does after a miss.
 
-    def get(self, collection, uid):
-        d = self.ask_peers(collection, uid, [self.node.node_id])
-        return d.addCallback(self._found, collection, uid)
+    def get(self, collection, uid, held=READ):
+        """
+        Deferred L{Entry} of a live record a peer holds that is newer than
+        ``held``, the version this node holds (a tombstone's; None: nothing;
+        L{READ}: read it here).
+        """
+        return self._with_held(collection, uid, held, "GET", None)
 
-    def delete(self, collection, uid, if_match=None):
-        d = self.ask_peers(collection, uid, [self.node.node_id], "DELETE", if_match)
+    def delete(self, collection, uid, if_match=None, held=READ):
+        """
+        Deferred L{Entry} of the tombstone left on the peer holding a live
+        record newer than ``held`` (as for L{get}).
+        """
+        return self._with_held(collection, uid, held, "DELETE", if_match)
+
+    def _with_held(self, collection, uid, held, method, if_match):
+        if held is not READ:
+            return self._walk(held, collection, uid, method, if_match)
+
+        def read(entry):
+            if entry is not None and not entry.deleted:
+                # Stored here since the caller looked (a replica): a hit here.
+                if method == "GET":
+                    return entry
+                return self.node.delete(collection, uid, if_match, local=True)
+            return self._walk(None if entry is None else entry.version, collection, uid, method, if_match)
+
+        return self.node.read(collection, uid).addCallback(read)
+
+    def _walk(self, held, collection, uid, method, if_match):
+        d = self.ask_peers(collection, uid, [self.node.node_id], method, if_match, newer_than=held)
         return d.addCallback(self._found, collection, uid)
 
     @staticmethod
@@ -155,21 +215,30 @@ class Lookups:
 
     # What a node does when a peer asks it.
 
-    async def answer(self, collection, uid, visited, method="GET", if_match=None, asked=()):
-        """The bytes to answer a peer's lookup with, or None for a 404."""
+    async def answer(self, collection, uid, visited, method="GET", if_match=None, asked=(), newer_than=None):
+        """
+        The bytes to answer a peer's lookup with, or None for a 404: only a
+        copy newer than ``newer_than`` (the version the asking node holds)
+        is answered, and a DELETE is carried out only on such a copy.
+        """
         if self.node.node_id in visited:
             return None
         entry = await self.node.read(collection, uid)
-        if entry is not None and not entry.deleted:
-            if method == "GET":
-                return entry.data
-            try:
-                tombstone = await self.node.delete(collection, uid, if_match, local=True)
-            except NotFound:
-                pass  # deleted meanwhile: look further
-            else:
-                return tombstone.data
-        found = await self.ask_peers(
+        if entry is not None:
+            if not entry.deleted and is_newer(entry.version, newer_than):
+                if method == "GET":
+                    return entry.data
+                try:
+                    tombstone = await self.node.delete(collection, uid, if_match, local=True)
+                except NotFound:
+                    pass  # deleted meanwhile: look further
+                else:
+                    return tombstone.data
+            if is_newer(entry.version, newer_than):
+                # Deleted here: a copy made before this tombstone is one
+                # it has not reached yet, not a record to serve or delete.
+                newer_than = entry.version
+        return await self.ask_peers(
             collection,
             uid,
             list(visited) + [self.node.node_id],
@@ -177,10 +246,5 @@ class Lookups:
             if_match,
             self.timeout * 0.8,
             asked,
+            newer_than,
         )
-        if found is not None and method == "GET" and entry is not None:
-            # Deleted here: a copy made before the delete is one the
-            # tombstone has not reached yet, not a record to serve.
-            if Entry.parse(found).version <= entry.version:
-                return None
-        return found

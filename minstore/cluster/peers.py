@@ -7,20 +7,24 @@ The inter-node routes (served by L{minstore.cluster.routes}):
 * ``POST /_cluster/replicas[?bridge=1]``: a body of records or tombstones,
   one canonical JSON object per line (NDJSON), stored as sent when newer;
   answers ``{"applied": n, "received": n}``.
-* ``GET /_cluster/lookup/{collection}/{uid}?visited=id,id&asked=url,url``:
+* ``GET /_cluster/lookup/{collection}/{uid}?visited=id,id&asked=url,url&newer_than=VERSION``:
   the live record held by that node or, failing that, by any node it can
   reach that is not in ``visited`` (node ids) nor ``asked`` (peer URLs that
-  another node of the walk asks); 404 when none has it.
-* ``DELETE /_cluster/lookup/{collection}/{uid}?visited=id,id``: the same
-  walk, deleting on the node that holds the record.
+  another node of the walk asks); 404 when none has it.  With
+  ``newer_than`` (the version the asking node holds, a tombstone's
+  included), only a copy with a higher version counts.
+* ``DELETE /_cluster/lookup/{collection}/{uid}?visited=id,id&newer_than=VERSION``:
+  the same walk, deleting on the node that holds the record (only a copy
+  newer than ``newer_than``: an older one is left for the tombstone's replica).
 """
 
 import json
 from urllib.parse import quote
 
 import treq
+from hyperlink import EncodedURL
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from minstore.errors import error_from_peer
 
@@ -46,37 +50,82 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False
 
 
-def make_http_client(reactor):
-    """A treq client sharing one persistent connection pool; and the pool."""
+def make_http_client(reactor, tls=None):
+    """
+    A treq client sharing one persistent connection pool; and the pool.
+    ``tls``: the IPolicyForHTTPS of ``https://`` peers (L{minstore.tls}).
+    """
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = 8
     pool.cachedConnectionTimeout = 120
-    return treq.client.HTTPClient(Agent(reactor, pool=pool)), pool
+    if tls is not None:
+        agent = Agent(reactor, contextFactory=tls, pool=pool)
+    else:
+        agent = Agent(reactor, pool=pool)
+    return treq.client.HTTPClient(agent), pool
 
 
 class PeerClient:
     log = Logger()
 
-    def __init__(self, http, node_id, timeout=5.0):
+    def __init__(self, http, node_id, timeout=5.0, signer=None, clock=None):
         """
         @param http: a treq HTTPClient (or a StubTreq in tests).
         @param node_id: this node's id, sent so peers can log and avoid loops.
+        @param signer: a L{minstore.auth.ClusterKey} signing every request, or None.
+        @param clock: an IReactorTime, for when a peer last refused this node.
         """
         self.http = http
         self.node_id = node_id
         self.timeout = timeout
+        self.signer = signer
+        self.clock = clock
+        self._refusals = {}  # peer base URL -> [count, last message, when]
 
     async def _call(self, method, url, timeout=None, expect=(200,), **kwargs):
         headers = kwargs.pop("headers", {})
         headers.setdefault(b"x-minstore-node", [self.node_id.encode()])
+        if self.signer is not None:
+            # Sign the request line exactly as treq and the Agent will send it.
+            url = EncodedURL.from_text(url).to_uri().to_text()
+            data = kwargs.get("data")
+            headers.update(
+                self.signer.sign(
+                    method.encode("ascii").upper(),
+                    URI.fromBytes(url.encode("ascii")).originForm,
+                    data if isinstance(data, bytes) else b"",
+                )
+            )
         response = await self.http.request(
             method, url, headers=headers, timeout=timeout or self.timeout, **kwargs
         )
         body = await response.content()
+        if response.code in (401, 403):
+            self._refused(url, response.code, body)
         if response.code not in expect:
             raise PeerError(url, response.code, body)
         return response, body
+
+    def _refused(self, url, code, body):
+        parsed = URI.fromBytes(url.encode("ascii"))
+        peer = "%s://%s" % (parsed.scheme.decode(), parsed.netloc.decode())
+        try:
+            document = json.loads(body)
+            text = "%s %s: %s" % (code, document["error"], document.get("message", ""))
+        except (ValueError, KeyError, TypeError):
+            text = "%s: %s" % (code, body[:200].decode("utf-8", "replace"))
+        state = self._refusals.setdefault(peer, [0, None, None])
+        state[0] += 1
+        state[1] = text
+        state[2] = self.clock.seconds() if self.clock is not None else None
+
+    def refusals(self):
+        """The peers that answered this node's requests 401 or 403: how often, last why, when."""
+        return {
+            peer: {"refused": n, "last_refusal": text, "at": at}
+            for peer, (n, text, at) in self._refusals.items()
+        }
 
     async def send_replicas(self, peer, records, bridge=False, timeout=None):
         """
@@ -94,12 +143,14 @@ class PeerClient:
         return json.loads(body).get("applied", 0)
 
     async def lookup(
-        self, peer, collection, uid, visited, method="GET", if_match=None, timeout=None, asked=()
+        self, peer, collection, uid, visited, method="GET", if_match=None, timeout=None, asked=(), newer_than=None
     ):
         """
         The record bytes a peer (or a node it reaches) holds, or None when
         none of them has it.  ``visited`` is the list of node ids already
-        asked; ``asked`` the peer URLs that other nodes of the walk ask.
+        asked; ``asked`` the peer URLs that other nodes of the walk ask;
+        ``newer_than`` the version the walk already holds (only a copy with
+        a higher version counts), or None.
         """
         url = "%s/_cluster/lookup/%s?visited=%s" % (
             peer,
@@ -108,6 +159,8 @@ class PeerClient:
         )
         if asked:
             url += "&asked=" + quote(",".join(asked), safe=",:/[]")
+        if newer_than is not None:
+            url += "&newer_than=" + quote(newer_than, safe="")
         try:
             headers = {b"if-match": [if_match.encode("latin-1")]} if if_match else {}
             _, body = await self._call(method, url, timeout=timeout, headers=headers)

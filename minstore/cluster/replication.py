@@ -4,15 +4,22 @@ of its servers.list, durably, in order per uid, coalesced to the newest
 version of each uid, with exponential back-off and jitter while a peer is
 down.
 
-A L{PeerReplicator} per peer keeps the changes the peer has not stored yet
-(newest per uid, in sequence order) and sends them in batches to the peer's
-``POST /_cluster/replicas``, with ``bridge=1`` when this node is a bridge.
-When the peer has stored a batch, its checkpoint moves to the batch's last
-sequence number.  The checkpoints are saved at most once a
+The writes to pass on are the storage's own change feed
+(L{minstore.interfaces.IStorage.changes}, the items stored with
+``forward``): a client's write, or a replica received from a bridge.  A
+L{PeerReplicator} per peer keeps only a checkpoint, the sequence number up
+to which the peer has everything; it reads the next batch of the feed after
+it, sends it to the peer's ``POST /_cluster/replicas`` (with ``bridge=1``
+when this node is a bridge), and moves the checkpoint once the peer has
+stored it.  Nothing proportional to a peer's backlog is held in memory: a
+peer that is down for a million writes costs one batch.
+
+The checkpoints are saved in the storage at most once a
 L{Replication.CHECKPOINT_INTERVAL} while peers acknowledge batches, at once
-when peers are added or removed, and at stop (L{ClusterService}), so after a
-restart the node resends only what was not acknowledged (after a crash, also
-what was acknowledged in the last interval: replicas are idempotent).
+when peers are added or removed, and at stop, so after a restart the node
+resends only what was not acknowledged (after a crash, also what was
+acknowledged in the last interval: replicas are idempotent, the receiver
+keeps the newer version).
 """
 
 import random
@@ -22,12 +29,16 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from minstore.records import version_timestamp
+
 #: Records sent in one request to a peer.
 BATCH_RECORDS = 256
 #: Bytes sent in one request to a peer (a batch holds at least one record).
 BATCH_BYTES = 1024 * 1024
 #: After this many failures in a row a peer is shown as down, not retrying.
 DOWN_AFTER = 5
+#: Least seconds between two exact counts of a peer's backlog while it has one.
+BACKLOG_COUNT_INTERVAL = 1.0
 
 
 def backoff_delay(attempt, base, cap, rng=random.random):
@@ -40,93 +51,129 @@ def backoff_delay(attempt, base, cap, rng=random.random):
     return delay / 2 + rng() * delay / 2
 
 
+def _batch_of(changes):
+    """The first changes of a feed read that fit in one request."""
+    batch, size = [], 0
+    for change in changes:
+        if batch and size + len(change.data) > BATCH_BYTES:
+            break
+        batch.append(change)
+        size += len(change.data)
+    return batch
+
+
 class PeerReplicator:
     log = Logger()
 
     def __init__(self, url, replication, checkpoint):
         self.url = url
         self.replication = replication
+        #: Every forwarded change up to this sequence number is stored by the peer.
         self.checkpoint = checkpoint
-        self.pending = OrderedDict()  # key -> Change, in sequence order
         self.state = "up"
         self.failures = 0
         self.last_error = None
         self.last_success = None
         self.sent = 0
         self.errors = 0
+        #: Forwarded changes after the checkpoint: exact after a read that
+        #: reached the end of the feed, else counted at most once a
+        #: BACKLOG_COUNT_INTERVAL.
+        self.backlog = 0
+        self._backlog_counted = None
+        #: The batch being sent, with the seq it reaches (one batch, bounded
+        #: by BATCH_RECORDS/BYTES).  Dropped when the send fails: the retry
+        #: reads the feed again, so it carries the newest version of each uid
+        #: written meanwhile (ten updates while the peer is down: one change).
+        self._batch = None
+        self._batch_end = None
+        self._oldest = None  # version time of the oldest undelivered change
         self._sending = None
         self._retry = None
         self._pause = None  # the wait for send_interval to pass
         self._next_send = 0.0
         self._stopped = False
-
-    def add(self, change):
-        if change.seq <= self.checkpoint:
-            return
-        self.pending.pop(change.key, None)
-        self.pending[change.key] = change
+        self._more = True  # the feed may hold changes after the checkpoint
 
     def oldest_age(self, now):
-        for change in self.pending.values():
-            return max(0.0, now - change.time)
-        return 0.0
+        if self._oldest is None:
+            return 0.0
+        return max(0.0, now - self._oldest)
+
+    def behind(self):
+        """Whether the feed may hold forwarded changes this peer has not stored."""
+        return self._more or self.replication.storage.last_seq() > self.checkpoint
 
     def kick(self):
-        """Send what is pending, unless a send or a retry wait is under way."""
+        """Send what is owed, unless a send or a retry wait is under way."""
         if self._stopped or self._sending is not None or self._retry is not None or self._pause is not None:
             return
-        if not self.pending:
+        if not self.behind():
             return
         r = self.replication
         now = r.clock.seconds()
-        if now < self._next_send and len(self.pending) < BATCH_RECORDS:
+        if now < self._next_send:
             # At most one request per send_interval: under load, batches
             # grow instead of requests multiplying (each costs the emitter
             # about as much as a few records).
             self._pause = r.clock.callLater(self._next_send - now, self._paused)
             return
-        self._next_send = now + r.send_interval
         self._sending = ensureDeferred(self._send())
 
         def done(_):
             self._sending = None
             self.kick()
 
-        self._sending.addBoth(done)
+        def failed(failure):
+            self.log.failure("replication to {peer}: unexpected error", failure, peer=self.url)
 
-    def _next_batch(self):
-        batch, size = [], 0
-        for change in self.pending.values():
-            if batch and (len(batch) >= BATCH_RECORDS or size + len(change.data) > BATCH_BYTES):
-                break
-            batch.append(change)
-            size += len(change.data)
-        return batch
+        self._sending.addErrback(failed).addBoth(done)
+
+    async def _read(self):
+        """Read the next batch after the checkpoint (in the thread pool)."""
+        r = self.replication
+        count = self._backlog_counted is None or r.clock.seconds() - self._backlog_counted >= BACKLOG_COUNT_INTERVAL
+        changes, scanned, backlog = await r.in_thread(r.read_feed, self.checkpoint, count)
+        batch = _batch_of(changes)
+        if len(batch) < len(changes):
+            scanned = batch[-1].seq
+        if backlog is not None:
+            self.backlog = backlog
+            if len(changes) >= BATCH_RECORDS:
+                self._backlog_counted = r.clock.seconds()
+        else:
+            self.backlog = max(self.backlog, len(changes))  # at least this many: counted again later
+        if not batch:
+            self.backlog = 0
+            self._oldest = None
+        else:
+            self._oldest = version_timestamp(batch[0].version)
+        return batch, scanned
 
     async def _send(self):
-        batch = self._next_batch()
         r = self.replication
+        try:
+            batch, scanned = await self._read()
+        except Exception as e:
+            self._failed("reading the change feed: %s: %s" % (type(e).__name__, e))
+            return
+        if self._stopped:
+            return
+        if not batch:
+            self._more = False
+            if scanned > self.checkpoint:
+                self.checkpoint = scanned  # only changes not to pass on
+                r.delivered(self, ())
+            return
+        self._batch, self._batch_end = batch, scanned
+        self._next_send = r.clock.seconds() + r.send_interval
         try:
             await r.client.send_replicas(
                 self.url, [c.data for c in batch], bridge=r.bridge(), timeout=r.timeout
             )
         except Exception as e:
-            self.failures += 1
-            self.errors += 1
-            self.last_error = "%s: %s" % (type(e).__name__, e)
-            self.state = "down" if self.failures >= DOWN_AFTER else "retrying"
-            delay = backoff_delay(self.failures, r.retry_base, r.retry_cap, r.rng)
-            if self.failures == 1 or self.failures == DOWN_AFTER:
-                self.log.warn(
-                    "replication to {peer} failed ({error}); {backlog} writes wait, "
-                    "retrying in {delay:.2f}s",
-                    peer=self.url,
-                    error=self.last_error,
-                    backlog=len(self.pending),
-                    delay=delay,
-                )
-            if not self._stopped:
-                self._retry = r.clock.callLater(delay, self._retry_now)
+            self._batch = self._batch_end = None
+            self._failed("%s: %s" % (type(e).__name__, e))
             return
         if self.failures:
             self.log.info("replication to {peer} is back after {n} failures", peer=self.url, n=self.failures)
@@ -134,11 +181,35 @@ class PeerReplicator:
         self.state = "up"
         self.last_success = r.clock.seconds()
         self.sent += len(batch)
-        for change in batch:
-            if self.pending.get(change.key) is change:
-                del self.pending[change.key]
-        self.checkpoint = max(self.checkpoint, batch[-1].seq)
+        self.backlog = max(0, self.backlog - len(batch))
+        self.checkpoint = max(self.checkpoint, self._batch_end)
+        self._batch = self._batch_end = None
+        self._more = True  # read on: the next read says whether anything is left
         r.delivered(self, batch)
+
+    def _failed(self, error):
+        r = self.replication
+        self.failures += 1
+        self.errors += 1
+        self.last_error = error
+        self.state = "down" if self.failures >= DOWN_AFTER else "retrying"
+        delay = backoff_delay(self.failures, r.retry_base, r.retry_cap, r.rng)
+        if self.failures == 1 or self.failures == DOWN_AFTER:
+            self.log.warn(
+                "replication to {peer} failed ({error}); about {backlog} writes wait, "
+                "retrying in {delay:.2f}s",
+                peer=self.url,
+                error=self.last_error,
+                backlog=self.backlog,
+                delay=delay,
+            )
+        if not self._stopped:
+            self._retry = r.clock.callLater(delay, self._retry_now)
+
+    def notify(self):
+        """New forwarded changes were stored."""
+        self._more = True
+        self.kick()
 
     def _retry_now(self):
         self._retry = None
@@ -161,7 +232,7 @@ class PeerReplicator:
         return {
             "url": self.url,
             "state": self.state,
-            "backlog": len(self.pending),
+            "backlog": self.backlog,
             "oldest_undelivered_age": round(self.oldest_age(now), 3),
             "checkpoint": self.checkpoint,
             "sent": self.sent,
@@ -173,21 +244,19 @@ class PeerReplicator:
 
 class Replication:
     """
-    Owns the change log and one L{PeerReplicator} per peer.  Hooked into the
-    node: ``log_changes`` runs in the writer thread (so a write is logged
-    before it is acknowledged), ``committed`` on the reactor once it is.
+    One L{PeerReplicator} per peer, over the node's storage feed.  The node
+    calls ``committed`` on the reactor thread after each stored batch.
     """
 
     log = Logger()
 
     #: Seconds between two saves of the checkpoints while peers acknowledge
-    #: batches (a save per batch cost a thread hop and a file write each).
+    #: batches (a save per batch cost a thread hop and a commit each).
     CHECKPOINT_INTERVAL = 1.0
 
     def __init__(
         self,
         node,
-        changelog,
         client,
         clock,
         in_thread,
@@ -198,7 +267,7 @@ class Replication:
         send_interval=0.0,
     ):
         self.node = node
-        self.changelog = changelog
+        self.storage = node.storage
         self.client = client
         self.clock = clock
         self.in_thread = in_thread
@@ -210,61 +279,76 @@ class Replication:
         self.send_interval = send_interval
         self.servers = None
         self.peers = OrderedDict()  # url -> PeerReplicator
-        self._waiters = {}  # key -> [(version, Deferred, set of peers that stored it)]
+        self._waiters = []  # [(seq, Deferred, set of peer urls at or past it)]
         self._saving = False
         self._save_again = False
         self._save_timer = None
         self._stopped = False
-        #: Changes committed out of order, by seq, and the next seq to hand
-        #: to the replicators (see committed()).
-        self._unreleased = {}
-        self._next_release = 1
+        node.commit_observers.append(self)
 
     def bridge(self):
         return bool(self.servers and self.servers.bridge)
 
+    def read_feed(self, after, count_backlog):
+        """
+        In a thread: the next forwarded changes after a checkpoint, and the
+        backlog: exact when the read reached the end of the feed, counted
+        when asked, else None.
+        """
+        changes, scanned = self.storage.changes(after, BATCH_RECORDS, forwarded_only=True)
+        if len(changes) < BATCH_RECORDS:
+            backlog = len(changes)
+        elif count_backlog:
+            backlog = self.storage.count_changes(after, True)
+        else:
+            backlog = None
+        return changes, scanned, backlog
+
     # -- wiring -----------------------------------------------------------
 
     def start(self, servers):
-        """Open the change log (blocking, at start) and resume every peer."""
-        checkpoints, changes = self.changelog.open()
-        self._next_release = self.changelog.last_seq + 1
+        """Resume every peer from its saved checkpoint (blocking: at start, after the storage opened)."""
+        checkpoints = self.storage.checkpoints()
         self.servers = servers
-        # No checkpoint at all (none saved before a crash, or an unreadable
-        # file): every change in the log may still be owed, resend it all.
-        new_peer = self.changelog.last_seq if checkpoints else 0
+        added = []
         for url in servers.peers:
-            # A peer seen for the first time gets the writes from now on.
-            replicator = PeerReplicator(url, self, checkpoints.get(url, new_peer))
-            for change in changes:
-                replicator.add(change)
-            self.peers[url] = replicator
-        self.node.commit_observers.append(self)
+            checkpoint = checkpoints.get(url)
+            if checkpoint is None:
+                # A peer seen for the first time gets the writes from now
+                # on (sync gives it the rest).
+                checkpoint = self.storage.last_seq()
+                added.append(url)
+            self.peers[url] = PeerReplicator(url, self, checkpoint)
+        if added or set(checkpoints) - set(self.peers):
+            self.storage.save_checkpoints(self._checkpoints())
         for replicator in self.peers.values():
-            if replicator.pending:
+            if replicator.checkpoint < self.storage.last_seq():
                 self.log.info(
-                    "resuming replication to {peer}: {n} writes to send",
+                    "resuming replication to {peer} from seq {seq}",
                     peer=replicator.url,
-                    n=len(replicator.pending),
+                    seq=replicator.checkpoint,
                 )
             replicator.kick()
 
+    def _checkpoints(self):
+        return {url: r.checkpoint for url, r in self.peers.items()}
+
     def stop(self):
         """
-        Stop sending and saving.  The final save of the checkpoints is the
-        caller's (L{ClusterService.stopService} makes it, blocking): one
-        pending here is dropped, so none runs in a thread pool that stops.
+        Stop sending; the Deferred of the final save of the checkpoints
+        (in the thread pool, which stops after it).
         """
         self._stopped = True
         self._cancel_save()
         for replicator in self.peers.values():
             replicator.stop()
-        for waiters in self._waiters.values():
-            for _, d, _ in waiters:
-                if not d.called:
-                    d.callback(None)
-        self._waiters.clear()
-        self.changelog.close()
+        for _, d, _ in self._waiters:
+            if not d.called:
+                d.callback(None)
+        self._waiters = []
+        checkpoints = self._checkpoints()
+        d = self.in_thread(self.storage.save_checkpoints, checkpoints)
+        return d.addErrback(lambda f: self.log.failure("saving replication checkpoints failed", f))
 
     def reconfigure(self, servers):
         """Take a re-read servers.list: start new peers, forget removed ones."""
@@ -275,13 +359,14 @@ class Replication:
         for url in removed:
             self.peers.pop(url).stop()
         for url in added:
-            self.peers[url] = PeerReplicator(url, self, self.changelog.last_seq)
+            self.peers[url] = PeerReplicator(url, self, self.storage.last_seq())
         if added or removed:
-            # At once, not on the timer: an added peer must be in the file
-            # (a restart would otherwise take it for a new one and skip what
-            # it was owed), and a removed one no longer hold compaction back.
+            # At once, not on the timer: an added peer must be saved (a
+            # restart would otherwise take it for a new one and skip what
+            # it was owed).
             self._cancel_save()
             self._save_checkpoints()
+        self._check_waiters()
         return {
             "added": added,
             "removed": removed,
@@ -291,68 +376,48 @@ class Replication:
 
     # -- the write path ---------------------------------------------------
 
-    def stored(self, items, forwarded):
-        """In the writer thread: log what must reach the peers."""
-        if forwarded and self.peers:
-            return self.changelog.append(forwarded)
-        return []
-
-    def committed(self, items, forwarded, changes):
-        # Two storage writes run at once (the node's group commit keeps two
-        # in flight), so a batch logged later may be committed first.  Its
-        # changes wait for the earlier ones: a peer's checkpoint (the seq it
-        # has everything up to) must never pass a change it has not had.
-        for change in changes:
-            self._unreleased[change.seq] = change
-        released = False
-        while self._next_release in self._unreleased:
-            change = self._unreleased.pop(self._next_release)
-            self._next_release += 1
-            released = True
+    def committed(self, stored):
+        """The node stored a batch: ``[(WriteItem, seq)]``."""
+        if self._stopped:
+            return
+        if any(item.forward for item, _ in stored):
             for replicator in self.peers.values():
-                replicator.add(change)
-        if released:
-            for replicator in self.peers.values():
-                replicator.kick()
+                replicator.notify()
 
     def delivered(self, replicator, batch):
-        # Only sync=1 writes wait: most batches have nothing to look up.
         if self._waiters:
-            for change in batch:
-                waiters = self._waiters.get(change.key)
-                if not waiters:
-                    continue
-                for version, d, stored in waiters:
-                    if change.version >= version:
-                        stored.add(replicator.url)
-                        if len(stored) >= len(self.peers) and not d.called:
-                            d.callback(None)
-                self._waiters[change.key] = [w for w in waiters if not w[1].called]
-                if not self._waiters[change.key]:
-                    del self._waiters[change.key]
+            self._check_waiters()
         self._schedule_save()
 
-    def wait_stored(self, collection, uid, version, timeout):
+    def _check_waiters(self):
+        kept = []
+        for seq, d, stored in self._waiters:
+            if d.called:
+                continue
+            for url, r in self.peers.items():
+                if r.checkpoint >= seq:
+                    stored.add(url)
+            if len(stored & set(self.peers)) >= len(self.peers):
+                d.callback(None)
+            else:
+                kept.append((seq, d, stored))
+        self._waiters = kept
+
+    def wait_stored(self, seq, timeout):
         """
         For ``sync=1``: a Deferred firing with ``(stored, expected)``, the
-        number of peers holding this version (or a newer one) when all have
-        it or when ``timeout`` seconds have passed.
-
-        A peer holds it when nothing of that uid is pending for it (a change
-        being sent stays in ``pending`` until the peer acknowledges it); a
-        pending newer version does not count, it is not delivered yet.
-        Otherwise the peer counts once a change of the uid with this version
-        or a newer one is delivered to it.
+        number of peers whose checkpoint has passed ``seq`` (so they hold
+        that write, or a newer version of its uid) when all have, or when
+        ``timeout`` seconds have passed.
         """
-        key = (collection, uid)
         expected = len(self.peers)
-        stored = set(url for url, r in self.peers.items() if key not in r.pending)
+        stored = set(url for url, r in self.peers.items() if seq is None or r.checkpoint >= seq)
         if len(stored) >= expected:
             return succeed((len(stored), expected))
         d = Deferred()
-        self._waiters.setdefault(key, []).append((version, d, stored))
+        self._waiters.append((seq, d, stored))
         d.addTimeout(timeout, self.clock, onTimeoutCancel=lambda result, t: None)
-        return d.addCallback(lambda _: (len(stored), expected))
+        return d.addCallback(lambda _: (len(stored & set(self.peers)), expected))
 
     def _schedule_save(self):
         """Save the checkpoints CHECKPOINT_INTERVAL from now, unless a save is already due."""
@@ -377,7 +442,7 @@ class Replication:
             self._save_again = True
             return
         self._saving = True
-        checkpoints = {url: r.checkpoint for url, r in self.peers.items()}
+        checkpoints = self._checkpoints()
 
         def saved(result):
             self._saving = False
@@ -389,7 +454,7 @@ class Replication:
         def failed(failure):
             self.log.failure("saving replication checkpoints failed", failure)
 
-        self.in_thread(self.changelog.save_checkpoints, checkpoints).addErrback(failed).addBoth(saved)
+        self.in_thread(self.storage.save_checkpoints, checkpoints).addErrback(failed).addBoth(saved)
 
     # -- status and metrics -------------------------------------------------
 
@@ -412,7 +477,7 @@ class Replication:
         sent = CounterMetricFamily("minstore_replication_sent", "Records stored by the peer.", labels=["peer"])
         errors = CounterMetricFamily("minstore_replication_errors", "Failed sends to the peer.", labels=["peer"])
         for url, r in self.peers.items():
-            backlog.add_metric([url], len(r.pending))
+            backlog.add_metric([url], r.backlog)
             lag.add_metric([url], r.oldest_age(now))
             up.add_metric([url], 1 if r.state == "up" else 0)
             sent.add_metric([url], r.sent)

@@ -45,6 +45,11 @@ class ClusterAPI:
         asked = request.args.get(b"asked", [b""])[-1].decode("utf-8", "replace")
         asked = [a for a in asked.split(",") if a]
         if_match = request.getHeader(b"if-match")
+        kwargs = {}
+        newer_than = request.args.get(b"newer_than", [b""])[-1]
+        if newer_than:
+            # The version the asking node holds: only a newer copy counts.
+            kwargs["newer_than"] = newer_than.decode("utf-8", "replace")
         d = self.lookups.answer(
             collection,
             uid,
@@ -52,6 +57,7 @@ class ClusterAPI:
             method=request.method.decode("ascii"),
             if_match=if_match.decode("latin-1") if if_match else None,
             asked=asked,
+            **kwargs
         )
 
         def answer(data):

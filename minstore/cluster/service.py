@@ -1,4 +1,4 @@
-"""The cluster side of a node as services: replication, SIGHUP, peer HTTP."""
+"""The cluster side of a node as a service: replication and SIGHUP."""
 
 import signal
 
@@ -9,21 +9,10 @@ from twisted.logger import Logger
 from minstore.cluster.servers import ServersFileError, read_servers
 
 
-class PeerHTTPService(Service):
-    """Closes the shared connection pool to the peers when the node stops."""
-
-    def __init__(self, pool):
-        self.pool = pool
-
-    def stopService(self):
-        Service.stopService(self)
-        return self.pool.closeCachedConnections()
-
-
 class ClusterService(Service):
     """
-    Starts replication from the change log, re-reads servers.list on SIGHUP
-    and saves the replication checkpoints at stop.
+    Starts replication from the storage's feed and checkpoints, re-reads
+    servers.list on SIGHUP, and stops replication (saving its checkpoints).
     """
 
     log = Logger()
@@ -75,7 +64,4 @@ class ClusterService(Service):
         if self._previous_handler is not None:
             signal.signal(signal.SIGHUP, self._previous_handler)
             self._previous_handler = None
-        checkpoints = {url: r.checkpoint for url, r in self.replication.peers.items()}
-        self.replication.stop()
-        # Blocking, once, at shutdown: the thread pool may be stopping already.
-        return maybeDeferred(self.replication.changelog.save_checkpoints, checkpoints)
+        return maybeDeferred(self.replication.stop)

@@ -1,11 +1,12 @@
 """``lang``: the ISO 639-1 language of a record's text, or null."""
 
+import platform
 import threading
 
 from zope.interface import implementer
 
 from minstore.interfaces import IProcess
-from minstore.process.langworker import LanguageWorker, WorkerGone
+from minstore.process import langscore
 
 #: Below this normalised probability the language is undecidable.
 MIN_CONFIDENCE = 0.5
@@ -17,40 +18,29 @@ _identifier = None
 _identifier_lock = threading.Lock()
 
 
+def make_scorer(implementation=None):
+    """
+    The scorer of py3langid 0.4.0's model for this interpreter; both give
+    py3langid's answers (L{minstore.process.langscore}).  On CPython with
+    py3langid 0.4, py3langid's own numpy scoring (50-100 µs a sentence,
+    10x faster there than pure Python); anywhere else (PyPy, or Python 3.9,
+    where pip installs py3langid 0.3) the pure-Python sparse scorer (about
+    30 µs a sentence on PyPy, where numpy's C-API emulation makes py3langid
+    take 0.4-1.4 ms).
+    """
+    implementation = implementation or platform.python_implementation()
+    if implementation == "CPython" and langscore.has_py3langid_04():
+        return langscore.Py3langidScorer()
+    return langscore.SparseScorer()
+
+
 def _get_identifier():
-    """The py3langid model, loaded once per process and kept to ISO 639-1."""
+    """The scorer, made once per process (the model loads in 2-4 s)."""
     global _identifier
     with _identifier_lock:
         if _identifier is None:
-            from py3langid import langid
-
-            if hasattr(langid, "_load_identifier"):  # py3langid 0.4 (Python 3.10+)
-                identifier = langid._load_identifier(norm_probs=True)
-            else:  # py3langid 0.3, what pip gives Python 3.9 and PyPy 3.9
-                identifier = langid.LanguageIdentifier.from_pickled_model(
-                    langid.MODEL_FILE, norm_probs=True
-                )
-            identifier.set_languages([l for l in identifier.nb_classes if len(l) == 2])
-            _widen_table(identifier)
-            _identifier = identifier
+            _identifier = make_scorer()
         return _identifier
-
-
-def _widen_table(identifier):
-    """
-    Score with a float32 copy of py3langid 0.4's float16 feature table.
-
-    numpy has no fast float16 arithmetic: each classification converted the
-    rows it used to float32 on the way (95 of its 167 µs on a 190-character
-    text).  A contiguous float32 table costs 46 MB more and brings a
-    classification to 50 µs, with the same scores (py3langid computes in
-    float32): checked in tests/test_process.py.
-    """
-    import numpy
-
-    table = getattr(identifier, "nb_ptc", None)
-    if isinstance(table, numpy.ndarray) and table.dtype == numpy.float16:
-        identifier.nb_ptc = numpy.ascontiguousarray(table, dtype=numpy.float32)
 
 
 def text_of(value):
@@ -84,55 +74,23 @@ def detect_language(text):
 @implementer(IProcess)
 class LanguageDetection:
     """
-    The ``lang`` process.  With the option ``lang-worker`` (what a node
-    started by twistd has, unless ``--no-lang-worker``) texts are classified
-    in a child process (L{minstore.process.langworker}); otherwise in this
-    one.  Either way it is threaded: the node calls it off the reactor, with
-    a whole batch of records at once (L{process_batch}).
+    The ``lang`` process.  Threaded: the node calls it off the reactor, in
+    the writer thread's hop (with a whole batch of records at once,
+    L{process_batch}); the model is loaded when the process is made, before
+    the node serves.
     """
 
     name = "lang"
     threaded = True
 
     def __init__(self, options=None):
-        options = options or {}
-        self.worker = None
-        if options.get("lang-worker"):
-            self.worker = LanguageWorker()
-        else:
-            _get_identifier()
-
-    def start(self):
-        if self.worker is not None:
-            self.worker.start()
-
-    def stop(self):
-        if self.worker is not None:
-            self.worker.stop()
+        _get_identifier()
 
     def __call__(self, record):
         return self.process_batch([record])[0]
 
     def process_batch(self, records):
         """Set ``lang`` on each record (in place); the records."""
-        texts = [text_of(record.get("value"))[:MAX_TEXT] for record in records]
-        asked = [i for i, text in enumerate(texts) if _has_letters(text)]
-        codes = [None] * len(records)
-        if asked:
-            for i, code in zip(asked, self._detect([texts[i] for i in asked])):
-                codes[i] = code
-        for record, code in zip(records, codes):
-            record["lang"] = code
+        for record in records:
+            record["lang"] = detect_language(text_of(record.get("value"))[:MAX_TEXT])
         return records
-
-    def _detect(self, texts):
-        if self.worker is not None:
-            # Twice: a child that died is replaced by the second call.
-            for _ in range(2):
-                try:
-                    return self.worker.detect(texts)
-                except WorkerGone:
-                    pass
-            # Gone twice in a row: answer anyway, in this process (loading
-            # the model here once), rather than fail the writes.
-        return [detect_language(text) for text in texts]
