@@ -114,9 +114,9 @@ class CacheIntegrationTests(NodeTestMixin, TestCase):
                 3: ["--sync-timeout", "1"],
             },
         )
-        # A dependant's first write waits for its lang worker to load the
-        # model, which on a busy machine took more than the front's 2 s:
-        # the cause of this test's 502 in 1 run of 3.  Warm them first.
+        # A dependant's first write paid for getting lang's model ready,
+        # which on a busy machine took more than the front's 2 s: the cause
+        # of this test's 502 in 1 run of 3.  Warm the dependants first.
         for i, node in enumerate((a, b)):
             code, _, body = await self.call_json("POST", node.url + "/warm/%d" % i, json={"value": "warm up"})
             self.assertEqual(code, 200, body)
