@@ -21,6 +21,7 @@ import pwd
 import shutil
 import subprocess
 import tempfile
+import sys
 import threading
 
 from twisted.internet.defer import ensureDeferred, gatherResults
@@ -313,6 +314,12 @@ class SharedDatabaseTests(_PostgreSQLCase, SynchronousTestCase):
         self.assertEqual(json.loads(b.get("c", "x"))["value"], "new")
         self.assertEqual(b.write([item("c", "x", "newer", V3 + "z")]), [2])
 
+    def test_nul_in_uid_fails_the_batch_only(self):
+        """PostgreSQL text cannot hold NUL: such a batch fails with StorageFailed, the engine goes on."""
+        a = self.engine("a")
+        self.assertRaises(StorageFailed, a.write, [item("c", "a\x00b")])
+        self.assertEqual(a.write([item("c", "x")]), [1])
+
     def test_checkpoints_per_node(self):
         """Each node keeps its own checkpoints in the shared database."""
         a, b = self.engine("a"), self.engine("b")
@@ -461,3 +468,40 @@ class SharedDatabaseNodesTests(NodeTestMixin, TestCase):
             self.assertEqual(codes, [200, 400], answers)
             loser = [body for code, _, body in answers if code == 400][0]
             self.assertEqual(loser["error"], "record_exists")
+
+
+class DSNOptionTests(SynchronousTestCase):
+    """--dsn goes with --storage postgresql, and only with it."""
+
+    def _error(self, argv):
+        import io
+
+        from minstore.tap import Options
+
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != "MINSTORE_DSN"})
+        e = self.assertRaises(SystemExit, Options().parseOptions, argv + ["--data", self.mktemp()])
+        self.assertEqual(e.code, 2)
+        return err.getvalue()
+
+    def test_postgresql_needs_a_dsn(self):
+        self.assertIn("--storage postgresql needs --dsn", self._error(["--storage", "postgresql"]))
+
+    def test_dsn_only_with_postgresql(self):
+        self.assertIn("--dsn: only for --storage postgresql", self._error(["--storage", "sqlite", "--dsn", "postgresql:///x"]))
+
+    def test_bad_dsn(self):
+        if _NO_DRIVER:
+            raise SkipTest(_NO_DRIVER)
+        self.assertIn("--dsn: a DSN URL starts with postgresql://", self._error(["--storage", "postgresql", "--dsn", "mysql://h/x"]))
+
+    def test_dsn_from_environment(self):
+        if _NO_DRIVER:
+            raise SkipTest(_NO_DRIVER)
+        from minstore.tap import Options
+
+        self.patch(os, "environ", dict(os.environ, MINSTORE_DSN="postgresql://u@127.0.0.1/x"))
+        options = Options()
+        options.parseOptions(["--storage", "postgresql", "--data", self.mktemp(), "--processes", ""])
+        self.assertEqual(options["dsn"], "postgresql://u@127.0.0.1/x")

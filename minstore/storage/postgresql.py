@@ -328,11 +328,14 @@ class PostgreSQLStorage:
     def _failed(self, conn, e, what):
         """The exception to raise for a driver error ``e`` met doing ``what``."""
         state = self.driver.sqlstate(e)
+        broken = False
         try:
             self._run(conn, "ROLLBACK")
         except Exception:
-            state = None  # the connection itself is gone
-        if state is None or state[:2] in ("08", "57"):
+            broken = True  # the connection itself is gone
+        module = self.driver.module
+        lost = state is None and isinstance(e, (module.OperationalError, module.InterfaceError))
+        if broken or lost or (state or "")[:2] in ("08", "57"):
             # No connection, or the server shut down / cancelled (statement_timeout).
             self._discard(conn)
             self.unavailable = str(e).strip() or type(e).__name__
@@ -598,6 +601,9 @@ class PostgreSQLStorage:
     def write(self, batch, checkpoints=None):
         if not batch and checkpoints is None:
             return []
+        for w in batch:
+            if "\x00" in w.uid:
+                raise StorageFailed("%s: PostgreSQL text cannot hold the NUL character of uid %r" % (self.describe(), w.uid))
         seq, max_version, live, results = self._transaction(
             "write", lambda conn: self._write_in(conn, batch, checkpoints)
         )
