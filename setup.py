@@ -34,6 +34,12 @@ setup(
             "schemathesis>=4.0; python_version >= '3.11'",
         ],
         "tls": ["Twisted[tls]>=22.10.0"],  # https:// peers, --peer-ca, --client-ca (pyOpenSSL, service_identity)
+        # --storage postgresql: psycopg 3 (libpq, binary wheel) on CPython; on
+        # PyPy psycopg's pure-Python mode fails (PyPy's ctypes), pg8000 works.
+        "postgresql": [
+            "psycopg[binary]>=3.1; platform_python_implementation == 'CPython'",
+            "pg8000>=1.30; platform_python_implementation != 'CPython'",
+        ],
     },
     entry_points={},
     zip_safe=False,

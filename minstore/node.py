@@ -410,6 +410,8 @@ class Node:
             if outcome is False:  # its condition did not hold
                 if w.condition == ABSENT:
                     outcome = Failure(RecordExists(message="%s/%s exists already; PUT updates it" % (w.collection, w.uid)))
+                elif w.condition is None:  # a shared database held a newer version (another node's)
+                    outcome = Failure(PreconditionFailed(message="%s/%s: a newer version was written meanwhile" % (w.collection, w.uid)))
                 self._cache.pop((w.collection, w.uid))
             elif type(outcome) is int:  # stored
                 outcome = Entry(w.data, w.version, w.deleted, outcome)
@@ -465,6 +467,8 @@ class Node:
         (the writer thread runs the last, threaded, processes: see the
         module's doc).
         """
+        if current is not None:
+            self.clock.observe(current.version)  # after what it replaces, whichever node wrote that
         version = self.clock.now()
         record = make_record(collection, uid, value, version, self.now())
         if not self._reactor_processes:
@@ -533,6 +537,7 @@ class Node:
             raise PreconditionFailed(
                 message="If-Match %s does not match version %s" % (if_match, current.version)
             )
+        self.clock.observe(current.version)
         version = self.clock.now()
         tombstone = encode_record(make_tombstone(collection, uid, version, self.now()))
         return await self._commit(collection, uid, tombstone, True, version)

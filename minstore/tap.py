@@ -94,7 +94,8 @@ class Options(usage.Options):
         ["port", "p", "8001", "Port number, or Twisted endpoint string (tcp:8001:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem)."],
         ["servers", "s", None, "The servers.list file of peers (none: a standalone node). Re-read on SIGHUP."],
         ["data", "d", "./minstore-data", "Data directory, created when missing."],
-        ["storage", None, "files", "Storage engine: files (one JSON file per record beside a SQLite catalog), sqlite (one SQLite database), or memory (lost at stop); packages add more."],
+        ["storage", None, "files", "Storage engine: files (one JSON file per record beside a SQLite catalog), sqlite (one SQLite database), memory (lost at stop), or postgresql (with --dsn; several nodes may share its database); packages add more."],
+        ["dsn", None, None, "--storage postgresql: the database, as a libpq URL (postgresql://user@host:5432/dbname) or key=value words; default $MINSTORE_DSN (keeps a password out of the process list)."],
         ["processes", None, DEFAULT_PROCESSES, "Comma-separated processes run on each client write, in order (lang, schema, or one a package adds); empty for none."],
         ["schemas", None, None, "Directory of {collection}.json JSON Schemas for the schema process."],
         ["max-record-size", None, DEFAULT_MAX_RECORD_SIZE, "Largest request body accepted, in bytes (larger: 413).", _positive_int("max-record-size")],
@@ -176,6 +177,8 @@ class Options(usage.Options):
                 % (self["storage"], ", ".join(sorted(available_engines())))
             )
 
+        self._check_dsn()
+
         if self["schemas"] and not os.path.isdir(self["schemas"]):
             raise usage.UsageError("--schemas: %s is not a directory" % self["schemas"])
 
@@ -200,6 +203,25 @@ class Options(usage.Options):
             directory = os.path.dirname(os.path.abspath(self["access-log"]))
             if not os.access(directory, os.W_OK):
                 raise usage.UsageError("--access-log: cannot write in %s" % directory)
+
+    def _check_dsn(self):
+        if self["storage"] != "postgresql":
+            if self["dsn"]:
+                raise usage.UsageError("--dsn: only for --storage postgresql, not %s" % self["storage"])
+            return
+        dsn = self["dsn"] = self["dsn"] or os.environ.get("MINSTORE_DSN", "")
+        if not dsn:
+            raise usage.UsageError("--storage postgresql needs --dsn postgresql://user@host:port/dbname (or $MINSTORE_DSN)")
+        from minstore.storage.postgresql import load_driver, parse_dsn
+
+        try:
+            parse_dsn(dsn)
+        except ValueError as e:
+            raise usage.UsageError("--dsn: %s" % (e,))
+        try:
+            load_driver()
+        except ImportError as e:
+            raise usage.UsageError("--storage postgresql: %s" % (e,))
 
 
 _NODE_ID = re.compile(rb"[A-Za-z0-9_.]{1,64}")
@@ -299,14 +321,16 @@ def makeService(config, reactor=None):
     pool = ThreadPool(minthreads=2, maxthreads=config["threads"], name="minstore-io")
     node_id = _node_id(data_dir)
     in_thread = functools.partial(deferToThreadPool, reactor, pool)
-    storage = make_storage(config["storage"], data_dir)
+    options = {"dsn": config["dsn"], "node_id": node_id} if config.get("dsn") else {}
+    storage = make_storage(config["storage"], data_dir, **options)
     node = Node(
         storage,
         config["process_list"],
         node_id=node_id,
         clock=HybridLogicalClock(node_id),
         in_thread=in_thread,
-        read_cache_bytes=config["read-cache-size"],
+        # A database other nodes write too: a cached record could be stale.
+        read_cache_bytes=0 if getattr(storage, "shared", False) else config["read-cache-size"],
     )
 
     describe = "storage %s in %s, processes [%s], %d peers%s" % (
