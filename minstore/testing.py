@@ -269,6 +269,8 @@ class IndexContract:
                 item("c", "new%02d" % i, {"g": i % 4}),
                 item("c", "u%02d" % (i * 3 % 30), {"g": 7}, "%013d-000000-test" % (10 + i)),
                 item("c", "u%02d" % (i * 7 % 30), deleted=True, version="%013d-000001-test" % (10 + i)),
+                # Rewritten with the same key, not yet reached by the build.
+                item("c", "u%02d" % (29 - i), {"g": (29 - i) % 4, "again": i}, "%013d-000002-test" % (10 + i)),
             ])
         self.assertGreater(i, 5)
         self.assertEqual(set(s["state"] for s in storage.index_states().values()), {"ready"})
@@ -660,6 +662,72 @@ class DurableStorageContract:
             finally:
                 storage.close()
 
+    def test_index_state_survives_reopen(self):
+        """
+        A build cut short resumes where it was after a reopen; the indexes
+        declared last are kept by writes made before set_indexes is called
+        again; an index built stays built.
+        """
+        storage = self.make_storage()
+        storage.write([item("c", "u%02d" % i, {"g": i % 3}) for i in range(20)])
+        storage.set_indexes(parse_declarations("c:value.g"))
+        self.assertTrue(storage.build_indexes(5))
+        storage = self.reopen_storage(storage)
+        self.assertEqual(storage.index_states(), {"c:value.g": {"state": "building", "seq": 5, "until_seq": 20}})
+        storage.write([item("c", "u00", {"g": 9}, V2), item("c", "u19", deleted=True, version=V2), item("c", "new", {"g": 9})])
+        storage.set_indexes(parse_declarations("c:value.g"))
+        build_all(storage)
+        self.assertEqual(found(storage, "c", "value.g", {"eq": 9}), ["new", "u00"])
+        assert_index_exact(self, storage, "c", "value.g")
+        storage = self.reopen_storage(storage)
+        self.assertEqual(storage.index_states()["c:value.g"]["state"], "ready")
+        assert_index_exact(self, storage, "c", "value.g")
+
+    def test_kill_during_writes_and_a_build_keeps_indexes_exact(self):
+        """
+        A child process writes (updates and deletes included) from two
+        threads while it builds an index declared over what it held; killed
+        with SIGKILL at several moments, the reopened engine's indexes, once
+        any build cut short is finished, hold exactly what a full listing
+        filtered in Python says, and a filter on each value agrees.
+        """
+        module_class, data_dir = self.engine_spec()
+        for round, (delay, specs) in enumerate(
+            [(0.2, "crash:value.g"), (0.3, "crash:value.g,*:value.h"), (0.4, "crash:value.g,*:value.h,crash:value.k")]
+        ):
+            errors = open(data_dir + ".stderr", "w+b")
+            child = subprocess.Popen(
+                [sys.executable, "-c", _CRASH_INDEX_WRITER, module_class, data_dir, str(round * 10**6), specs],
+                stdout=subprocess.PIPE,
+                stderr=errors,
+            )
+            try:
+                first = child.stdout.readline()
+                errors.seek(0)
+                self.assertTrue(first, errors.read())
+                time.sleep(delay)
+                child.send_signal(signal.SIGKILL)
+                child.stdout.read()
+            finally:
+                child.wait()
+                child.stdout.close()
+                errors.close()
+            storage = self._open_spec(module_class, data_dir)
+            try:
+                storage.set_indexes(parse_declarations(specs))
+                build_all(storage, 500)
+                for field in ("value.g", "value.h", "value.k")[: round + 1]:
+                    assert_index_exact(self, storage, "crash", field)
+                for g in [0, 1, 2, "0", "1", "2", None, True]:
+                    expected = [
+                        json.loads(d)["uid"]
+                        for d in storage.list("crash", None, None, 100000)
+                        if "g" in json.loads(d)["value"] and encode_key(json.loads(d)["value"]["g"]) == encode_key(g)
+                    ]
+                    self.assertEqual(sorted(found(storage, "crash", "value.g", {"eq": g})), sorted(expected), g)
+            finally:
+                storage.close()
+
     def _open_spec(self, module_class, data_dir):
         storage = _load(module_class)(data_dir)
         storage.open()
@@ -692,4 +760,45 @@ while True:
     storage.write([w for _, _, w in batch])
     sys.stdout.write("".join("%s %d\n" % (uid, n) for uid, n, _ in batch))
     sys.stdout.flush()
+"""
+
+
+#: The child of the index crash test: two threads write batches of 6 over
+#: 30 uids each (a tombstone now and then; values of several types), while
+#: the main thread builds the indexes declared, in small steps.
+_CRASH_INDEX_WRITER = r"""
+import sys, threading, time
+from minstore.testing import _load
+from minstore.interfaces import WriteItem
+from minstore.records import encode_record, make_record, make_tombstone
+from minstore.storage.indexes import parse_declarations
+storage = _load(sys.argv[1])(sys.argv[2])
+storage.open()
+storage.set_indexes(parse_declarations(sys.argv[4]))
+base = int(sys.argv[3])
+out = threading.Lock()
+def value(n):
+    kinds = [n % 3, str(n % 3), None, True, n % 3 + 0.0]
+    return {"g": kinds[n % 5], "h": n % 11, "k": {"x": n % 2}, "pad": "p" * 300}
+def writer(t):
+    n = base + t * 10**5
+    while True:
+        batch = []
+        for i in range(6):
+            n += 1
+            uid = "t%d-u%d" % (t, n % 30)
+            version = "%013d-%06d-crash" % (n, t)
+            if n % 13 == 0:
+                batch.append(WriteItem("crash", uid, encode_record(make_tombstone("crash", uid, version, float(n))), True, version, True, None))
+            else:
+                batch.append(WriteItem("crash", uid, encode_record(make_record("crash", uid, value(n), version, float(n))), False, version, True, None))
+        storage.write(batch)
+        with out:
+            sys.stdout.write("%d %d\n" % (t, n))
+            sys.stdout.flush()
+for t in (1, 2):
+    threading.Thread(target=writer, args=(t,), daemon=True).start()
+while True:
+    if not storage.build_indexes(7):
+        time.sleep(0.01)
 """

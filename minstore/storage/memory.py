@@ -79,10 +79,8 @@ class MemoryStorage:
         new_keys = record_keys(new, fields) if new is not None else {}
         for field in fields:
             before, after = old_keys.get(field), new_keys.get(field)
-            if before == after:
-                continue
             entries = self._entries.setdefault((collection, field), [])
-            if before is not None:
+            if before is not None and before != after:
                 i = bisect.bisect_left(entries, (before, uid))
                 if i < len(entries) and entries[i] == (before, uid):
                     del entries[i]

@@ -330,16 +330,17 @@ class SQLiteStorage:
         new_keys = record_keys(new, fields) if new is not None else {}
         for field in fields:
             before, after = old_keys.get(field), new_keys.get(field)
-            if before == after:
-                continue
-            if before is not None:
+            if before is not None and before != after:
                 _run(
                     conn,
                     "DELETE FROM idx WHERE collection = ? AND field = ? AND key = ? AND uid = ?",
                     (collection, field, before, uid),
                 )
             if after is not None:
-                _run(conn, "INSERT OR REPLACE INTO idx VALUES (?, ?, ?, ?)", (collection, field, after, uid))
+                # Even when the key is unchanged: while an index is building,
+                # the old record may not have its entry yet, and once moved
+                # past the build's mark the build would not give it one.
+                _run(conn, "INSERT OR IGNORE INTO idx VALUES (?, ?, ?, ?)", (collection, field, after, uid))
 
     def _after_commit(self, batch, results, existed):
         """A subclass's work once the batch is durable, still under the write lock."""
