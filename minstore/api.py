@@ -33,7 +33,7 @@ from minstore.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from minstore.node import etag_matches
+from minstore.node import DEFAULT_CHANGES_LIMIT, MAX_CHANGES_LIMIT, etag_matches
 from minstore.openapi import openapi_document
 from minstore.records import canonical_json
 
@@ -54,6 +54,41 @@ def _text_arg(args, name):
         return values[-1].decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("bad_parameter", "%s: not UTF-8" % name.decode())
+
+
+def _filter_args(args):
+    """A listing's filter parameters (every one but LIST_PARAMETERS), ``[(name, text)]``."""
+    filters = []
+    for name in sorted(set(args) - LIST_PARAMETERS):
+        try:
+            filters.append((name.decode("utf-8"), _text_arg(args, name)))
+        except UnicodeDecodeError:
+            raise BadRequest("bad_parameter", "a parameter name is not UTF-8")
+    return filters
+
+
+def _changes_args(args):
+    """``(since, limit, collection)`` of ``GET /_changes``; 400 for anything else."""
+    unknown = set(args) - {b"since", b"limit", b"collection"}
+    if unknown:
+        raise BadRequest(
+            "bad_parameter",
+            "unknown parameter %s; /_changes takes since, limit, collection"
+            % ", ".join(sorted(k.decode("latin-1") for k in unknown)),
+        )
+    numbers = []
+    for name, default, low, high in ((b"since", 0, 0, None), (b"limit", DEFAULT_CHANGES_LIMIT, 1, MAX_CHANGES_LIMIT)):
+        text = _text_arg(args, name)
+        if text is None:
+            numbers.append(default)
+            continue
+        if not (text.isascii() and text.isdigit()) or int(text) < low or (high is not None and int(text) > high):
+            raise BadRequest(
+                "bad_parameter",
+                "%s: a whole number (ASCII digits) from %d%s" % (name.decode(), low, " to %d" % high if high else ""),
+            )
+        numbers.append(int(text))
+    return numbers[0], numbers[1], _text_arg(args, b"collection")
 
 
 def raw_uid(request):
@@ -260,6 +295,8 @@ class RecordAPI:
 
     @app.handle_errors(MinstoreError)
     def _minstore_error(self, request, failure):
+        for name, value in getattr(failure.value, "headers", {}).items():
+            request.setHeader(name, value)
         return self._json(request, failure.value.code, failure.value.to_json())
 
     @app.handle_errors(WerkzeugNotFound)
@@ -331,7 +368,14 @@ class RecordAPI:
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request):
         self._track(request, "openapi")
-        return self._json(request, 200, openapi_document())
+        return self._json(request, 200, openapi_document(self.node.indexes))
+
+    @app.route("/_changes", methods=["GET"])
+    def changes(self, request):
+        self._track(request, "changes")
+        since, limit, collection = _changes_args(request.args)
+        d = self.node.changes(since, limit, collection)
+        return d.addCallback(lambda document: self._json(request, 200, document))
 
     @app.route("/_cluster/", branch=True)
     def cluster(self, request):
@@ -344,13 +388,6 @@ class RecordAPI:
     def list_records(self, request, collection):
         self._track(request, "collection")
         args = request.args
-        unknown = set(args) - LIST_PARAMETERS
-        if unknown:
-            raise BadRequest(
-                "bad_parameter",
-                "no secondary index on %s; parameters are limit, after, prefix"
-                % ", ".join(sorted(k.decode("latin-1") for k in unknown)),
-            )
         limit = _text_arg(args, b"limit") or "100"
         if not limit.isdigit():
             raise BadRequest("bad_parameter", "limit: a whole number from 1 to 1000")
@@ -359,6 +396,7 @@ class RecordAPI:
             limit=int(limit),
             after=_text_arg(args, b"after"),
             prefix=_text_arg(args, b"prefix"),
+            filters=_filter_args(args),
         )
 
         def answer(page):
