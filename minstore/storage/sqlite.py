@@ -465,23 +465,38 @@ class SQLiteStorage:
         )
 
     def find(self, collection, field, start, stop, after, limit):
-        sql = (
+        base = (
             "SELECT i.key, r.data FROM idx i JOIN records r ON r.collection = i.collection AND r.uid = i.uid"
             " WHERE i.collection = ? AND i.field = ?"
         )
-        args = [collection, field]
+        queries = []
+        if after is not None:
+            key, uid = after
+            # Two seeks of the primary key, not one range filtered row by row:
+            # the rest of the cursor's key (uids after its uid), then the keys above.
+            if (start is None or key >= start) and (stop is None or key < stop):
+                queries.append((base + " AND i.key = ? AND i.uid > ?", [collection, field, key, uid]))
+            if start is None or start <= key:
+                start = key + b"\x00"
+        sql, args = base, [collection, field]
         if start is not None:
             sql += " AND i.key >= ?"
             args.append(start)
         if stop is not None:
             sql += " AND i.key < ?"
             args.append(stop)
-        if after is not None:
-            sql += " AND (i.key, i.uid) > (?, ?)"
-            args.extend(after)
-        sql += " ORDER BY i.key, i.uid LIMIT ?"
-        args.append(limit)
-        return [(bytes(key), bytes(data)) for key, data in _rows(self._reader(), sql, args)]
+        queries.append((sql, args))
+        conn = self._reader()
+        found = []
+        _run(conn, "BEGIN")  # one snapshot for both
+        try:
+            for sql, args in queries:
+                if len(found) < limit:
+                    rows = _rows(conn, sql + " ORDER BY i.key, i.uid LIMIT ?", args + [limit - len(found)])
+                    found.extend((bytes(k), bytes(d)) for k, d in rows)
+        finally:
+            _run(conn, "COMMIT")
+        return found
 
     # -- memory -----------------------------------------------------------
 
