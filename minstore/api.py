@@ -37,7 +37,7 @@ from minstore.errors import (
     UnsupportedMediaType,
     error_answer,
 )
-from minstore.node import etag_matches
+from minstore.node import DEFAULT_CHANGES_LIMIT, MAX_CHANGES_LIMIT, etag_matches
 from minstore.openapi import openapi_document
 from minstore.records import canonical_json
 
@@ -104,6 +104,7 @@ _FIXED_ROUTES = {
     b"/metrics": "metrics",
     b"/openapi.json": "openapi",
     b"/_cluster/replicas": "replicas",
+    b"/_changes": "changes",
 }
 
 
@@ -168,6 +169,41 @@ def _text_arg(args, name):
         return values[-1].decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("bad_parameter", "%s: not UTF-8" % name.decode())
+
+
+def _filter_args(args):
+    """A listing's filter parameters (every one but LIST_PARAMETERS), ``[(name, text)]``."""
+    filters = []
+    for name in sorted(set(args) - LIST_PARAMETERS):
+        try:
+            filters.append((name.decode("utf-8"), _text_arg(args, name)))
+        except UnicodeDecodeError:
+            raise BadRequest("bad_parameter", "a parameter name is not UTF-8")
+    return filters
+
+
+def _changes_args(args):
+    """``(since, limit, collection)`` of ``GET /_changes``; 400 for anything else."""
+    unknown = set(args) - {b"since", b"limit", b"collection"}
+    if unknown:
+        raise BadRequest(
+            "bad_parameter",
+            "unknown parameter %s; /_changes takes since, limit, collection"
+            % ", ".join(sorted(k.decode("latin-1") for k in unknown)),
+        )
+    numbers = []
+    for name, default, low, high in ((b"since", 0, 0, None), (b"limit", DEFAULT_CHANGES_LIMIT, 1, MAX_CHANGES_LIMIT)):
+        text = _text_arg(args, name)
+        if text is None:
+            numbers.append(default)
+            continue
+        if not (text.isascii() and text.isdigit()) or int(text) < low or (high is not None and int(text) > high):
+            raise BadRequest(
+                "bad_parameter",
+                "%s: a whole number (ASCII digits) from %d%s" % (name.decode(), low, " to %d" % high if high else ""),
+            )
+        numbers.append(int(text))
+    return numbers[0], numbers[1], _text_arg(args, b"collection")
 
 
 def parse_multipart(body, content_type):
@@ -366,6 +402,7 @@ class RecordAPI:
             "status": ("status", {b"GET": self.status}),
             "metrics": ("metrics", {b"GET": self.metrics_text}),
             "openapi": ("openapi", {b"GET": self.openapi}),
+            "changes": ("changes", {b"GET": self.changes}),
             "replicas": ("cluster", {b"POST": self.cluster.replicas}),
             "lookup": ("cluster", {b"GET": self.cluster.lookup, b"DELETE": self.cluster.lookup}),
             "collection": ("collection", {b"GET": self.list_records, b"POST": self.post_generated}),
@@ -481,19 +518,17 @@ class RecordAPI:
         return self.metrics.exposition()
 
     def openapi(self, request, collection=None, uid=None):
-        return self._json(request, 200, openapi_document())
+        return self._json(request, 200, openapi_document(self.node.indexes))
+
+    def changes(self, request, collection=None, uid=None):
+        since, limit, collection = _changes_args(request.args)
+        d = self.node.changes(since, limit, collection)
+        return d.addCallback(lambda document: self._json(request, 200, document))
 
     # -- records --------------------------------------------------------
 
     def list_records(self, request, collection, uid=None):
         args = request.args
-        unknown = set(args) - LIST_PARAMETERS
-        if unknown:
-            raise BadRequest(
-                "bad_parameter",
-                "no secondary index on %s; parameters are limit, after, prefix"
-                % ", ".join(sorted(k.decode("latin-1") for k in unknown)),
-            )
         limit = _text_arg(args, b"limit") or "100"
         if not ascii_digits(limit):
             raise BadRequest("bad_parameter", "limit: a whole number from 1 to 1000")
@@ -504,6 +539,7 @@ class RecordAPI:
             limit=int(limit),
             after=_text_arg(args, b"after"),
             prefix=_text_arg(args, b"prefix"),
+            filters=_filter_args(args),
         )
 
         def answer(page):

@@ -95,6 +95,17 @@ def error_answer(failure):
     return None
 
 
+class IndexBuilding(ServiceUnavailable):
+    """A filter on an index whose build has not finished: retry after ``retry_after`` seconds."""
+
+    error = "index_building"
+
+    def __init__(self, message, retry_after=1):
+        ServiceUnavailable.__init__(self, message=message)
+        #: Headers the answer carries.
+        self.headers = {b"retry-after": b"%d" % retry_after}
+
+
 def error_from_peer(code, body):
     """A peer's JSON error, to answer with as it is (a 400 or 412 passes through)."""
     import json

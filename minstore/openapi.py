@@ -315,9 +315,93 @@ def _base_document():
     }
 
 
-def openapi_document():
-    """The document, with the bearer scheme and the 401 and 403 of DESIGN section 7."""
+def _add_indexes(document, indexes):
+    """The filters of a listing (the declared --indexes named) and GET /_changes."""
+    listing = document["paths"]["/{collection}/"]["get"]
+    declared = ", ".join(str(d) for d in indexes) or "none"
+    listing["summary"] = "List records in uid order, or filtered on an indexed field in (value, uid) order"
+    listing["description"] = (
+        "Filters on one field declared with --indexes (here: %s): FIELD=v (equal), min_FIELD=v (>=), "
+        "max_FIELD=v (<=), gt_FIELD=v (>), lt_FIELD=v (<), several operators on one field combined. "
+        "v is read as JSON when it parses (1965 a number, \"1965\" a string, true, null), else as a "
+        "string; values order null < false < true < numbers < strings < arrays < objects. "
+        "Records without the field are not in the index." % declared
+    )
+    listing["x-minstore-indexes"] = [str(d) for d in indexes]
+    parameters = listing["parameters"]
+    by_field = {}
+    for d in indexes:
+        by_field.setdefault(d.field, []).append(d.collection)
+    for field, collections in by_field.items():
+        where = "every collection" if "*" in collections else ", ".join(collections)
+        for prefix, meaning in (("", "equal to"), ("min_", ">="), ("max_", "<="), ("gt_", ">"), ("lt_", "<")):
+            parameters.append(
+                {
+                    "name": prefix + field,
+                    "in": "query",
+                    "required": False,
+                    "description": "records whose %s is %s this value (indexed in %s)" % (field, meaning, where),
+                    "schema": {"type": "string"},
+                }
+            )
+    listing["responses"]["400"] = _error("bad parameters, or field_not_indexed (a filter on a field not declared)")
+    listing["responses"]["503"] = dict(
+        _error("index_building: the field's index is still being built"),
+        headers={"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}},
+    )
+    document["paths"]["/_changes"] = {
+        "get": {
+            "summary": "This node's changes after a sequence number, oldest first, each uid once at its newest",
+            "description": "Follow it by polling with since = the last answer's last_seq.",
+            "parameters": [
+                {"name": "since", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0, "default": 0}},
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                },
+                dict(_COLLECTION, **{"in": "query", "required": False}),
+            ],
+            "responses": {
+                "200": {
+                    "description": "a page of changes",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Changes"}}},
+                },
+                "400": _error("bad parameters"),
+            },
+        }
+    }
+    document["components"]["schemas"]["Changes"] = {
+        "type": "object",
+        "required": ["changes", "last_seq"],
+        "properties": {
+            "changes": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["seq", "collection", "uid", "version", "deleted"],
+                    "properties": {
+                        "seq": {"type": "integer"},
+                        "collection": {"type": "string"},
+                        "uid": {"type": "string"},
+                        "version": {"type": "string"},
+                        "deleted": {"type": "boolean"},
+                    },
+                },
+            },
+            "last_seq": {"type": "integer", "description": "the since of the next poll"},
+        },
+    }
+
+
+def openapi_document(indexes=()):
+    """
+    The document, with the bearer scheme and the 401 and 403 of DESIGN
+    section 7, and the filters of the declared ``indexes``.
+    """
     document = _base_document()
+    _add_indexes(document, indexes)
     document["components"]["securitySchemes"] = {
         "bearer": {
             "type": "http",

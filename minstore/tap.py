@@ -35,6 +35,7 @@ from minstore.process.schema import SchemaError
 from minstore.records import HybridLogicalClock
 from minstore.service import NodeRoot, NodeSite, QuietSite
 from minstore.storage import available_engines, make_storage
+from minstore.storage.indexes import parse_declarations
 from minstore.tls import TLSConfigError, client_cert_endpoint
 
 log = Logger("minstore")
@@ -117,6 +118,8 @@ class Options(usage.Options):
         ["peer-key", None, None, "PEM private key of --peer-cert."],
         ["client-ca", None, None, "With an ssl: --port: require a client certificate signed by a CA of this PEM file."],
         ["allow-origin", None, None, "Comma-separated browser origins (https://app.example.com) whose pages may change data here, besides the node's own."],
+        ["indexes", None, "", "Secondary indexes, COLLECTION:FIELD,... (COLLECTION * for every collection; FIELD a dotted path into the record: lang, value.year, value.author.name): listings filter on them (GET /books/?value.year=1965, min_value.year=1960). One declared over records already held is built in the background at start (503 index_building until done); one no longer declared is dropped."],
+        ["index-build-rate", None, 0, "Records a second an index build at start goes through at most (0: as fast as one thread goes).", _seconds("index-build-rate")],
         ["cache-stale-if-error", None, 0.0, "cache=1: seconds past its freshness that a stale record is still served (with a Warning header) while no dependant answers; 0: never.", _seconds("cache-stale-if-error")],
     ]
 
@@ -178,6 +181,10 @@ class Options(usage.Options):
             )
 
         self._check_dsn()
+        try:
+            self["index_list"] = parse_declarations(self["indexes"])
+        except ValueError as e:
+            raise usage.UsageError("--indexes: %s" % (e,))
 
         if self["schemas"] and not os.path.isdir(self["schemas"]):
             raise usage.UsageError("--schemas: %s is not a directory" % self["schemas"])
@@ -331,12 +338,16 @@ def makeService(config, reactor=None):
         in_thread=in_thread,
         # A database other nodes write too: a cached record could be stale.
         read_cache_bytes=0 if getattr(storage, "shared", False) else config["read-cache-size"],
+        indexes=config["index_list"],
+        index_build_rate=config["index-build-rate"],
+        reactor=reactor,
     )
 
-    describe = "storage %s in %s, processes [%s], %d peers%s" % (
+    describe = "storage %s in %s, processes [%s], indexes [%s], %d peers%s" % (
         config["storage"],
         data_dir,
         ", ".join(p.name for p in node.processes),
+        ", ".join(str(d) for d in node.indexes),
         len(config["server_list"].peers),
         " (bridge)" if config["server_list"].bridge else "",
     )

@@ -691,10 +691,12 @@ class ListTests(APITestCase):
         self.assertEqual([r["uid"] for r in self.get("/books/").json()["items"]], ["r000", "r002"])
 
     def test_bad_parameters(self):
-        """limit outside 1..1000, a non-number or an unknown parameter answer 400."""
+        """limit outside 1..1000, a non-number or a field not indexed answer 400."""
         self.fill(2)
-        for query in ["limit=0", "limit=1001", "limit=abc", "limit=-1", "limit=1.5", "colour=red"]:
+        for query in ["limit=0", "limit=1001", "limit=abc", "limit=-1", "limit=1.5"]:
             self.assertError(self.get("/books/?" + query), 400, "bad_parameter")
+        # A parameter that is neither a listing's nor an indexed field's.
+        self.assertError(self.get("/books/?colour=red"), 400, "field_not_indexed")
         self.assertEqual(len(self.get("/books/?limit=1000").json()["items"]), 2)
         self.assertEqual(len(self.get("/books/?limit=1").json()["items"]), 1)
 

@@ -342,3 +342,25 @@ class LoopbackTests(SynchronousTestCase):
                          "tcp:8001:interface=localhost", "tcp:8001:interface=127.0.0.2",
                          "ssl:8443:privateKey=k.pem:interface=127.0.0.1", "unix:/tmp/minstore.sock"]:
             self.assertFalse(listens_beyond_loopback(endpoint), endpoint)
+
+
+class IndexOptionTests(OptionsTestCase):
+    def test_indexes_parsed_and_passed_to_the_node(self):
+        """--indexes COLLECTION:FIELD,... (with *) becomes the node's declarations."""
+        options = self.parse("--indexes", "books:value.year, *:lang,books:value.author.name,books:value.year")
+        self.assertEqual(
+            [str(d) for d in options["index_list"]], ["books:value.year", "*:lang", "books:value.author.name"]
+        )
+        root = makeService(options, MemoryReactorClock())
+        self.assertEqual([str(d) for d in root.node.indexes], ["books:value.year", "*:lang", "books:value.author.name"])
+        self.assertEqual(self.parse()["index_list"], [])
+
+    def test_bad_indexes(self):
+        """A declaration that is not COLLECTION:FIELD, or names a listing parameter, stops the start naming it."""
+        for bad in ["books", "bad/name:x", "books:", "books:value..year", "books:limit", "books:min_x", "_x:y"]:
+            self.assertBad("--indexes", bad, includes=["--indexes"])
+
+    def test_help_documents_indexes(self):
+        text = str(Options())
+        self.assertIn("--indexes", text)
+        self.assertIn("--index-build-rate", text)
