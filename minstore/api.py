@@ -170,11 +170,14 @@ class RecordAPI:
         lookups=None,
         replication=None,
         sync_timeout=5.0,
+        node_sync=None,
     ):
         self.node = node
         self.replication = replication
         self.sync_timeout = sync_timeout
-        self.cluster = ClusterAPI(node, lookups)
+        #: The L{minstore.cluster.sync.Sync} of POST /_node/sync, or None.
+        self.node_sync = node_sync
+        self.cluster = ClusterAPI(node, lookups, node_sync)
         self.max_record_size = max_record_size
         #: The cache strategy's front (``cache=1``), when the node has dependants.
         self.front = front
@@ -333,6 +336,11 @@ class RecordAPI:
         self._track(request, "openapi")
         return self._json(request, 200, openapi_document())
 
+    @app.route("/_node/sync", methods=["POST"])
+    def sync_peers(self, request):
+        self._track(request, "sync")
+        return node_sync_route(self.node_sync, request)
+
     @app.route("/_cluster/", branch=True)
     def cluster(self, request):
         self._track(request, "cluster")
@@ -429,6 +437,31 @@ class RecordAPI:
             collection, uid, self._if_match(request), local=_flag(request.args, b"local")
         )
         return self._written(request, collection, uid, d, self._deleted)
+
+
+def node_sync_route(node_sync, request):
+    """POST /_node/sync[?peer=URL]: 200 with each peer's report, 502 when a sync failed."""
+    from minstore.cluster.servers import normalise_peer
+
+    if node_sync is None:
+        raise BadRequest("no_sync", "this node does not sync")
+    peer = _text_arg(request.args, b"peer")
+    if peer is not None:
+        url = normalise_peer(peer)
+        if url is None or url not in node_sync.peers():
+            raise BadRequest("unknown_peer", "%r is not one of this node's peers" % (peer,))
+        d = node_sync.sync(url).addCallback(lambda report: [report])
+    else:
+        d = node_sync.sync_all()
+
+    def answer(reports):
+        failed = [r for r in reports if r["error"] is not None]
+        if not failed:
+            return json_response(request, 200, {"peers": reports})
+        message = "; ".join("%s: %s" % (r["peer"], r["error"]) for r in failed)
+        return json_response(request, 502, {"error": "sync_failed", "message": message, "peers": reports})
+
+    return d.addCallback(answer)
 
 
 class _Resource(KleinResource):

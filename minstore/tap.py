@@ -27,6 +27,7 @@ from minstore.cluster.peers import PeerClient, make_http_client
 from minstore.cluster.replication import Replication
 from minstore.cluster.servers import ServerList, ServersFileError, read_servers
 from minstore.cluster.service import ClusterService
+from minstore.cluster.sync import Sync, SyncIndex, SyncService
 from minstore.node import Node
 from minstore.process import DEFAULT as DEFAULT_PROCESSES
 from minstore.process import available_processes, make_processes
@@ -115,6 +116,8 @@ class Options(usage.Options):
         ["peer-key", None, None, "PEM private key of --peer-cert."],
         ["client-ca", None, None, "With an ssl: --port: require a client certificate signed by a CA of this PEM file."],
         ["allow-origin", None, None, "Comma-separated browser origins (https://app.example.com) whose pages may change data here, besides the node's own."],
+        ["sync-interval", None, 0.0, "Seconds between two syncs with every peer in turn (compare and synchronise: what replication missed, a new peer's full copy); 0: only on POST /_node/sync.", _seconds("sync-interval")],
+        ["tombstone-grace", None, 7 * 86400.0, "Least seconds a tombstone is kept. This version never purges tombstones (so a deleted record can never come back, whichever node was away): the value is accepted and not used yet.", _positive_float("tombstone-grace")],
         ["cache-stale-if-error", None, 0.0, "cache=1: seconds past its freshness that a stale record is still served (with a Warning header) while no dependant answers; 0: never.", _seconds("cache-stale-if-error")],
     ]
 
@@ -284,6 +287,13 @@ def makeService(config, reactor=None):
     node.status_sections["peers"] = replication.status
     node.metrics.registry.register(replication)
 
+    node_sync = Sync(
+        node, SyncIndex(storage), client, lambda: cluster.servers.peers, reactor, in_thread,
+        timeout=config["replication-timeout"],
+    )
+    node.status_sections["sync"] = node_sync.status
+    node.metrics.registry.register(node_sync)
+
     front = CacheFront(
         client,
         lambda: cluster.servers.peers,
@@ -301,6 +311,7 @@ def makeService(config, reactor=None):
         lookups=lookups,
         replication=replication,
         sync_timeout=config["sync-timeout"],
+        node_sync=node_sync,
     )
     # Cache hits (GET with cache=1) are answered before the Klein app.
     resource = GuardResource(guard, front.resource(api.resource()))
@@ -326,7 +337,7 @@ def makeService(config, reactor=None):
         node,
         cluster,
         port,
-        extras=[tokens_service, FrontService(front)],
+        extras=[tokens_service, FrontService(front), SyncService(node_sync, config["sync-interval"], reactor)],
         http_pool=http_pool,
         describe=describe,
     )

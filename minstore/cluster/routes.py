@@ -9,7 +9,8 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from minstore._util import JSON_TYPE, UidConverter
 from minstore._util import json_response as _json
-from minstore.errors import BadRequest, MinstoreError
+from minstore.cluster.peers import NDJSON
+from minstore.errors import BadRequest, MinstoreError, PayloadTooLarge
 
 
 class ClusterAPI:
@@ -17,9 +18,11 @@ class ClusterAPI:
     app.url_map.converters["uid"] = UidConverter
     log = Logger()
 
-    def __init__(self, node, lookups=None):
+    def __init__(self, node, lookups=None, sync=None):
         self.node = node
         self.lookups = lookups
+        #: The node's L{minstore.cluster.sync.Sync}, answering peers' syncs.
+        self.sync = sync
 
     @app.handle_errors(MinstoreError)
     def _error(self, request, failure):
@@ -50,6 +53,26 @@ class ClusterAPI:
 
         d = gatherResults(applied, consumeErrors=True).addCallback(answer)
         return d.addErrback(first_error)
+
+    @app.route("/sync/ranges", methods=["POST"])
+    def sync_ranges(self, request):
+        return self._sync_answer(request, lambda body: self.sync.answer_ranges(body), JSON_TYPE)
+
+    @app.route("/sync/records", methods=["POST"])
+    def sync_records(self, request):
+        return self._sync_answer(request, lambda body: self.sync.answer_records(body), NDJSON)
+
+    def _sync_answer(self, request, answer, content_type):
+        if self.sync is None:
+            raise BadRequest("no_sync", "this node does not take syncs")
+        if getattr(request, "body_too_large", False):
+            raise PayloadTooLarge(message="a sync message over this node's --max-record-size")
+
+        def send(body):
+            request.responseHeaders.setRawHeaders(b"content-type", [content_type])
+            return body
+
+        return answer(request.content.read()).addCallback(send)
 
     @app.route("/lookup/<collection>/<uid:uid>", methods=["GET", "DELETE"])
     def lookup(self, request, collection, uid):
