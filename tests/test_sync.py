@@ -21,6 +21,7 @@ from minstore.node import Node, run_inline
 from minstore.storage.memory import MemoryStorage
 from minstore.storage.sqlite import SQLiteStorage
 from tests.fakes import JSON, T0, FakeNetwork, replica, tombstone, url
+from tests.harness import NodeTestMixin, deferred_test, sleep
 
 
 class Answering(Resource):
@@ -476,3 +477,70 @@ class SQLiteSyncTests(SynchronousTestCase):
         self.assertIsNone(report["error"])
         self.assertEqual(a.held(), b.held())
         self.assertEqual(a.sync_with(b)["round_trips"], 1)
+
+
+class SyncIntegrationTests(NodeTestMixin, TestCase):
+    timeout = 120
+
+    async def write(self, node, uid, value):
+        code, _, _ = await self.call("PUT", node.url + "/c/" + uid, json={"value": value})
+        if code == 404:
+            code, _, _ = await self.call("POST", node.url + "/c/" + uid, json={"value": value})
+        self.assertEqual(code, 200)
+
+    async def listing(self, node):
+        code, _, body = await self.call_json("GET", node.url + "/c/?limit=1000")
+        self.assertEqual(code, 200)
+        return body["items"]
+
+    @deferred_test
+    async def test_diverged_pair_and_a_peer_added_later(self):
+        """
+        Two nodes that took writes apart (and deletes) become equal after
+        B is added to A's servers.list (SIGHUP) and A is asked to sync:
+        the newer version of every uid on both, deletes included.
+        """
+        b = await self.start_node(name="b", args=["--storage", "sqlite"])
+        a = await self.start_node(name="a", servers=[], args=["--storage", "files"])
+        await self.write(b, "old-on-b", "b1")
+        await self.write(a, "old-on-b", "a-newer")
+        await self.write(a, "deleted-on-a", "x")
+        await self.write(b, "deleted-on-a", "b-copy")
+        code, _, _ = await self.call("DELETE", a.url + "/c/deleted-on-a")
+        self.assertEqual(code, 200)
+        await self.write(a, "newer-on-b", "a1")
+        await self.write(b, "newer-on-b", "b-newer")
+        for i in range(150):
+            await self.write(a if i % 2 else b, "only-%03d" % i, i)
+
+        a.set_servers([b.url])
+        a.hup()
+        for _ in range(100):
+            _, _, status = await self.call_json("GET", a.url + "/_node/status")
+            if status["servers"]["peers"] == [b.url]:
+                break
+            await sleep(0.05)
+        code, _, bad = await self.call_json("POST", a.url + "/_node/sync?peer=http://127.0.0.1:1")
+        self.assertEqual((code, bad["error"]), (400, "unknown_peer"))
+
+        code, _, body = await self.call_json("POST", a.url + "/_node/sync?peer=" + b.url)
+        self.assertEqual(code, 200, body)
+        [report] = body["peers"]
+        self.assertIsNone(report["error"])
+        self.assertEqual(report["pulled"], 75 + 1)  # b's only-*, newer-on-b
+        self.assertEqual(report["pushed"], 75 + 2)  # a's only-*, old-on-b, the tombstone
+
+        on_a, on_b = await self.listing(a), await self.listing(b)
+        self.assertEqual(on_a, on_b)
+        self.assertEqual(len(on_a), 152)
+        values = {r["uid"]: r["value"] for r in on_a}
+        self.assertEqual((values["old-on-b"], values["newer-on-b"]), ("a-newer", "b-newer"))
+        for node in (a, b):
+            code, _, _ = await self.call("GET", node.url + "/c/deleted-on-a?local=1")
+            self.assertEqual(code, 404)
+        code, _, body = await self.call_json("POST", b.url + "/_node/sync")
+        self.assertEqual((code, body["peers"]), (200, []))
+        code, _, body = await self.call_json("POST", a.url + "/_node/sync")
+        self.assertEqual(body["peers"][0]["round_trips"], 1)
+        _, _, status = await self.call_json("GET", a.url + "/_node/status")
+        self.assertEqual(status["sync"]["peers"][0]["syncs"], 2)
