@@ -78,6 +78,8 @@ BLOCK = 128
 FANOUT = 16
 #: A range holding at most this many items is answered with their list.
 ITEMS = 32
+#: A differing range holding at most this many is cut at item quantiles (read whole), not at blocks.
+SPLIT_BY_ITEMS = FANOUT * ITEMS * 4
 #: Items per answer to an initiator that holds none of a range.
 PAGE = 1000
 #: Ranges in one request.
@@ -274,7 +276,9 @@ class SyncIndex:
     def split(self, lo, hi, segments, n):
         """``(lo, hi]`` holding ``n`` items cut into up to FANOUT ``(hi, n, fp)``."""
         parts = []
-        if len(segments) > FANOUT:
+        if n <= SPLIT_BY_ITEMS:
+            pass  # cut at item quantiles: the parts then hold about ITEMS each
+        elif len(segments) > FANOUT:
             target = n / FANOUT
             count, fp = 0, 0
             for _, b, m, f in segments:
@@ -288,7 +292,7 @@ class SyncIndex:
             parts = [(b, m, f) for _, b, m, f in segments]
         if len(parts) > 1:
             return parts
-        # Within one block: cut at item quantiles.
+        # Few items, or within one block: cut at item quantiles.
         items = list(self._scan(lo, hi))
         if len(items) < 2:
             return None
