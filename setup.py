@@ -28,7 +28,11 @@ setup(
         "py3langid>=0.4.0,<0.5; python_version >= '3.10' and platform_python_implementation == 'CPython'",
     ],
     extras_require={
-        "test": ["openapi-spec-validator>=0.5.0"],  # checks GET /openapi.json
+        "test": [
+            "openapi-spec-validator>=0.5.0",  # checks GET /openapi.json
+            # Requests generated from /openapi.json (tests.test_fuzz, bench/fuzz.py).
+            "schemathesis>=4.0; python_version >= '3.11'",
+        ],
         "tls": ["Twisted[tls]>=22.10.0"],  # https:// peers, --peer-ca, --client-ca (pyOpenSSL, service_identity)
     },
     entry_points={},

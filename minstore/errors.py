@@ -7,12 +7,16 @@ machine code of the JSON error body (DESIGN section 3).
 class MinstoreError(Exception):
     code = 500
     error = "internal_error"
+    #: Headers the answer carries beside its JSON body (Allow, Retry-After).
+    headers = {}
 
-    def __init__(self, error=None, message=""):
+    def __init__(self, error=None, message="", headers=None):
         Exception.__init__(self, message)
         if error is not None:
             self.error = error
         self.message = message
+        if headers:
+            self.headers = headers
 
     def to_json(self):
         return {"error": self.error, "message": self.message}
@@ -43,6 +47,12 @@ class PreconditionFailed(MinstoreError):
     error = "precondition_failed"
 
 
+class NoDependants(BadRequest):
+    """cache=1 on a node whose servers.list lists no dependant: the client's call."""
+
+    error = "no_dependants"
+
+
 class PayloadTooLarge(MinstoreError):
     code = 413
     error = "payload_too_large"
@@ -67,6 +77,22 @@ class BadGateway(MinstoreError):
 class ServiceUnavailable(MinstoreError):
     code = 503
     error = "unavailable"
+
+
+def error_answer(failure):
+    """
+    ``(status, headers, body)`` of the JSON answer to a request that failed
+    with ``failure``: the one mapping every route shares.  None for an
+    error that is a bug (the caller logs it and answers 500).
+    """
+    import errno
+
+    if failure.check(MinstoreError):
+        e = failure.value
+        return e.code, e.headers, e.to_json()
+    if failure.check(OSError) and failure.value.errno in (errno.ENOSPC, errno.EDQUOT):
+        return 507, {}, {"error": "insufficient_storage", "message": "the node's disk is full"}
+    return None
 
 
 def error_from_peer(code, body):

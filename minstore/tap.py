@@ -9,19 +9,20 @@ import re
 import sys
 import uuid
 
-from twisted.application import strports
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import Service
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 from twisted.python.threadpool import ThreadPool
 
 from minstore import __version__
-from minstore.api import DEFAULT_MAX_RECORD_SIZE, BoundedRequest, RecordAPI
+from minstore.api import DEFAULT_MAX_RECORD_SIZE, RecordAPI, ascii_digits
 from minstore.auth import AuthFileError, ClusterKey, Guard, GuardResource, TokensService, read_security_options
 from minstore.cache import DEFAULT_SIZE as DEFAULT_CACHE_SIZE
-from minstore.cache import CacheFront, FrontService
+from minstore.cache import CacheFront
 from minstore.cluster.lookup import Lookups
 from minstore.cluster.peers import PeerClient, make_http_client
 from minstore.cluster.replication import Replication
@@ -33,7 +34,7 @@ from minstore.process import DEFAULT as DEFAULT_PROCESSES
 from minstore.process import available_processes, make_processes
 from minstore.process.schema import SchemaError
 from minstore.records import HybridLogicalClock
-from minstore.service import NodeRoot, QuietSite
+from minstore.service import NodeRoot, NodeSite, QuietSite
 from minstore.storage import available_engines, make_storage
 from minstore.tls import TLSConfigError, client_cert_endpoint
 
@@ -42,10 +43,10 @@ log = Logger("minstore")
 
 def _positive_int(name):
     def convert(text):
-        try:
-            value = int(text)
-        except ValueError:
+        # int() takes any Unicode digit (Arabic-Indic, fullwidth): not here.
+        if not ascii_digits(text.strip()):
             raise usage.UsageError("--%s: %r is not a whole number" % (name, text))
+        value = int(text)
         if value <= 0:
             raise usage.UsageError("--%s: must be above 0, not %d" % (name, value))
         return value
@@ -142,7 +143,7 @@ class Options(usage.Options):
 
     def postOptions(self):
         port = self["port"]
-        if port.isdigit():
+        if ascii_digits(port):
             if not 0 < int(port) < 65536:
                 raise usage.UsageError("--port: %s is not a TCP port (1-65535)" % port)
             port = self["port"] = "tcp:" + port
@@ -161,13 +162,16 @@ class Options(usage.Options):
         else:
             self["server_list"] = ServerList()
 
-        data = self["data"]
-        try:
-            os.makedirs(data, exist_ok=True)
-        except OSError as e:
-            raise usage.UsageError("--data: cannot create %s: %s" % (data, e.strerror or e))
-        if not os.access(data, os.W_OK | os.X_OK):
-            raise usage.UsageError("--data: %s is not a writable directory" % data)
+        # Checked here, created by makeService once the port listens: a
+        # start that fails leaves nothing behind.
+        data = os.path.abspath(self["data"])
+        existing = data
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            if existing == data:
+                raise usage.UsageError("--data: %s is not a writable directory" % data)
+            raise usage.UsageError("--data: cannot create %s: %s is not a writable directory" % (data, existing))
 
         if self["storage"] not in available_engines():
             raise usage.UsageError(
@@ -201,12 +205,24 @@ class Options(usage.Options):
                 raise usage.UsageError("--access-log: cannot write in %s" % directory)
 
 
+_NODE_ID = re.compile(rb"[A-Za-z0-9_.]{1,64}")
+
+
 def _node_id(data_dir):
     """This node's id, made once and kept in the data directory."""
     path = os.path.join(data_dir, "node_id")
     if os.path.exists(path):
-        with open(path) as f:
-            return f.read().strip()
+        with open(path, "rb") as f:
+            content = f.read().strip()
+        # A node id goes into every version it issues: refuse a damaged one
+        # rather than issue versions that no peer can order.
+        if not _NODE_ID.fullmatch(content):
+            sys.stderr.write(
+                "minstore: cannot start: %s does not hold a node id (1-64 of [A-Za-z0-9_.]); "
+                "restore it, or remove it to make a new one\n" % (path,)
+            )
+            raise SystemExit(1)
+        return content.decode("ascii")
     node_id = uuid.uuid4().hex[:12]
     with open(path + ".tmp", "w") as f:
         f.write(node_id)
@@ -229,10 +245,59 @@ def listens_beyond_loopback(endpoint):
     return not endpoint.startswith("unix:")
 
 
+class ListeningService(Service):
+    """
+    Owns a port that already listens (bound by makeService before anything
+    is created on disk); stops listening when the node stops.
+    """
+
+    def __init__(self, port):
+        self.port = port
+
+    def stopService(self):
+        Service.stopService(self)
+        return self.port.stopListening()
+
+
+def _listen(endpoint, description, factory):
+    """
+    The listening port of ``endpoint`` (``description``: the --port
+    string), bound now; on failure (a port in use, an address not here) one
+    line on stderr and exit status 2.
+    """
+    outcome = []
+    endpoint.listen(factory).addBoth(outcome.append)
+    if not outcome or isinstance(outcome[0], Failure):
+        reason = outcome[0].getErrorMessage() if outcome else "it did not listen at once"
+        sys.stderr.write("minstore: error: --port: cannot listen on %s: %s\n" % (description, reason))
+        sys.stderr.flush()
+        raise SystemExit(2)
+    return outcome[0]
+
+
 def makeService(config, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     data_dir = os.path.abspath(config["data"])
+
+    # Listen first: a busy port stops the start before anything is created.
+    # The site answers nothing before the reactor runs, by which time its
+    # resource is the API's.
+    if config["access-log"]:
+        site = NodeSite(Resource(), logPath=config["access-log"])
+    else:
+        site = QuietSite(Resource())
+    if config["client-ca"]:
+        endpoint = client_cert_endpoint(reactor, config["port"], config["client-ca"])
+    else:
+        endpoint = serverFromString(reactor, config["port"])
+    port = _listen(endpoint, config["port"], site)
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+    except OSError as e:
+        port.stopListening()
+        sys.stderr.write("minstore: error: --data: cannot create %s: %s\n" % (data_dir, e.strerror or e))
+        raise SystemExit(2)
 
     pool = ThreadPool(minthreads=2, maxthreads=config["threads"], name="minstore-io")
     node_id = _node_id(data_dir)
@@ -313,31 +378,14 @@ def makeService(config, reactor=None):
         sync_timeout=config["sync-timeout"],
         node_sync=node_sync,
     )
-    # Cache hits (GET with cache=1) are answered before the Klein app.
-    resource = GuardResource(guard, front.resource(api.resource()))
-    if config["access-log"]:
-        from twisted.web.server import Site
-
-        site = Site(resource, logPath=config["access-log"])
-    else:
-        site = QuietSite(resource)
-    site.requestFactory = BoundedRequest
-    # The API parses forms itself; twisted.web's own parsing of every POST
-    # body's Content-Type (through the email package) costs ~0.4 ms a request.
-    site._parsePOSTFormSubmission = False
+    site.resource = GuardResource(guard, api.resource())
     site.max_body = config["max-record-size"]
-    site.displayTracebacks = False
-    if config["client-ca"]:
-        endpoint = client_cert_endpoint(reactor, config["port"], config["client-ca"])
-        port = StreamServerEndpointService(endpoint, site)
-    else:
-        port = strports.service(config["port"], site, reactor=reactor)
     root = NodeRoot(
         pool,
         node,
         cluster,
-        port,
-        extras=[tokens_service, FrontService(front), SyncService(node_sync, config["sync-interval"], reactor)],
+        ListeningService(port),
+        extras=[tokens_service, SyncService(node_sync, config["sync-interval"], reactor)],
         http_pool=http_pool,
         describe=describe,
     )
