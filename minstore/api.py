@@ -105,6 +105,9 @@ _FIXED_ROUTES = {
     b"/openapi.json": "openapi",
     b"/_cluster/replicas": "replicas",
     b"/_changes": "changes",
+    b"/_node/sync": "sync",
+    b"/_cluster/sync/ranges": "sync_ranges",
+    b"/_cluster/sync/records": "sync_records",
 }
 
 
@@ -377,11 +380,14 @@ class RecordAPI:
         lookups=None,
         replication=None,
         sync_timeout=5.0,
+        node_sync=None,
     ):
         self.node = node
         self.replication = replication
         self.sync_timeout = sync_timeout
-        self.cluster = ClusterAPI(node, lookups)
+        #: The L{minstore.cluster.sync.Sync} of POST /_node/sync, or None.
+        self.node_sync = node_sync
+        self.cluster = ClusterAPI(node, lookups, node_sync)
         self.max_record_size = max_record_size
         #: The cache strategy's front (``cache=1``), when the node has dependants.
         self.front = front
@@ -403,6 +409,9 @@ class RecordAPI:
             "metrics": ("metrics", {b"GET": self.metrics_text}),
             "openapi": ("openapi", {b"GET": self.openapi}),
             "changes": ("changes", {b"GET": self.changes}),
+            "sync": ("sync", {b"POST": self.sync_peers}),
+            "sync_ranges": ("cluster", {b"POST": self.cluster.sync_ranges}),
+            "sync_records": ("cluster", {b"POST": self.cluster.sync_records}),
             "replicas": ("cluster", {b"POST": self.cluster.replicas}),
             "lookup": ("cluster", {b"GET": self.cluster.lookup, b"DELETE": self.cluster.lookup}),
             "collection": ("collection", {b"GET": self.list_records, b"POST": self.post_generated}),
@@ -525,6 +534,9 @@ class RecordAPI:
         d = self.node.changes(since, limit, collection)
         return d.addCallback(lambda document: self._json(request, 200, document))
 
+    def sync_peers(self, request, collection=None, uid=None):
+        return node_sync_route(self.node_sync, request)
+
     # -- records --------------------------------------------------------
 
     def list_records(self, request, collection, uid=None):
@@ -601,6 +613,31 @@ class RecordAPI:
             collection, uid, self._if_match(request), local=_flag(request.args, b"local")
         )
         return self._written(request, collection, uid, d, self._deleted)
+
+
+def node_sync_route(node_sync, request):
+    """POST /_node/sync[?peer=URL]: 200 with each peer's report, 502 when a sync failed."""
+    from minstore.cluster.servers import normalise_peer
+
+    if node_sync is None:
+        raise BadRequest("no_sync", "this node does not sync")
+    peer = _text_arg(request.args, b"peer")
+    if peer is not None:
+        url = normalise_peer(peer)
+        if url is None or url not in node_sync.peers():
+            raise BadRequest("unknown_peer", "%r is not one of this node's peers" % (peer,))
+        d = node_sync.sync(url).addCallback(lambda report: [report])
+    else:
+        d = node_sync.sync_all()
+
+    def answer(reports):
+        failed = [r for r in reports if r["error"] is not None]
+        if not failed:
+            return json_response(request, 200, {"peers": reports})
+        message = "; ".join("%s: %s" % (r["peer"], r["error"]) for r in failed)
+        return json_response(request, 502, {"error": "sync_failed", "message": message, "peers": reports})
+
+    return d.addCallback(answer)
 
 
 #: Methods whose work a client that hangs up cancels: reads.  A write that

@@ -96,6 +96,15 @@ class IStorage(Interface):
         found, else the highest number stored when the read began.
         """
 
+    def scan_versions(after, upto, limit):
+        """
+        I{blocking}: up to ``limit`` ``(collection, uid, version)`` of the
+        records and tombstones held, in ``(collection, uid)`` order (code
+        point order), with keys above ``after`` and at most ``upto`` (each a
+        ``(collection, uid)`` tuple, or None: no bound).  What sync
+        fingerprints and compares (L{minstore.cluster.sync}).
+        """
+
     def count_changes(after, forwarded_only=False):
         """I{blocking}: how many L{Change}s L{changes} would give after ``after``, without a limit."""
 

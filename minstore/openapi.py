@@ -159,6 +159,29 @@ def _base_document():
                     "responses": _responses(_200=_json_ok("status")),
                 }
             },
+            "/_node/sync": {
+                "post": {
+                    "summary": "Compare and synchronise with one peer, or every peer in turn",
+                    "parameters": [
+                        {
+                            "name": "peer",
+                            "in": "query",
+                            "required": False,
+                            "description": "one of the node's peers (http://host:port); none: every peer in turn",
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "both sides hold the newer version of every uid either held;"
+                            " per peer: round_trips, metadata_bytes, record_bytes, pulled, pushed, seconds",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        },
+                        "400": _error("unknown_peer: not one of the node's peers"),
+                        "502": _error("sync_failed: a peer did not answer in time or answered nonsense (with peers)"),
+                    },
+                }
+            },
             "/metrics": {
                 "get": {
                     "summary": "Prometheus metrics",

@@ -556,6 +556,42 @@ class StorageContract(IndexContract):
         self.assertEqual(storage.checkpoints(), {"http://b:1": 1})
 
 
+    # -- sync -----------------------------------------------------------------
+
+    def test_scan_versions_in_key_order(self):
+        """
+        scan_versions gives (collection, uid, version) of records and
+        tombstones in (collection, uid) code point order, within the bounds
+        (after excluded, upto included, None unbounded), up to the limit.
+        """
+        storage = self.make_storage()
+        uids = ["b", "a", "a\x00", "\u00e9", "\U0001f600", "Z", "a/b"]
+        storage.write([item("c", u) for u in uids] + [item("b", "z", version=V2)])
+        storage.write([item("c", "a", deleted=True, version=V3)])
+        keys = [("b", "z")] + [("c", u) for u in sorted(uids)]
+        everything = storage.scan_versions(None, None, 100)
+        self.assertEqual([tuple(row[:2]) for row in everything], keys)
+        versions = {tuple(row[:2]): row[2] for row in everything}
+        self.assertEqual(versions[("c", "a")], V3)
+        self.assertEqual(versions[("b", "z")], V2)
+        self.assertEqual([tuple(r[:2]) for r in storage.scan_versions(None, None, 2)], keys[:2])
+        self.assertEqual([tuple(r[:2]) for r in storage.scan_versions(keys[1], keys[4], 100)], keys[2:5])
+        self.assertEqual([tuple(r[:2]) for r in storage.scan_versions(("c", "a"), None, 100)], keys[3:])
+        self.assertEqual([tuple(r[:2]) for r in storage.scan_versions(None, ("b", "zz"), 100)], keys[:1])
+        self.assertEqual(storage.scan_versions(keys[-1], None, 100), [])
+
+    def test_scan_versions_sees_later_writes(self):
+        """A key written after a scan is in the next scan, in its place."""
+        storage = self.make_storage()
+        storage.write([item("c", "a"), item("c", "c")])
+        self.assertEqual(len(storage.scan_versions(None, None, 10)), 2)
+        storage.write([item("c", "b", version=V2)])
+        self.assertEqual(
+            [tuple(r) for r in storage.scan_versions(None, None, 10)],
+            [("c", "a", V1), ("c", "b", V2), ("c", "c", V1)],
+        )
+
+
 class DurableStorageContract:
     """
     What a durable engine adds to L{StorageContract}: everything survives a

@@ -10,15 +10,18 @@ from twisted.logger import Logger
 
 from minstore._util import JSON_TYPE
 from minstore._util import json_response as _json
-from minstore.errors import BadRequest
+from minstore.cluster.peers import NDJSON
+from minstore.errors import BadRequest, PayloadTooLarge
 
 
 class ClusterAPI:
     log = Logger()
 
-    def __init__(self, node, lookups=None):
+    def __init__(self, node, lookups=None, sync=None):
         self.node = node
         self.lookups = lookups
+        #: The node's L{minstore.cluster.sync.Sync}, answering peers' syncs.
+        self.sync = sync
 
     def replicas(self, request, collection=None, uid=None):
         """``POST /_cluster/replicas``."""
@@ -35,6 +38,26 @@ class ClusterAPI:
 
         d = gatherResults(applied, consumeErrors=True).addCallback(answer)
         return d.addErrback(first_error)
+
+    def sync_ranges(self, request, collection=None, uid=None):
+        """``POST /_cluster/sync/ranges``."""
+        return self._sync_answer(request, lambda body: self.sync.answer_ranges(body), JSON_TYPE)
+
+    def sync_records(self, request, collection=None, uid=None):
+        """``POST /_cluster/sync/records``."""
+        return self._sync_answer(request, lambda body: self.sync.answer_records(body), NDJSON)
+
+    def _sync_answer(self, request, answer, content_type):
+        if self.sync is None:
+            raise BadRequest("no_sync", "this node does not take syncs")
+        if getattr(request, "body_too_large", False):
+            raise PayloadTooLarge(message="a sync message over this node's --max-record-size")
+
+        def send(body):
+            request.responseHeaders.setRawHeaders(b"content-type", [content_type])
+            return body
+
+        return answer(request.content.read()).addCallback(send)
 
     def lookup(self, request, collection, uid):
         """``GET`` or ``DELETE /_cluster/lookup/{collection}/{uid}``."""

@@ -197,6 +197,22 @@ class MemoryStorage:
                 if seq > after and (not forwarded_only or self._rows[key].forward)
             )
 
+    def scan_versions(self, after, upto, limit):
+        # Keys are never removed, so a key list as long as the rows is current.
+        with self._lock:
+            keys = getattr(self, "_sorted_keys", None)
+            if keys is None or len(keys) != len(self._rows):
+                keys = self._sorted_keys = sorted(self._rows)
+            i = 0 if after is None else bisect.bisect_right(keys, tuple(after))
+            out = []
+            while i < len(keys) and len(out) < limit:
+                key = keys[i]
+                if upto is not None and key > tuple(upto):
+                    break
+                out.append((key[0], key[1], self._rows[key].version))
+                i += 1
+            return out
+
     def checkpoints(self):
         with self._lock:
             return dict(self._checkpoints)

@@ -260,6 +260,21 @@ class SQLiteStorage:
         sql = "SELECT COUNT(*) FROM records WHERE seq > ?" + (" AND forward = 1" if forwarded_only else "")
         return _rows(self._reader(), sql, (after,))[0][0]
 
+    def scan_versions(self, after, upto, limit):
+        sql = "SELECT collection, uid, version FROM records"
+        where, args = [], []
+        if after is not None:
+            where.append("(collection, uid) > (?, ?)")
+            args.extend(after)
+        if upto is not None:
+            where.append("(collection, uid) <= (?, ?)")
+            args.extend(upto)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY collection, uid LIMIT ?"
+        args.append(limit)
+        return _rows(self._reader(), sql, args)
+
     def checkpoints(self):
         return dict(_rows(self._reader(), "SELECT peer, seq FROM checkpoints"))
 
