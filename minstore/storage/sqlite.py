@@ -143,7 +143,9 @@ class SQLiteStorage:
         rows = _rows(conn, "SELECT value FROM meta WHERE key = 'max_version'")
         self._max_version = rows[0][0] if rows else None
         self._live = dict(
-            _rows(conn, "SELECT collection, COUNT(*) FROM records WHERE deleted = 0 GROUP BY collection")
+            # NOT INDEXED: one pass over the table in rowid order; through the
+            # (collection, uid) index it looked each row up apart (1M: 12 s, not 2).
+            _rows(conn, "SELECT collection, COUNT(*) FROM records NOT INDEXED WHERE deleted = 0 GROUP BY collection")
         )
 
     def close(self):
