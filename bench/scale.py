@@ -45,6 +45,7 @@ import http.client
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import statistics
@@ -193,10 +194,17 @@ def rss_mb(pid):
     return None
 
 
-def node_argv(python, engine, data_dir, port):
+def cpu_seconds(pid):
+    """User + system CPU seconds of a process so far (every thread)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
+
+
+def node_argv(python, engine, data_dir, port, extra=()):
     return [python, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
             "minstore", "--port", "tcp:%d:interface=127.0.0.1" % port, "--data", data_dir,
-            "--storage", engine, "--processes", ""]
+            "--storage", engine, "--processes", ""] + list(extra)
 
 
 def start_node(args, engine, data_dir, work, name):
@@ -204,7 +212,7 @@ def start_node(args, engine, data_dir, work, name):
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     port = free_port()
-    server = Server(name, node_argv(args.python, engine, data_dir, port), port,
+    server = Server(name, node_argv(args.python, engine, data_dir, port, shlex.split(args.node_args)), port,
                     os.path.join(work, name + ".log"), env, REPO)
     t0 = time.monotonic()
     server.start()
@@ -341,10 +349,12 @@ def bench_engine(args, engine, dirs, work):
                 port = servers[size].port
                 if args.warmup:
                     wrk_get(args, port, count, get_lua, args.warmup)
+                cpu0 = cpu_seconds(servers[size].proc.pid)
                 figures = wrk_get(args, port, count, get_lua, args.duration)
+                figures["cpu_us"] = 1e6 * (cpu_seconds(servers[size].proc.pid) - cpu0) / max(1, figures.get("requests", 1))
                 result["get"].setdefault(size, []).append(figures)
-                log("   %s %-5s GET   %7.0f req/s  p50 %6.2f ms  p99 %7.2f ms"
-                    % (engine, size, figures["rps"], figures["p50"], figures["p99"]))
+                log("   %s %-5s GET   %7.0f req/s  p50 %6.2f ms  p99 %7.2f ms  node CPU %4.0f us/GET"
+                    % (engine, size, figures["rps"], figures["p50"], figures["p99"], figures["cpu_us"]))
         for size in ("big", "small"):
             result["rss_mb"][size] = rss_mb(servers[size].proc.pid)
             log("   %s %-5s RSS after GETs %.0f MB" % (engine, size, result["rss_mb"][size]))
@@ -362,7 +372,9 @@ def bench_engine(args, engine, dirs, work):
                 try:
                     if args.warmup:
                         wrk_list(args, port, list_lua[size], args.warmup)
+                    cpu0 = cpu_seconds(servers[size].proc.pid)
                     figures = wrk_list(args, port, list_lua[size], args.duration)
+                    figures["cpu_us"] = 1e6 * (cpu_seconds(servers[size].proc.pid) - cpu0) / max(1, figures.get("requests", 1))
                 finally:
                     for writer in writers:
                         writer.stop()
@@ -394,7 +406,7 @@ def summarise(result):
     s["rss_small_mb"] = result["rss_mb"]["small"]
     for op in ("get", "list"):
         big, small = result[op]["big"], result[op]["small"]
-        for key in ("p50", "p99", "rps"):
+        for key in ("p50", "p99", "rps", "cpu_us"):
             s["%s_%s_big" % (op, key)] = median([f[key] for f in big])
             s["%s_%s_small" % (op, key)] = median([f[key] for f in small])
             s["%s_%s_ratio" % (op, key)] = median([b[key] / a[key] for b, a in zip(big, small) if a[key]])
@@ -405,6 +417,8 @@ def report(summaries, args, load_before, load_after, fills):
     lines = []
     lines.append("load average before %.2f, after %.2f (1 min); nproc %d; %s"
                  % (load_before, load_after, os.cpu_count() or 0, time.strftime("%Y-%m-%d %H:%M")))
+    if args.node_args:
+        lines.append("node options: --processes '' %s" % args.node_args)
     lines.append("GET: wrk -t%d -c%d -d%ds (after %ds warm-up); listing: wrk -t1 -c%d, %d POST/s alongside; median of %d alternating pairs"
                  % (args.threads, args.connections, args.duration, args.warmup, args.list_connections,
                     args.write_rate, args.repeat))
@@ -421,6 +435,15 @@ def report(summaries, args, load_before, load_after, fills):
                s["get_p50_big"], s["get_p50_small"], s["get_p99_big"], s["get_p99_small"], s["get_p99_ratio"],
                s["get_rps_big"], s["get_rps_small"], s["list_p50_big"], s["list_p50_small"],
                s["list_p99_big"], s["list_p99_small"], s["list_p50_ratio"], s["list_p99_ratio"]))
+    lines.append("")
+    lines.append("Node CPU per request (user + system, /proc; includes the writes' share during the listing runs):")
+    lines.append("")
+    lines.append("| engine | GET µs 1M / 10k | ratio | listing µs 1M / 10k | ratio |")
+    lines.append("|---|---:|---:|---:|---:|")
+    for engine, s in summaries.items():
+        lines.append("| %s | %.0f / %.0f | %.2fx | %.0f / %.0f | %.2fx |" % (
+            engine, s["get_cpu_us_big"], s["get_cpu_us_small"], s["get_cpu_us_ratio"],
+            s["list_cpu_us_big"], s["list_cpu_us_small"], s["list_cpu_us_ratio"]))
     lines.append("")
     lines.append("| engine | start-up < 10 s | RSS < 400 MB | GET p99 1M/10k <= 1.5 | listing p99 1M/10k <= 2 |")
     lines.append("|---|---|---|---|---|")
@@ -450,6 +473,7 @@ def parse_args(argv):
     p.add_argument("--connections", type=int, default=32, help="wrk -c of the GET runs (default 32)")
     p.add_argument("--list-connections", type=int, default=4, help="wrk -c of the listing runs (default 4)")
     p.add_argument("--write-rate", type=int, default=50, help="POST/s during the listing runs (default 50)")
+    p.add_argument("--node-args", default="", help="more options for every node, e.g. '--read-cache-size 1' (one string)")
     p.add_argument("--json", metavar="FILE", help="write every figure to this JSON file")
     return p.parse_args(argv)
 
