@@ -565,7 +565,7 @@ class StorageContract(IndexContract):
         (after excluded, upto included, None unbounded), up to the limit.
         """
         storage = self.make_storage()
-        uids = ["b", "a", "a\x00", "\u00e9", "\U0001f600", "Z", "a/b"]
+        uids = ["b", "a", "a\x01", "\u00e9", "\U0001f600", "Z", "a/b"]
         storage.write([item("c", u) for u in uids] + [item("b", "z", version=V2)])
         storage.write([item("c", "a", deleted=True, version=V3)])
         keys = [("b", "z")] + [("c", u) for u in sorted(uids)]

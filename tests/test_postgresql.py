@@ -29,7 +29,19 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from minstore.errors import ServiceUnavailable, StorageFailed
 from minstore.interfaces import ABSENT, NEWER
-from minstore.testing import V1, V2, V3, DurableStorageContract, StorageContract, item, uids_of
+from minstore.storage.indexes import parse_declarations
+from minstore.testing import (
+    V1,
+    V2,
+    V3,
+    DurableStorageContract,
+    StorageContract,
+    assert_index_exact,
+    build_all,
+    found,
+    item,
+    uids_of,
+)
 from tests.harness import NodeTestMixin, deferred_test, free_port
 
 try:
@@ -41,7 +53,10 @@ except ImportError as e:
     _NO_DRIVER = str(e)
 
 ENGINE = "minstore.storage.postgresql:PostgreSQLStorage"
-TABLES = "minstore_records, minstore_state, minstore_counts, minstore_checkpoints, minstore_schema"
+TABLES = (
+    "minstore_records, minstore_state, minstore_counts, minstore_checkpoints, minstore_schema,"
+    " minstore_idx, minstore_idx_state, minstore_idx_decl"
+)
 
 
 def _bin_dir():
@@ -338,10 +353,13 @@ class SharedDatabaseTests(_PostgreSQLCase, SynchronousTestCase):
     def test_migration_from_empty_by_two_nodes_at_once(self):
         """Two nodes opening an empty database together create the schema once."""
         errors = []
+        # mktemp() here, not in the threads: it makes the test's directory
+        # unless it exists, which two threads racing turn into FileExistsError.
+        dirs = dict((n, self.mktemp()) for n in "ab")
 
         def open_one(name):
             try:
-                self.engine(name)
+                self.engine(name, data=dirs[name])
             except Exception as e:
                 errors.append(e)
 
@@ -351,6 +369,62 @@ class SharedDatabaseTests(_PostgreSQLCase, SynchronousTestCase):
         for t in threads:
             t.join()
         self.assertEqual(errors, [])
+
+    def test_index_declarations_of_two_nodes_are_kept_together(self):
+        """
+        Nodes declaring different indexes on one database keep each
+        other's: each write, on either node, keeps every node's entries;
+        one node dropping its declaration drops nothing another still
+        declares; an index one node declares over held records builds
+        while the other writes.
+        """
+        a, b = self.engine("a", refresh_interval=0), self.engine("b", refresh_interval=0)
+        a.set_indexes(parse_declarations("c:value.g"))
+        b.set_indexes(parse_declarations("c:value.h"))
+        self.assertEqual(a.index_states(), {"c:value.g": {"state": "ready", "seq": 0, "until_seq": 0}})
+        self.assertEqual(list(b.index_states()), ["c:value.h"])
+        a.write([item("c", "x", {"g": 1, "h": 2})])
+        b.write([item("c", "y", {"g": 1, "h": 3})])
+        self.assertEqual(found(b, "c", "value.h", {"eq": 2}), ["x"])
+        self.assertEqual(found(a, "c", "value.g", {"eq": 1}), ["x", "y"])
+        # b no longer declares value.h, a declares it too: kept, still kept by b's writes.
+        a.set_indexes(parse_declarations("c:value.g,c:value.h"))
+        b.set_indexes([])
+        self.assertEqual(b.index_states(), {})
+        self.assertEqual(a.index_states()["c:value.h"]["state"], "ready")
+        b.write([item("c", "x", {"g": 5, "h": 3}, V2), item("c", "y", deleted=True, version=V2)])
+        self.assertEqual(found(a, "c", "value.h", {"eq": 3}), ["x"])
+        self.assertEqual(found(a, "c", "value.g", {"eq": 1}), [])
+        assert_index_exact(self, a, "c", "value.g")
+        # Declared by b over held records: building, while a writes.
+        b.set_indexes(parse_declarations("c:value.k"))
+        a.write([item("c", "z%d" % i, {"k": i % 2}) for i in range(6)])
+        self.assertEqual(b.index_states()["c:value.k"]["state"], "building")
+        build_all(b, 2)
+        self.assertEqual(b.index_states()["c:value.k"]["state"], "ready")
+        assert_index_exact(self, b, "c", "value.k")
+        self.assertEqual(found(a, "c", "value.k", {"eq": 1}), ["z1", "z3", "z5"])
+        # Dropped by the last node that declares it: gone.
+        a.set_indexes(parse_declarations("c:value.g"))
+        self.assertEqual(found(a, "c", "value.h", {"eq": 3}), [])
+
+    def test_schema_1_is_migrated_to_the_index_tables(self):
+        """A database of schema 1 (before secondary indexes) gets the index tables at open, its records kept."""
+        a = self.engine("a", refresh_interval=0)
+        a.write([item("c", "x", {"g": 1})])
+        for statement in [
+            "DROP TABLE minstore_idx, minstore_idx_state, minstore_idx_decl",
+            "ALTER TABLE minstore_state DROP COLUMN idx_gen",
+            "UPDATE minstore_schema SET version = 1",
+        ]:
+            self.sql(a, statement)
+        a.close()
+        b = self.engine("b", refresh_interval=0)
+        self.assertEqual(b._rows(b._conn(), "SELECT version FROM minstore_schema"), [(2,)])
+        b.set_indexes(parse_declarations("c:value.g"))
+        self.assertEqual(b.index_states()["c:value.g"]["state"], "building")
+        build_all(b)
+        self.assertEqual(found(b, "c", "value.g", {"eq": 1}), ["x"])
 
     def test_serialization_failures_are_retried(self):
         """A transaction the database aborts with SQLSTATE 40001 (CockroachDB's restart) runs again."""

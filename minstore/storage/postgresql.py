@@ -28,6 +28,30 @@ Tables (all named ``minstore_*``, so the database may hold others):
 * ``minstore_schema``: the schema version; :data:`MIGRATIONS` bring an
   older database up to date at open, under an advisory lock so that nodes
   starting together migrate once.
+* Secondary indexes (L{minstore.storage.indexes}), as in the ``sqlite``
+  engine: ``minstore_idx (collection, field, key, uid)``, ``key`` the
+  sortable bytes of the field's value as ``bytea`` (compared bytewise, the
+  order the key encoding is made for), its primary key the order of a
+  filtered listing; ``minstore_idx_state``: every declaration the database
+  keeps and how far its build is.  Each write keeps the entries of every
+  declaration in ``minstore_idx_state`` in its own transaction, under the
+  counter-row lock (so a declaration and the writes are in one order: what
+  was written before it, the build indexes, what is written after, the
+  writes do).  A build goes in steps, each a transaction under that lock
+  that records how far it went.
+
+  Declarations are per database, as the records are, while each node gives
+  its own ``--indexes``: ``minstore_idx_decl (node, spec)`` holds each
+  node's, and the database keeps the union of them.  A node that stops
+  declaring an index removes only its own declaration: the index (its
+  state and entries) is dropped when no node declares it any more, so two
+  nodes declaring different indexes never drop each other's.  (A node
+  that left the cluster for good keeps its declarations until another
+  node is started with its ``--node-id`` and new ``--indexes``, or its
+  rows are deleted.)  Writers learn of a changed set of declarations from
+  ``minstore_state.idx_gen``, read with the lock they take anyway.
+  L{index_states} shows this node's declarations, refreshed with the other
+  memory values (another node may finish a build this node declared too).
 
 Last writer wins is also checked in SQL: the upsert only replaces a row
 whose version is not newer (``WHERE minstore_records.version <=
@@ -59,10 +83,14 @@ from zope.interface import implementer
 
 from minstore.errors import ServiceUnavailable, StorageFailed
 from minstore.interfaces import ABSENT, NEWER, Change, IStorage
+from minstore.storage.indexes import Declaration, fields_by_collection, record_keys
 
 log = Logger("minstore.storage.postgresql")
 
-SCHEMA_VERSION = 1
+#: 2: the secondary index tables (a database of version 1 is upgraded at
+#: open; a minstore that knows only 1 refuses a 2, whose indexes it would
+#: not keep).
+SCHEMA_VERSION = 2
 
 #: version -> the statements that bring the schema from version - 1 to it.
 MIGRATIONS = {
@@ -94,7 +122,37 @@ MIGRATIONS = {
             PRIMARY KEY (node, peer)
         )""",
     ],
+    2: [
+        # Moved on by every change of the set of declarations: writers reload them.
+        "ALTER TABLE minstore_state ADD COLUMN idx_gen BIGINT NOT NULL DEFAULT 0",
+        """CREATE TABLE minstore_idx (
+            collection TEXT COLLATE "C" NOT NULL,
+            field TEXT COLLATE "C" NOT NULL,
+            key BYTEA NOT NULL,
+            uid TEXT COLLATE "C" NOT NULL,
+            PRIMARY KEY (collection, field, key, uid)
+        )""",
+        """CREATE TABLE minstore_idx_state (
+            spec TEXT COLLATE "C" PRIMARY KEY,
+            collection TEXT COLLATE "C" NOT NULL,
+            field TEXT COLLATE "C" NOT NULL,
+            state TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            until_seq BIGINT NOT NULL
+        )""",
+        """CREATE TABLE minstore_idx_decl (
+            node TEXT NOT NULL,
+            spec TEXT COLLATE "C" NOT NULL,
+            collection TEXT COLLATE "C" NOT NULL,
+            field TEXT COLLATE "C" NOT NULL,
+            position INTEGER NOT NULL,
+            PRIMARY KEY (node, spec)
+        )""",
+    ],
 }
+
+#: Index entries per INSERT or DELETE statement (4 parameters each).
+_ENTRIES_PER_STATEMENT = 2000
 
 #: pg_advisory_lock key of migrations ("minstore" in ASCII, truncated).
 _MIGRATION_LOCK = 0x6D696E73746F7265
@@ -264,6 +322,10 @@ class PostgreSQLStorage:
         self._live = {}
         self._refresher = None
         self._stop = threading.Event()
+        #: This node's declarations: spec -> {"state", "seq", "until_seq"}, in declared order.
+        self._states = {}
+        #: (idx_gen, collection -> fields) of the database's declarations, as last read.
+        self._index_fields = (None, fields_by_collection([]))
         #: Whether the last attempt to reach the database failed (for health).
         self.unavailable = None
 
@@ -500,10 +562,13 @@ class PostgreSQLStorage:
         if conn is None:
             rows = self._read("refresh", "SELECT seq, max_version FROM minstore_state")
             counts = self._read("refresh", "SELECT collection, live FROM minstore_counts")
+            states = self._read("refresh", self._STATES_SQL, (self.node_id,))
         else:
             rows = self._rows(conn, "SELECT seq, max_version FROM minstore_state")
             counts = self._rows(conn, "SELECT collection, live FROM minstore_counts")
+            states = self._rows(conn, self._STATES_SQL, (self.node_id,))
         self._remember(rows[0][0], rows[0][1], dict(counts), replace=True)
+        self._remember_states(states)
 
     def _remember(self, seq, max_version, live, replace=False):
         with self._state_lock:
@@ -592,6 +657,22 @@ class PostgreSQLStorage:
         sql = "SELECT COUNT(*) FROM minstore_records WHERE seq > %s" + (" AND forward" if forwarded_only else "")
         return self._read("count_changes", sql, (after,))[0][0]
 
+    def scan_versions(self, after, upto, limit):
+        # (collection, uid) row comparisons in "C" order: code point order, the unique index's.
+        sql = "SELECT collection, uid, version FROM minstore_records"
+        where, args = [], []
+        if after is not None:
+            where.append("(collection, uid) > (%s, %s)")
+            args.extend(after)
+        if upto is not None:
+            where.append("(collection, uid) <= (%s, %s)")
+            args.extend(upto)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY collection, uid LIMIT %s"
+        args.append(limit)
+        return [tuple(row) for row in self._read("scan_versions", sql, args)]
+
     def checkpoints(self):
         rows = self._read("checkpoints", "SELECT peer, seq FROM minstore_checkpoints WHERE node = %s", (self.node_id,))
         return dict(rows)
@@ -613,18 +694,26 @@ class PostgreSQLStorage:
     def _write_in(self, conn, batch, checkpoints):
         """The body of a write transaction: (counter, max_version, {collection: live}, results)."""
         # The lock every writer of every node takes first: numbers in commit order.
-        seq, max_version = self._rows(conn, "SELECT seq, max_version FROM minstore_state WHERE id = 1 FOR UPDATE")[0]
+        seq, max_version, gen = self._rows(
+            conn, "SELECT seq, max_version, idx_gen FROM minstore_state WHERE id = 1 FOR UPDATE"
+        )[0]
+        fields = self._declared_fields(conn, gen)
         held = {}
+        old_data = {}  # (collection, uid) -> the live record held before the batch, where indexed
         if batch:
             keys = list({(w.collection, w.uid) for w in batch})
+            indexed = any(fields(c) for c, _ in keys)
             rows = self._rows(
                 conn,
-                "SELECT r.collection, r.uid, r.deleted, r.version FROM minstore_records r"
+                "SELECT r.collection, r.uid, r.deleted, r.version, "
+                + ("CASE WHEN r.deleted THEN NULL ELSE r.data END" if indexed else "NULL")
+                + " FROM minstore_records r"
                 " JOIN unnest(%s::text[], %s::text[]) AS k(collection, uid)"
                 " ON r.collection = k.collection AND r.uid = k.uid",
                 ([k[0] for k in keys], [k[1] for k in keys]),
             )
-            held = {(c, u): (bool(d), v) for c, u, d, v in rows}
+            held = {(c, u): (bool(d), v) for c, u, d, v, _ in rows}
+            old_data = {(c, u): data for c, u, _, _, data in rows if data is not None}
         results = []
         rows = {}  # (collection, uid) -> the row to store (the last one of the batch)
         delta = {}
@@ -651,7 +740,7 @@ class PostgreSQLStorage:
                 max_version = version
             results.append(seq)
         if rows:
-            stored = self._upsert(conn, list(rows.values()))
+            stored = self._upsert(conn, list(rows.values()), fields, old_data)
             if stored != len(rows):
                 raise _Retry()  # a row changed under us: not with the lock, but never store a gap
             self._run(
@@ -673,12 +762,14 @@ class PostgreSQLStorage:
             self._replace_checkpoints(conn, checkpoints)
         return seq, max_version, live, results
 
-    def _upsert(self, conn, rows):
+    def _upsert(self, conn, rows, fields, old_data):
         """
         Insert or replace ``rows``; the number stored.  Last writer wins in
-        SQL too: a held row with a newer version is left alone.  (Where
-        secondary indexes keep tables of their own, their entries are
-        written here, in the same transaction.)
+        SQL too: a held row with a newer version is left alone.  The
+        entries of the secondary indexes move with them, in the same
+        transaction: from the keys of the record held before the batch
+        (``old_data``) to those of the row stored (``fields``: collection ->
+        the fields indexed there).
         """
         stored = self._rows(
             conn,
@@ -689,7 +780,47 @@ class PostgreSQLStorage:
             " WHERE minstore_records.version <= EXCLUDED.version RETURNING seq",
             [x for row in rows for x in row],
         )
+        removed, added = [], []
+        for _, collection, uid, _, deleted, _, data in rows:
+            indexed = fields(collection)
+            if not indexed:
+                continue
+            old = old_data.get((collection, uid))
+            old_keys = record_keys(old, indexed) if old is not None else {}
+            new_keys = record_keys(data, indexed) if not deleted else {}
+            for field in indexed:
+                before, after = old_keys.get(field), new_keys.get(field)
+                if before is not None and before != after:
+                    removed.append((collection, field, before, uid))
+                if after is not None:
+                    # Even when the key is unchanged: while an index is
+                    # building, the old record may not have its entry yet,
+                    # and once moved past the build's mark the build would
+                    # not give it one.
+                    added.append((collection, field, after, uid))
+        for i in range(0, len(removed), _ENTRIES_PER_STATEMENT):
+            chunk = removed[i : i + _ENTRIES_PER_STATEMENT]
+            self._run(
+                conn,
+                "DELETE FROM minstore_idx i USING (VALUES "
+                + ", ".join(["(%s::text, %s::text, %s::bytea, %s::text)"] * len(chunk))
+                + ") AS d(collection, field, key, uid) WHERE i.collection = d.collection"
+                " AND i.field = d.field AND i.key = d.key AND i.uid = d.uid",
+                [x for entry in chunk for x in entry],
+            )
+        self._insert_entries(conn, added)
         return len(stored)
+
+    def _insert_entries(self, conn, entries):
+        for i in range(0, len(entries), _ENTRIES_PER_STATEMENT):
+            chunk = entries[i : i + _ENTRIES_PER_STATEMENT]
+            self._run(
+                conn,
+                "INSERT INTO minstore_idx (collection, field, key, uid) VALUES "
+                + ", ".join(["(%s, %s, %s::bytea, %s)"] * len(chunk))
+                + " ON CONFLICT DO NOTHING",
+                [x for entry in chunk for x in entry],
+            )
 
     def _replace_checkpoints(self, conn, checkpoints):
         self._run(conn, "DELETE FROM minstore_checkpoints WHERE node = %s", (self.node_id,))
@@ -703,3 +834,162 @@ class PostgreSQLStorage:
 
     def save_checkpoints(self, checkpoints):
         self._transaction("save_checkpoints", lambda conn: self._replace_checkpoints(conn, checkpoints))
+
+    # -- secondary indexes ---------------------------------------------------
+
+    #: This node's declarations and their states, in declared order.
+    _STATES_SQL = (
+        "SELECT d.spec, s.state, s.seq, s.until_seq FROM minstore_idx_decl d"
+        " JOIN minstore_idx_state s ON s.spec = d.spec WHERE d.node = %s ORDER BY d.position"
+    )
+
+    def _remember_states(self, rows):
+        self._states = dict(
+            (spec, {"state": state, "seq": seq, "until_seq": until_seq}) for spec, state, seq, until_seq in rows
+        )
+
+    def _declared_fields(self, conn, gen):
+        """collection -> the fields indexed there, of every declaration the database keeps (at ``gen``)."""
+        known, fields = self._index_fields
+        if known != gen:
+            rows = self._rows(conn, "SELECT collection, field FROM minstore_idx_state ORDER BY spec")
+            fields = fields_by_collection([Declaration(c, f) for c, f in rows])
+            self._index_fields = (gen, fields)
+        return fields
+
+    def set_indexes(self, declarations):
+        declarations = [Declaration(*d) for d in declarations]
+        states = self._transaction("set_indexes", lambda conn: self._set_indexes(conn, declarations))
+        self._remember_states(states)
+
+    def _set_indexes(self, conn, mine):
+        # Under the writers' lock: the declaration's until_seq is exactly the
+        # last number written without its entries.
+        seq = self._rows(conn, "SELECT seq FROM minstore_state WHERE id = 1 FOR UPDATE")[0][0]
+        self._run(conn, "DELETE FROM minstore_idx_decl WHERE node = %s", (self.node_id,))
+        if mine:
+            self._run(
+                conn,
+                "INSERT INTO minstore_idx_decl (node, spec, collection, field, position) VALUES "
+                + _values(len(mine), 5),
+                [x for i, d in enumerate(mine) for x in (self.node_id, str(d), d.collection, d.field, i)],
+            )
+        # What the database keeps: the union of every node's declarations.
+        declarations = [Declaration(c, f) for c, f in self._rows(conn, "SELECT DISTINCT collection, field FROM minstore_idx_decl")]
+        wanted = dict((str(d), d) for d in declarations)
+        held = dict(
+            (spec, (collection, field, state))
+            for spec, collection, field, state in self._rows(
+                conn, "SELECT spec, collection, field, state FROM minstore_idx_state"
+            )
+        )
+        changed = False
+        for spec, (collection, field, _) in held.items():
+            if spec in wanted:
+                continue
+            changed = True
+            self._run(conn, "DELETE FROM minstore_idx_state WHERE spec = %s", (spec,))
+            if Declaration("*", field) in declarations:
+                pass  # its entries are the other declaration's too
+            elif collection == "*":
+                kept = [d.collection for d in declarations if d.field == field]
+                self._run(
+                    conn,
+                    "DELETE FROM minstore_idx WHERE field = %s AND NOT (collection = ANY(%s::text[]))",
+                    (field, kept),
+                )
+            elif Declaration(collection, field) not in declarations:
+                self._run(conn, "DELETE FROM minstore_idx WHERE collection = %s AND field = %s", (collection, field))
+            log.info("index {spec} dropped (no node declares it any more)", spec=spec)
+        for spec, d in wanted.items():
+            if spec in held:
+                continue
+            changed = True
+            everywhere = held.get(str(Declaration("*", d.field)))
+            if seq == 0 or (everywhere is not None and everywhere[2] == "ready"):
+                state = "ready"
+            else:
+                state = "building"
+                log.info("index {spec} declared over {n} sequence numbers: building it", spec=spec, n=seq)
+            self._run(
+                conn,
+                "INSERT INTO minstore_idx_state (spec, collection, field, state, seq, until_seq)"
+                " VALUES (%s, %s, %s, %s, 0, %s)",
+                (spec, d.collection, d.field, state, seq),
+            )
+        if changed:
+            self._run(conn, "UPDATE minstore_state SET idx_gen = idx_gen + 1 WHERE id = 1")
+        return self._rows(conn, self._STATES_SQL, (self.node_id,))
+
+    def build_indexes(self, limit):
+        if not any(s["state"] == "building" for s in self._states.values()):
+            return False
+        more, states = self._transaction("build_indexes", lambda conn: self._build_step(conn, limit))
+        self._remember_states(states)
+        return more
+
+    def _build_step(self, conn, limit):
+        """One step of the first building declaration of this node's: (whether some still build, states)."""
+        # Under the writers' lock: a write cannot move a record between the
+        # step's read of it and its entry.
+        self._run(conn, "SELECT seq FROM minstore_state WHERE id = 1 FOR UPDATE")
+        building = [row for row in self._rows(conn, self._STATES_SQL, (self.node_id,)) if row[1] == "building"]
+        if not building:
+            return False, self._rows(conn, self._STATES_SQL, (self.node_id,))  # another node built them
+        spec, _, seq, until_seq = building[0]
+        collection, field = self._rows(conn, "SELECT collection, field FROM minstore_idx_state WHERE spec = %s", (spec,))[0]
+        top = min(until_seq, seq + limit)
+        state = "ready" if top >= until_seq else "building"
+        sql = "SELECT collection, uid, data FROM minstore_records WHERE seq > %s AND seq <= %s AND NOT deleted"
+        args = [seq, top]
+        if collection != "*":
+            sql += " AND collection = %s"
+            args.append(collection)
+        entries = []
+        for c, uid, data in self._rows(conn, sql, args):
+            key = record_keys(data, (field,)).get(field)
+            if key is not None:
+                entries.append((c, field, key, uid))
+        self._insert_entries(conn, entries)
+        self._run(conn, "UPDATE minstore_idx_state SET seq = %s, state = %s WHERE spec = %s", (top, state, spec))
+        if state == "ready":
+            log.info("index {spec} built", spec=spec)
+        return state == "building" or len(building) > 1, self._rows(conn, self._STATES_SQL, (self.node_id,))
+
+    def index_states(self):
+        return dict((spec, dict(s)) for spec, s in list(self._states.items()))
+
+    def find(self, collection, field, start, stop, after, limit):
+        base = (
+            "SELECT i.key, r.data FROM minstore_idx i"
+            " JOIN minstore_records r ON r.collection = i.collection AND r.uid = i.uid"
+            " WHERE i.collection = %s AND i.field = %s"
+        )
+        queries = []
+        if after is not None:
+            key, uid = after
+            # Two seeks of the primary key, not one range filtered row by row:
+            # the rest of the cursor's key (uids after its uid), then the keys above.
+            if (start is None or key >= start) and (stop is None or key < stop):
+                queries.append((base + " AND i.key = %s AND i.uid > %s", [collection, field, key, uid]))
+            if start is None or start <= key:
+                start = key + b"\x00"
+        sql, args = base, [collection, field]
+        if start is not None:
+            sql += " AND i.key >= %s"
+            args.append(start)
+        if stop is not None:
+            sql += " AND i.key < %s"
+            args.append(stop)
+        queries.append((sql, args))
+
+        def read(conn):
+            found = []
+            for sql, args in queries:
+                if len(found) < limit:
+                    rows = self._rows(conn, sql + " ORDER BY i.key, i.uid LIMIT %s", args + [limit - len(found)])
+                    found.extend((bytes(k), d.encode("utf-8")) for k, d in rows)
+            return found
+
+        # One snapshot for both.
+        return self._transaction("find", read, " ISOLATION LEVEL REPEATABLE READ READ ONLY")
