@@ -2,11 +2,10 @@
 The HTTP API of DESIGN section 3, bound to a L{Node}.
 
 One request path: L{parse_path} turns the raw path into a route and its
-``(collection, uid)``, the API's Klein app (built from L{RecordAPI.routes})
-picks the handler of the route and the method, and every failure becomes a
-JSON error body ``{"error": code, "message": text}`` through one mapping
-(L{minstore.errors.error_answer}), never an HTML page.  A client that hangs
-up cancels the work of its read, never its write.
+``(collection, uid)``, L{_Resource} picks the handler of the route and the
+method, and every failure becomes a JSON error body ``{"error": code,
+"message": text}`` through one mapping (L{minstore.errors.error_answer}),
+never an HTML page.  A client that hangs up cancels the work of its read.
 """
 
 import json
@@ -18,15 +17,12 @@ from email.policy import HTTP
 from itertools import accumulate
 from urllib.parse import parse_qs, unquote_to_bytes
 
-from klein import Klein
-from klein.resource import KleinResource
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
-from twisted.web.server import Request
-from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
-from werkzeug.exceptions import NotFound as WerkzeugNotFound
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
 
 from minstore import __version__
 from minstore._util import JSON_TYPE, json_response
@@ -110,14 +106,6 @@ _FIXED_ROUTES = {
     b"/_cluster/replicas": "replicas",
 }
 
-#: The werkzeug rules of the routes whose path has parts, matched on the
-#: raw path (werkzeug's values are not used: L{parse_path}'s are).
-_PATTERN_RULES = {
-    "collection": "/<collection>/",
-    "record": "/<collection>/<path:uid>",
-    "lookup": "/_cluster/lookup/<collection>/<path:uid>",
-}
-
 
 def parse_path(path):
     """
@@ -165,12 +153,6 @@ def parse_path(path):
     if len(segments) == 1:
         raise NotFound(message="no such route; the records of a collection are at /%s/" % decoded[0])
     return "record", decoded[0], "/".join(decoded[1:])
-
-
-def _sized(request, body):
-    """``body``, its Content-Length set (Klein would send it chunked)."""
-    request.setHeader(b"content-length", b"%d" % len(body))
-    return body
 
 
 def _flag(args, name):
@@ -368,100 +350,15 @@ class RecordAPI:
         #: The cache strategy's front (``cache=1``), when the node has dependants.
         self.front = front
         self.metrics = node.metrics
-        self.app = self._klein_app()
 
     def resource(self):
         return _Resource(self)
-
-    def _klein_app(self):
-        """
-        The Klein app of L{routes}: one werkzeug rule a route, matched on the
-        raw path (see L{_Resource}), never merging slashes nor redirecting,
-        and one error handler for every route.
-        """
-        app = Klein()
-        app.url_map.merge_slashes = False
-        app.url_map.strict_slashes = False
-        app.url_map.redirect_defaults = False
-        rules = {route: path.decode("ascii") for path, route in _FIXED_ROUTES.items()}
-        rules.update(_PATTERN_RULES)
-        routes = self.routes()
-        for route, (label, methods) in routes.items():
-            rule = rules[route]
-            app.route(
-                rule,
-                methods=[m.decode("ascii") for m in methods],
-                endpoint=route,
-                # A rule ending in / would redirect the path without it (no
-                # 308: parse_path answers /books itself); one without would,
-                # not strict, match the path with a / added (/metrics/ is a
-                # collection's listing).
-                strict_slashes=not rule.endswith("/"),
-            )(self._endpoint(route, label, methods, routes))
-        app.handle_errors(Exception)(lambda request, failure: self._error(request, failure))
-        return app
-
-    def _endpoint(self, route, label, methods, routes):
-        """
-        The Klein handler of a route: werkzeug chose the route and checked
-        the method; the collection and uid are L{parse_path}'s (werkzeug's
-        decoded values are not used).
-        """
-        get = methods.get(b"GET")
-
-        def endpoint(request, **_):
-            parsed, collection, uid = request.minstore_route
-            if parsed != route:
-                # werkzeug tries the next rule when a method does not fit
-                # (GET /_cluster/replicas matches /<collection>/<uid> then):
-                # the route is parse_path's, and the method not one of its.
-                allowed = set(routes[parsed][1]) | ({b"HEAD"} if b"GET" in routes[parsed][1] else set())
-                raise WerkzeugMethodNotAllowed(valid_methods=[m.decode("ascii") for m in allowed])
-            handler = methods.get(request.method) or get  # HEAD: werkzeug allows it with GET
-            self._track(request, label)
-            result = handler(request, collection, uid)
-            if not isinstance(result, Deferred):
-                return _sized(request, result)
-            if request.method not in _CANCELLABLE:
-                result = _uncancellable(result)
-            return result.addCallback(lambda body: _sized(request, body))
-
-        return endpoint
-
-    def _error(self, request, failure):
-        """The JSON answer to a failure: one mapping for every route."""
-        if failure.check(WerkzeugNotFound):
-            failure = Failure(NotFound(message="no such route"))
-        elif failure.check(WerkzeugMethodNotAllowed):
-            allow = ", ".join(sorted(failure.value.valid_methods or ())).encode("ascii")
-            failure = Failure(
-                MethodNotAllowed(message="allowed: " + allow.decode(), headers={b"allow": allow})
-            )
-        answer = error_answer(failure)
-        if answer is None:
-            if request.channel is None and failure.check(CancelledError):
-                return b""  # the client hung up and its read was cancelled
-            self.log.failure(
-                "{method} {path} failed", failure, method=request.method, path=request.path
-            )
-            answer = 500, {}, {"error": "internal_error", "message": failure.getErrorMessage()}
-        code, headers, body = answer
-        # An answer half made (an ETag set) before the failure is not kept.
-        request.responseHeaders.removeHeader(b"etag")
-        for name, value in headers.items():
-            request.setHeader(name, value)
-        return _sized(request, json_response(request, code, body))
 
     def routes(self):
         """
         The handlers of each route of L{parse_path}, by method; and the
         route's label in ``/metrics``.  A handler is called with the
         request, the collection and the uid (None where the route has none).
-
-        The Klein app is built from this table (L{_klein_app}).  To add a
-        route: a fixed path goes in L{_FIXED_ROUTES} (its werkzeug rule is
-        the path itself), a path with parts in L{parse_path} and
-        L{_PATTERN_RULES}; then its handlers here, under the same name.
         """
         return {
             "root": ("root", {b"GET": self.root}),
@@ -670,47 +567,75 @@ class RecordAPI:
         return self._written(request, collection, uid, d, self._deleted)
 
 
-#: Methods whose work a client that hangs up cancels (Klein cancels the
-#: Deferred of every handler): reads.  A write that reached the node goes on
-#: (its replicas must go out), answered to nobody.
+#: Methods whose work a client that hangs up cancels: reads.  A write that
+#: reached the node goes on (its replicas must go out), answered to nobody.
 _CANCELLABLE = frozenset([b"GET", b"HEAD"])
 
 
-def _uncancellable(d):
+class _Resource(Resource):
     """
-    A Deferred with ``d``'s result whose cancellation leaves ``d`` running:
-    what a write hands Klein, which cancels it when the client hangs up.
+    The site's root, the one request path: L{parse_path} names the route,
+    the method picks its handler, and the handler's bytes (or Deferred of
+    bytes) are the answer.  Any failure, raised or in the Deferred, is
+    answered by L{_Resource.error}.
     """
-    out = Deferred()
 
-    def passed(result):
-        if not out.called:
-            out.callback(result)
-        elif isinstance(result, Failure) and error_answer(result) is None:
-            RecordAPI.log.failure("a write answered to nobody failed", result)
-
-    d.addBoth(passed)
-    return out
-
-
-class _Resource(KleinResource):
-    """
-    The site's root: the API's Klein app.  L{parse_path} parses the raw path
-    first (a path it refuses is answered at once, as every error is, by
-    L{RecordAPI._error}); werkzeug then matches the same raw path,
-    percent-escapes kept, so its rule and the parsed route agree.
-    """
+    isLeaf = True
 
     def __init__(self, api):
-        KleinResource.__init__(self, api.app)
+        Resource.__init__(self)
         self.api = api
+        self.log = api.log
+        self.routes = api.routes()
 
     def render(self, request):
         try:
-            request.minstore_route = parse_path(request.path)
+            route, collection, uid = parse_path(request.path)
+            label, methods = self.routes[route]
+            method = request.method
+            handler = methods.get(method)
+            if handler is None and method == b"HEAD":
+                handler = methods.get(b"GET")
+            if handler is None:
+                allowed = sorted(methods) + ([b"HEAD"] if b"GET" in methods else [])
+                allow = b", ".join(sorted(allowed))
+                raise MethodNotAllowed(
+                    message="allowed: " + allow.decode(), headers={b"allow": allow}
+                )
+            self.api._track(request, label)
+            result = handler(request, collection, uid)
         except Exception:
-            return self.api._error(request, Failure())
-        # Klein builds werkzeug's path from postpath, which twisted.web
-        # percent-decoded segment by segment (%2F would become a separator).
-        request.prepath, request.postpath = [], request.path[1:].split(b"/")
-        return KleinResource.render(self, request)
+            return self.error(Failure(), request)
+        if not isinstance(result, Deferred):
+            return result
+        if request.method in _CANCELLABLE:
+            request.notifyFinish().addErrback(lambda _: result.cancel())
+
+        def write(body):
+            # twisted.web drops the channel of a request whose connection
+            # was lost: nothing to answer then.
+            if request.channel is not None:
+                request.setHeader(b"content-length", b"%d" % len(body))
+                request.write(body)
+                request.finish()
+
+        result.addErrback(self.error, request).addCallback(write)
+        result.addErrback(lambda f: self.log.failure("answering {path} failed", f, path=request.path))
+        return NOT_DONE_YET
+
+    def error(self, failure, request):
+        """The JSON answer to a failure: one mapping for every route."""
+        answer = error_answer(failure)
+        if answer is None:
+            if request.channel is None and failure.check(CancelledError):
+                return b""  # the client hung up and its read was cancelled
+            self.log.failure(
+                "{method} {path} failed", failure, method=request.method, path=request.path
+            )
+            answer = 500, {}, {"error": "internal_error", "message": failure.getErrorMessage()}
+        code, headers, body = answer
+        # An answer half made (an ETag set) before the failure is not kept.
+        request.responseHeaders.removeHeader(b"etag")
+        for name, value in headers.items():
+            request.setHeader(name, value)
+        return json_response(request, code, body)

@@ -724,38 +724,12 @@ class ErrorShapeTests(APITestCase):
             ("PUT", "/books/", ["GET", "HEAD", "POST"]),
             ("DELETE", "/metrics", ["GET", "HEAD"]),
             ("POST", "/", ["GET", "HEAD"]),
-            # A fixed path under the reserved prefix is not a record's.
-            ("POST", "/_node/health", ["GET", "HEAD"]),
-            ("GET", "/_cluster/replicas", ["POST"]),
         ]:
             response = self.request(method, path, json={"value": 1})
             self.assertError(response, 405, "method_not_allowed")
             self.assertEqual(
                 sorted(m.strip() for m in response.header(b"allow").decode().split(",")), allowed
             )
-
-    def test_fixed_path_with_a_slash_is_a_listing(self):
-        """/metrics/ is the listing of collection metrics, not /metrics."""
-        self.post("/metrics/a", 1)
-        response = self.get("/metrics/")
-        self.assertEqual(response.code, 200)
-        self.assertEqual([item["uid"] for item in response.json()["items"]], ["a"])
-
-    def test_answers_carry_their_length(self):
-        """Answers, errors included, say their Content-Length (none is sent chunked)."""
-        from twisted.web.server import Request
-        from twisted.web.test.requesthelper import DummyChannel
-
-        self.post("/books/a", 1)
-        for method, path in [(b"GET", b"/books/a"), (b"GET", b"/books/"), (b"GET", b"/nope/x"), (b"PATCH", b"/books/a")]:
-            channel = DummyChannel()
-            request = Request(channel, False)
-            request.method, request.uri, request.path, request.clientproto = method, path, path, b"HTTP/1.1"
-            request.args, request.prepath, request.postpath = {}, [], path[1:].split(b"/")
-            self.api.resource().render(request)
-            self.threads.flush()
-            head, _, body = channel.transport.written.getvalue().partition(b"\r\n\r\n")
-            self.assertIn(b"\r\nContent-Length: %d\r\n" % len(body), head + b"\r\n", path)
 
     def test_collection_without_slash(self):
         """
