@@ -29,6 +29,7 @@ install but keeps the configuration, the data and the user; ``--remove
 import argparse
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -257,8 +258,20 @@ class Installer:
         self._chmod(absolute, mode)
         return not same
 
-    def install(self, twistd, port="8001", servers=None, tokens=None, cluster_key=None):
-        """Install (or bring up to date) the node; the list of changes made."""
+    def installed_port(self):
+        """The ``--port`` of the unit installed already, or None."""
+        try:
+            with open(self.path(UNIT_DIR + "/" + UNIT_NAME)) as f:
+                found = re.search(r"^ExecStart=.* --port (\S+)", f.read(), re.M)
+        except FileNotFoundError:
+            return None
+        return found.group(1) if found else None
+
+    def install(self, twistd, port=None, servers=None, tokens=None, cluster_key=None):
+        """Install (or bring up to date) the node; the list of changes made.
+        Without ``port``, the installed unit's port, else 8001."""
+        if port is None:
+            port = self.installed_port() or "8001"
         ids = self.system.lookup(self.user)
         if ids is None:
             self.system.create_user(self.user)
@@ -337,7 +350,7 @@ def main(argv=None, out=None, system=None):
         description="Install this minstore as a systemd service (run as root).")
     parser.add_argument("--root", metavar="DIR", help="write everything under DIR; no user, no systemctl")
     parser.add_argument("--user", default="minstore", help="the service's system user (default minstore)")
-    parser.add_argument("--port", default="8001", help="the node's --port (default 8001)")
+    parser.add_argument("--port", help="the node's --port (default: the installed unit's, else 8001)")
     parser.add_argument("--servers", metavar="FILE", help="copied to /etc/minstore/servers.list")
     parser.add_argument("--tokens", metavar="FILE", help="copied to /etc/minstore/tokens")
     parser.add_argument("--cluster-key", metavar="FILE", help="copied to /etc/minstore/cluster.key")

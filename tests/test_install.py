@@ -142,6 +142,13 @@ class InstallTestCase(SynchronousTestCase):
         self.assertEqual(self.run_main("--servers", servers, "--tokens", tokens), "nothing to change\n")
         self.assertEqual(self.snapshot(), before)
 
+    def test_port_kept(self):
+        """A port given once stays in the unit when a later run (an
+        upgrade) does not give it."""
+        self.run_main("--port", "8005")
+        self.assertEqual(self.run_main(), "nothing to change\n")
+        self.assertIn(" --port 8005 ", self.read(UNIT))
+
     def test_secrets(self):
         """Tokens and the cluster key are copied 0640 and named in the unit;
         a later run without them keeps them in the unit."""
