@@ -4,17 +4,20 @@ machine code of the JSON error body (DESIGN section 3).
 """
 
 
+from typing import Dict, Optional
+
+
 class MinstoreError(Exception):
     code = 500
     error = "internal_error"
 
-    def __init__(self, error=None, message=""):
+    def __init__(self, error: Optional[str] = None, message: str = "") -> None:
         Exception.__init__(self, message)
         if error is not None:
             self.error = error
         self.message = message
 
-    def to_json(self):
+    def to_json(self) -> Dict[str, str]:
         return {"error": self.error, "message": self.message}
 
 

@@ -33,6 +33,7 @@ import re
 import shutil
 import subprocess
 import sys
+from typing import List, Optional, Sequence, TextIO, Tuple
 
 UNIT_NAME = "minstore.service"
 ETC = "/etc/minstore"
@@ -117,7 +118,9 @@ WantedBy=multi-user.target
 """
 
 
-def render_unit(twistd, port="8001", user="minstore", tokens=False, cluster_key=False):
+def render_unit(
+    twistd: str, port: str = "8001", user: str = "minstore", tokens: bool = False, cluster_key: bool = False
+) -> str:
     """The unit file's text for a node run by ``twistd`` (an absolute path)."""
     args = [
         twistd, "--nodaemon", "--pidfile=", "--logfile=-", "minstore",
@@ -135,11 +138,11 @@ def render_unit(twistd, port="8001", user="minstore", tokens=False, cluster_key=
     )
 
 
-def sysusers_line(user):
+def sysusers_line(user: str) -> str:
     return 'u %s - "minstore node" %s %s\n' % (user, DATA_HOME, NOLOGIN)
 
 
-def tmpfiles_lines(user):
+def tmpfiles_lines(user: str) -> str:
     return (
         "d %s 0750 %s %s -\n" % (DATA_HOME, user, user)
         + "d %s 0750 root %s -\n" % (ETC, user)
@@ -151,7 +154,7 @@ def tmpfiles_lines(user):
 class HostSystem:
     """The real machine: users, ownership and systemctl."""
 
-    def lookup(self, user):
+    def lookup(self, user: str) -> Optional[Tuple[int, int]]:
         """(uid, gid) of ``user``, or None when there is no such user."""
         try:
             entry = pwd.getpwnam(user)
@@ -159,27 +162,27 @@ class HostSystem:
             return None
         return entry.pw_uid, entry.pw_gid
 
-    def create_user(self, user):
+    def create_user(self, user: str) -> None:
         subprocess.check_call([
             "useradd", "--system", "--user-group", "--shell", NOLOGIN,
             "--home-dir", DATA_HOME, "--no-create-home",
             "--comment", "minstore node", user,
         ])
 
-    def delete_user(self, user):
+    def delete_user(self, user: str) -> None:
         subprocess.check_call(["userdel", user])
 
-    def owner(self, path):
+    def owner(self, path: str) -> Tuple[int, int]:
         st = os.stat(path)
         return st.st_uid, st.st_gid
 
-    def chown(self, path, uid, gid):
+    def chown(self, path: str, uid: int, gid: int) -> None:
         os.chown(path, uid, gid)
 
-    def systemd_running(self):
+    def systemd_running(self) -> bool:
         return os.path.isdir("/run/systemd/system")
 
-    def systemctl(self, *args):
+    def systemctl(self, *args: str) -> None:
         subprocess.check_call(("systemctl",) + args)
 
 
@@ -187,17 +190,17 @@ class PackagingSystem(HostSystem):
     """``--root DIR``: no user made, no systemctl; ownership set only for a
     user that exists here (the sysusers.d and tmpfiles.d lines carry it)."""
 
-    def create_user(self, user):
+    def create_user(self, user: str) -> None:
         pass
 
-    def delete_user(self, user):
+    def delete_user(self, user: str) -> None:
         pass
 
-    def chown(self, path, uid, gid):
+    def chown(self, path: str, uid: int, gid: int) -> None:
         if os.geteuid() == 0:
             os.chown(path, uid, gid)
 
-    def systemd_running(self):
+    def systemd_running(self) -> bool:
         return False
 
 
@@ -205,41 +208,41 @@ class Installer:
     """Install or remove a node under ``root`` (``/`` on the real machine),
     saying each change on ``out``."""
 
-    def __init__(self, root, system, user="minstore", out=None):
+    def __init__(self, root: str, system: HostSystem, user: str = "minstore", out: Optional[TextIO] = None) -> None:
         self.root = root
         self.system = system
         self.user = user
         self.out = out if out is not None else sys.stdout
-        self.changes = []
+        self.changes: List[str] = []
 
-    def path(self, absolute):
+    def path(self, absolute: str) -> str:
         return os.path.join(self.root, absolute.lstrip("/"))
 
-    def _say(self, what):
+    def _say(self, what: str) -> None:
         self.changes.append(what)
         self.out.write(what + "\n")
 
-    def _mkdir(self, absolute, mode):
+    def _mkdir(self, absolute: str, mode: int) -> None:
         path = self.path(absolute)
         if not os.path.isdir(path):
             os.makedirs(path, mode)
             self._say("made " + absolute)
         self._chmod(absolute, mode)
 
-    def _chmod(self, absolute, mode):
+    def _chmod(self, absolute: str, mode: int) -> None:
         path = self.path(absolute)
         if os.stat(path).st_mode & 0o7777 != mode:
             os.chmod(path, mode)
             self._say("mode %04o %s" % (mode, absolute))
 
-    def _chown(self, absolute, uid, gid):
+    def _chown(self, absolute: str, uid: int, gid: int) -> None:
         path = self.path(absolute)
         if self.system.owner(path) != (uid, gid):
             self.system.chown(path, uid, gid)
             if self.system.owner(path) == (uid, gid):
                 self._say("owner %d:%d %s" % (uid, gid, absolute))
 
-    def _write(self, absolute, data, mode):
+    def _write(self, absolute: str, data: bytes, mode: int) -> bool:
         """Write ``data`` (bytes) unless the file holds it already; True when written."""
         path = self.path(absolute)
         try:
@@ -258,7 +261,7 @@ class Installer:
         self._chmod(absolute, mode)
         return not same
 
-    def installed_port(self):
+    def installed_port(self) -> Optional[str]:
         """The ``--port`` of the unit installed already, or None."""
         try:
             with open(self.path(UNIT_DIR + "/" + UNIT_NAME)) as f:
@@ -267,7 +270,14 @@ class Installer:
             return None
         return found.group(1) if found else None
 
-    def install(self, twistd, port=None, servers=None, tokens=None, cluster_key=None):
+    def install(
+        self,
+        twistd: str,
+        port: Optional[str] = None,
+        servers: Optional[str] = None,
+        tokens: Optional[str] = None,
+        cluster_key: Optional[str] = None,
+    ) -> List[str]:
         """Install (or bring up to date) the node; the list of changes made.
         Without ``port``, the installed unit's port, else 8001."""
         if port is None:
@@ -316,7 +326,7 @@ class Installer:
             self.system.systemctl("enable", "--now", UNIT_NAME)
         return self.changes
 
-    def remove(self, purge=False):
+    def remove(self, purge: bool = False) -> List[str]:
         """Stop and remove the service; with ``purge`` its config, data and user."""
         unit = self.path(UNIT_DIR + "/" + UNIT_NAME)
         if self.system.systemd_running() and os.path.exists(unit):
@@ -338,12 +348,14 @@ class Installer:
         return self.changes
 
 
-def _twistd():
+def _twistd() -> str:
     """The twistd beside this interpreter (the virtualenv's)."""
     return os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "twistd")
 
 
-def main(argv=None, out=None, system=None):
+def main(
+    argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None, system: Optional[HostSystem] = None
+) -> int:
     out = out if out is not None else sys.stdout
     parser = argparse.ArgumentParser(
         prog="python -m minstore.install",

@@ -3,6 +3,7 @@ The two extension points of a node: storage engines and processes.
 """
 
 from collections import namedtuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from zope.interface import Attribute, Interface
 
@@ -53,20 +54,22 @@ class IStorage(Interface):
 
     name = Attribute("The engine's name, as given to --storage.")
 
-    def open():
+    def open() -> None:
         """
         I{blocking}, once before use: create or recover the engine's files.
         Damage that cannot be recovered past raises L{minstore.errors.StorageFailed}
         with a one-line reason naming the file.
         """
 
-    def close():
+    def close() -> None:
         """I{blocking}, once when the node stops: release files."""
 
-    def get(collection, uid):
+    def get(collection: str, uid: str) -> Optional[bytes]:
         """I{blocking}: the stored bytes of a record or tombstone, or None."""
 
-    def write(batch, checkpoints=None):
+    def write(
+        batch: Sequence["WriteItem"], checkpoints: Optional[Dict[str, int]] = None
+    ) -> List[Optional[int]]:
         """
         I{blocking}: store a list of L{WriteItem}s in one durable step, with
         ``checkpoints`` (``{peer: seq}``) when given.  Returns a list with,
@@ -78,14 +81,16 @@ class IStorage(Interface):
         I/O error: then nothing of the batch is stored.
         """
 
-    def list(collection, after, prefix, limit):
+    def list(collection: str, after: Optional[str], prefix: Optional[str], limit: int) -> List[bytes]:
         """
         I{blocking}: up to ``limit`` live records (bytes) of a collection, in
         uid order, with uids greater than ``after`` (or from the start when
         None) that start with ``prefix`` (any when None).
         """
 
-    def changes(after, limit, forwarded_only=False, collection=None):
+    def changes(
+        after: int, limit: int, forwarded_only: bool = False, collection: Optional[str] = None
+    ) -> Tuple[List["Change"], int]:
         """
         I{blocking}: ``(changes, scanned)``: up to ``limit`` L{Change}s with a
         sequence number above ``after``, in sequence order (the newest change
@@ -96,25 +101,25 @@ class IStorage(Interface):
         found, else the highest number stored when the read began.
         """
 
-    def count_changes(after, forwarded_only=False):
+    def count_changes(after: int, forwarded_only: bool = False) -> int:
         """I{blocking}: how many L{Change}s L{changes} would give after ``after``, without a limit."""
 
-    def checkpoints():
+    def checkpoints() -> Dict[str, int]:
         """I{blocking}: the saved ``{peer: seq}`` checkpoints."""
 
-    def save_checkpoints(checkpoints):
+    def save_checkpoints(checkpoints: Dict[str, int]) -> None:
         """I{blocking}: replace the saved checkpoints with ``{peer: seq}``, durably."""
 
-    def last_seq():
+    def last_seq() -> int:
         """I{memory}: the highest sequence number stored (0 when none)."""
 
-    def max_version():
+    def max_version() -> Optional[str]:
         """I{memory}: the highest version held, record or tombstone (None when empty)."""
 
-    def count():
+    def count() -> int:
         """I{memory}: the number of live records held."""
 
-    def collections():
+    def collections() -> List[str]:
         """I{memory}: the names of the collections holding at least one live record."""
 
 
@@ -133,7 +138,7 @@ class IProcess(Interface):
         "process followed by one that is not runs in the thread pool."
     )
 
-    def __call__(record):
+    def __call__(record: Dict[str, Any]) -> Any:
         """
         Return the record (a dict), transformed, or (a process that is not
         threaded only) a Deferred of it.  Raise L{minstore.errors.Rejected}
@@ -156,5 +161,5 @@ class IProcessFactory(Interface):
 
     name = Attribute("The process's name.")
 
-    def __call__(options):
+    def __call__(options: Dict[str, Any]) -> Any:
         """An L{IProcess}, given the node's parsed options (a dict)."""
