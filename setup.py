@@ -28,8 +28,18 @@ setup(
         "py3langid>=0.4.0,<0.5; python_version >= '3.10' and platform_python_implementation == 'CPython'",
     ],
     extras_require={
-        "test": ["openapi-spec-validator>=0.5.0"],  # checks GET /openapi.json
+        "test": [
+            "openapi-spec-validator>=0.5.0",  # checks GET /openapi.json
+            # Requests generated from /openapi.json (tests.test_fuzz, bench/fuzz.py).
+            "schemathesis>=4.0; python_version >= '3.11'",
+        ],
         "tls": ["Twisted[tls]>=22.10.0"],  # https:// peers, --peer-ca, --client-ca (pyOpenSSL, service_identity)
+        # --storage postgresql: psycopg 3 (libpq, binary wheel) on CPython; on
+        # PyPy psycopg's pure-Python mode fails (PyPy's ctypes), pg8000 works.
+        "postgresql": [
+            "psycopg[binary]>=3.1; platform_python_implementation == 'CPython'",
+            "pg8000>=1.30; platform_python_implementation != 'CPython'",
+        ],
     },
     entry_points={},
     zip_safe=False,

@@ -16,8 +16,19 @@ and the CPU time each server spent per request (user + system, from /proc),
 which moves far less than requests/s when other processes share the cores;
 the node's children (its file writer) are counted
 apart, as ``(+N)``, and the ratio by CPU leaves them out.
-``--repeat N`` measures everything N times, node and bare back to back, and
-reports medians.  Every process it starts is stopped at the end, whatever
+``--repeat N`` measures everything N times, node and bare back to back (in
+the reverse order every other time), and reports medians.
+
+``--targets node,etcd`` (or ``node,bare,etcd``) also starts etcd (Debian's
+``etcd-server``, ``--etcd``) on loopback with a temporary data directory,
+and measures its v3 JSON gateway in the same run: ``get`` is ``POST
+/v3/kv/range`` of a seeded key, ``post`` a ``POST /v3/kv/put`` of a new key
+with a ~200-byte value (etcd syncs its WAL before answering: durable, as
+the node's POST is), ``put`` a put of a seeded key; the node/etcd ratio of
+each operation is the median of the ratios of runs made back to back.
+``--also-storage sqlite`` runs a second node with another engine beside
+the first (its own data directory, seeded the same way), measured in the
+same alternation.  Every process it starts is stopped at the end, whatever
 happens.  All traffic goes to 127.0.0.1.  Standard library only, plus
 ``wrk`` on PATH.  The servers run under ``--python`` (default: the
 interpreter running this script), which must have minstore's dependencies.
@@ -26,11 +37,13 @@ interpreter running this script), which must have minstore's dependencies.
     python3 bench/run.py --python /tmp/pypy-venv/bin/python
     /tmp/venv/bin/python bench/run.py --compare-pypy --repeat 3 --warmup 5
     /tmp/venv/bin/python bench/run.py --json out.json --duration 15
+    /tmp/venv/bin/python bench/run.py --targets node,etcd --also-storage sqlite --ops get,post --repeat 3
 
 Results and the profiling findings: bench/RESULTS.md.
 """
 
 import argparse
+import base64
 import concurrent.futures
 import http.client
 import itertools
@@ -105,6 +118,80 @@ function request()
   return wrk.format("PUT", "/%(collection)s/" .. uid, nil, body)
 end
 """
+
+
+# etcd's v3 JSON gateway takes keys and values in base64.
+_B64_LUA = r"""
+local b64chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+local function b64(s)
+  local out = {}
+  for i = 1, #s, 3 do
+    local a, b, c = s:byte(i, i + 2)
+    local n = a * 65536 + (b or 0) * 256 + (c or 0)
+    local c1 = math.floor(n / 262144) % 64
+    local c2 = math.floor(n / 4096) % 64
+    local c3 = math.floor(n / 64) % 64
+    local c4 = n % 64
+    out[#out + 1] = b64chars:sub(c1 + 1, c1 + 1) .. b64chars:sub(c2 + 1, c2 + 1)
+      .. (b and b64chars:sub(c3 + 1, c3 + 1) or "=") .. (c and b64chars:sub(c4 + 1, c4 + 1) or "=")
+  end
+  return table.concat(out)
+end
+"""
+
+# A put of a new key per request (as POST_LUA's uids) with a ~200-byte value.
+ETCD_POST_LUA = _B64_LUA + r"""
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("id", threads)
+end
+function init(args)
+  prefix = args[1] or "r"
+  text = args[2] or "x"
+  counter = 0
+  wrk.headers["Content-Type"] = "application/json"
+end
+function request()
+  counter = counter + 1
+  local uid = prefix .. "-" .. id .. "-" .. counter
+  local body = '{"key": "' .. b64("bench/" .. uid) .. '", "value": "' .. b64(text .. " " .. uid) .. '"}'
+  return wrk.format("POST", "/v3/kv/put", nil, body)
+end
+"""
+
+# A put of a new value for a seeded key, rotating over them.
+ETCD_PUT_LUA = _B64_LUA + r"""
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("id", threads)
+end
+function init(args)
+  prefix = args[1] or "r"
+  text = args[2] or "x"
+  seeds = tonumber(args[3] or "1000")
+  counter = 0
+  pos = ((id - 1) * 7919) % seeds
+  wrk.headers["Content-Type"] = "application/json"
+end
+function request()
+  counter = counter + 1
+  pos = pos % seeds + 1
+  local body = '{"key": "' .. b64("bench/seed-" .. pos) .. '", "value": "'
+    .. b64(text .. " " .. prefix .. "-" .. id .. "-" .. counter) .. '"}'
+  return wrk.format("POST", "/v3/kv/put", nil, body)
+end
+"""
+
+
+def etcd_get_lua():
+    """A range of one seeded key, the same request every time."""
+    body = json.dumps({"key": base64.b64encode(b"bench/seed-1").decode("ascii")})
+    return (
+        'wrk.method = "POST"\nwrk.path = "/v3/kv/range"\nwrk.body = %s\n'
+        'wrk.headers["Content-Type"] = "application/json"\n' % json.dumps(body)
+    )
 
 
 class BenchError(Exception):
@@ -226,6 +313,42 @@ def seed(port, count, workers=8):
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         for f in [pool.submit(part, indexes[k::workers]) for k in range(workers)]:
             f.result()
+
+
+def seed_etcd(port, count, workers=8):
+    """Put bench/seed-1 .. bench/seed-COUNT into etcd."""
+
+    def part(indexes):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            for i in indexes:
+                body = json.dumps({
+                    "key": base64.b64encode(b"bench/seed-%d" % i).decode("ascii"),
+                    "value": base64.b64encode(("%s seed %d" % (TEXT, i)).encode("utf-8")).decode("ascii"),
+                })
+                status, data = request(None, None, "POST", "/v3/kv/put", body,
+                                       {"Content-Type": "application/json"}, conn=conn)
+                if status != 200:
+                    raise BenchError("seeding etcd bench/seed-%d: %d %r" % (i, status, data[:200]))
+        finally:
+            conn.close()
+
+    indexes = list(range(1, count + 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for f in [pool.submit(part, indexes[k::workers]) for k in range(workers)]:
+            f.result()
+
+
+def etcd_argv(binary, data_dir, client_port, peer_port):
+    client = "http://127.0.0.1:%d" % client_port
+    peer = "http://127.0.0.1:%d" % peer_port
+    return [
+        binary, "--name", "bench", "--data-dir", data_dir,
+        "--listen-client-urls", client, "--advertise-client-urls", client,
+        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", "bench=" + peer, "--initial-cluster-state", "new",
+        "--logger", "zap", "--log-level", "warn",
+    ]
 
 
 def children_cpu_seconds(pid):
@@ -350,7 +473,7 @@ def start_py_spy(args, pid, operation, duration):
                             stdin=subprocess.DEVNULL, start_new_session=True), out
 
 
-def run_wrk(args, port, operation, duration, tag, lua_dir):
+def run_wrk(args, port, operation, duration, tag, lua_dir, target="node"):
     url = "http://127.0.0.1:%d" % port
     argv = [
         "wrk",
@@ -360,7 +483,9 @@ def run_wrk(args, port, operation, duration, tag, lua_dir):
         "--timeout", "10s",
         "--latency",
     ]
-    if operation == "get":
+    if target == "etcd":
+        argv += ["-s", os.path.join(lua_dir, "etcd-%s.lua" % operation), url, "--", tag, TEXT, str(args.seed)]
+    elif operation == "get":
         argv.append(url + "/%s/seed-1" % COLLECTION)
     else:
         script = os.path.join(lua_dir, operation + ".lua")
@@ -412,32 +537,49 @@ def bench_interpreter(args, python, log):
     for name, text in (("post", POST_LUA), ("put", PUT_LUA)):
         with open(os.path.join(lua_dir, name + ".lua"), "w") as f:
             f.write(text % {"collection": COLLECTION})
+    for name, text in (("etcd-post", ETCD_POST_LUA), ("etcd-put", ETCD_PUT_LUA), ("etcd-get", etcd_get_lua())):
+        with open(os.path.join(lua_dir, name + ".lua"), "w") as f:
+            f.write(text)
 
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("PYTHONSTARTUP", None)
 
-    node_argv = [python, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
-    if args.profile:
-        node_argv += ["--profile", os.path.abspath(args.profile), "--profiler", "cprofile", "--savestats"]
-    node_argv += [
-        "minstore",
-        "--port", "tcp:%d:interface=127.0.0.1" % 0,  # replaced below
-        "--data", os.path.join(work, "data"),
-        "--storage", args.storage,
-    ]
-    if args.processes is not None:
-        node_argv.append("--processes=" + args.processes)
-    node_argv += shlex.split(args.node_args or "")
+    def node_argv(storage, data, port, profile):
+        argv = [python, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
+        if profile:
+            argv += ["--profile", os.path.abspath(args.profile), "--profiler", "cprofile", "--savestats"]
+        argv += [
+            "minstore",
+            "--port", "tcp:%d:interface=127.0.0.1" % port,
+            "--data", os.path.join(work, data),
+            "--storage", storage,
+        ]
+        if args.processes is not None:
+            argv.append("--processes=" + args.processes)
+        return argv + shlex.split(args.node_args or "")
 
-    targets = [t for t in ("node", "bare") if t in args.targets]
+    # The nodes (the first with --storage, one more per --also-storage), then bare, then etcd.
+    nodes = []
+    if "node" in args.targets:
+        nodes = [("node", args.storage)] + [("node-" + s, s) for s in args.also_storage]
+    targets = [n for n, _ in nodes] + [t for t in ("bare", "etcd") if t in args.targets]
     servers = {}
-    results = {"interpreter": info, "python": python, "operations": {}}
+    results = {"interpreter": info, "python": python, "operations": {}, "targets": targets,
+               "storages": dict(nodes)}
     try:
-        if "node" in targets:
+        for name, storage in nodes:
             port = free_port()
-            node_argv[node_argv.index("tcp:0:interface=127.0.0.1")] = "tcp:%d:interface=127.0.0.1" % port
-            servers["node"] = Server("node", node_argv, port, os.path.join(work, "node.log"), env, REPO)
+            servers[name] = Server(
+                "node (%s)" % storage, node_argv(storage, "data-" + name, port, args.profile and name == "node"),
+                port, os.path.join(work, name + ".log"), env, REPO,
+            )
+        if "etcd" in targets:
+            port = free_port()
+            servers["etcd"] = Server(
+                "etcd", etcd_argv(args.etcd, os.path.join(work, "etcd"), port, free_port()),
+                port, os.path.join(work, "etcd.log"),
+            )
         if "bare" in targets:
             port = free_port()
             servers["bare"] = Server(
@@ -448,12 +590,16 @@ def bench_interpreter(args, python, log):
         for server in servers.values():
             server.start()
         for name, server in servers.items():
-            server.wait_ready("/_node/health")
+            server.wait_ready("/health" if name == "etcd" else "/_node/health")
             log("   %s up on 127.0.0.1:%d" % (server.name, server.port))
-        if "node" in servers:
+        for name, _ in nodes:
             t0 = time.monotonic()
-            seed(servers["node"].port, args.seed)
-            log("   seeded %d records in %.1fs" % (args.seed, time.monotonic() - t0))
+            seed(servers[name].port, args.seed)
+            log("   seeded %s with %d records in %.1fs" % (name, args.seed, time.monotonic() - t0))
+        if "etcd" in servers:
+            t0 = time.monotonic()
+            seed_etcd(servers["etcd"].port, args.seed)
+            log("   seeded etcd with %d keys in %.1fs" % (args.seed, time.monotonic() - t0))
 
         tags = itertools.count(1)
         samples = {}  # (op, name) -> [figures of each repetition]
@@ -461,11 +607,13 @@ def bench_interpreter(args, python, log):
             if args.repeat > 1:
                 log("   -- repetition %d of %d" % (rep + 1, args.repeat))
             for op in args.ops:
-                for name in targets:
+                # Every other repetition in the reverse order: no server always goes first.
+                for name in (targets if rep % 2 == 0 else targets[::-1]):
                     server = servers[name]
+                    kind = "etcd" if name == "etcd" else "node"
                     if args.warmup > 0:
-                        run_wrk(args, server.port, op, args.warmup, "w%d-%d" % (next(tags), os.getpid()), lua_dir)
-                    before = node_stats(server.port) if name == "node" else None
+                        run_wrk(args, server.port, op, args.warmup, "w%d-%d" % (next(tags), os.getpid()), lua_dir, kind)
+                    before = node_stats(server.port) if name.startswith("node") else None
                     spy = None
                     if args.py_spy and name == "node" and rep == 0:
                         spy = start_py_spy(args, server.proc.pid, op, args.duration)
@@ -473,7 +621,7 @@ def bench_interpreter(args, python, log):
                     children_before = children_cpu_seconds(server.proc.pid)
                     try:
                         figures, output = run_wrk(
-                            args, server.port, op, args.duration, "m%d-%d" % (next(tags), os.getpid()), lua_dir
+                            args, server.port, op, args.duration, "m%d-%d" % (next(tags), os.getpid()), lua_dir, kind
                         )
                         cpu_after = cpu_seconds(server.proc.pid)
                         children_after = children_cpu_seconds(server.proc.pid)
@@ -498,13 +646,13 @@ def bench_interpreter(args, python, log):
                         log("   py-spy samples (collapsed stacks): %s" % spy[1])
                     if not server.alive():
                         raise BenchError("%s died during %s:\n%s" % (server.name, op, server.log_tail()))
-                    if name == "node":
+                    if name.startswith("node"):
                         figures.update(node_deltas(before, node_stats(server.port)))
                     samples.setdefault((op, name), []).append(figures)
                     if args.verbose:
                         log(output)
                     log(
-                        "   %-4s %-4s %9.0f req/s  p50 %7.2f ms  p99 %8.2f ms  cpu %6.0f us/req (sys %.0f)%s%s%s"
+                        "   %-4s %-11s %9.0f req/s  p50 %7.2f ms  p99 %8.2f ms  cpu %6.0f us/req (sys %.0f)%s%s%s"
                         % (
                             op, name, figures["rps"], figures.get("p50", float("nan")),
                             figures.get("p99", float("nan")), figures.get("cpu_us", float("nan")),
@@ -536,6 +684,14 @@ def bench_interpreter(args, python, log):
                 if ratios:
                     row["ratio"] = ratios[(len(ratios) - 1) // 2]
                     row["ratios"] = ratios
+            etcd_runs = samples.get((op, "etcd"))
+            for name, _ in nodes:
+                node_runs = samples.get((op, name))
+                if node_runs and etcd_runs:
+                    ratios = sorted(n["rps"] / e["rps"] for n, e in zip(node_runs, etcd_runs) if e["rps"])
+                    if ratios:
+                        row["etcd_ratio:" + name] = ratios[(len(ratios) - 1) // 2]
+                        row["etcd_ratios:" + name] = ratios
     finally:
         for server in servers.values():
             try:
@@ -663,6 +819,32 @@ def table(runs, storage):
     return "\n".join(lines)
 
 
+#: The lowest node/etcd requests/s ratio aimed at, per operation (issue 10).
+ETCD_TARGETS = {"get": 2.0, "post": 0.5}
+
+
+def etcd_table(run):
+    """Markdown: each node against etcd, per operation, with the targets."""
+    lines = [
+        "| operation | node (engine) | node req/s | node p50 / p99 | node CPU µs/req | etcd req/s | etcd p50 / p99 "
+        "| etcd CPU µs/req | node/etcd req/s (runs) | target |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    etcd_op = {"get": "range", "post": "put (new key)", "put": "put (seeded key)"}
+    for op, row in run["operations"].items():
+        for name, storage in run["storages"].items():
+            ratio = row.get("etcd_ratio:" + name)
+            ratios = row.get("etcd_ratios:" + name) or []
+            target = ETCD_TARGETS.get(op)
+            lines.append("| %s vs %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                op.upper(), etcd_op[op], storage, _fmt_rps(row, name), _fmt_lat(row, name), _fmt_cpu(row, name),
+                _fmt_rps(row, "etcd"), _fmt_lat(row, "etcd"), _fmt_cpu(row, "etcd"),
+                "-" if ratio is None else "**%.2f** (%s)" % (ratio, ", ".join("%.2f" % r for r in ratios)),
+                "-" if target is None or ratio is None else ">= %.1f: %s" % (target, "met" if ratio >= target else "MISSED"),
+            ))
+    return "\n".join(lines)
+
+
 # -- main -----------------------------------------------------------------
 
 
@@ -673,11 +855,14 @@ def parse_args(argv):
     p.add_argument("--python", default=sys.executable, help="interpreter running the node and the bare app (default: this one)")
     p.add_argument("--compare-pypy", nargs="?", const=DEFAULT_PYPY, metavar="PYPY",
                    help="also run everything under PyPy (default %s, made by bench/pypy-venv.sh) and print both side by side" % DEFAULT_PYPY)
-    p.add_argument("--storage", choices=("files", "memory"), default="files", help="the node's storage engine (default files)")
+    p.add_argument("--storage", choices=("files", "sqlite", "memory"), default="files", help="the node's storage engine (default files)")
+    p.add_argument("--also-storage", default="", metavar="ENGINES",
+                   help="comma-separated engines of more nodes measured beside the first, e.g. sqlite (default none)")
+    p.add_argument("--etcd", default=shutil.which("etcd") or "/usr/bin/etcd", help="the etcd binary of the etcd target")
     p.add_argument("--processes", default=None, help="the node's --processes (default: the node's own default, lang,schema; '' for none)")
     p.add_argument("--node-args", default="", help="more options for the node, e.g. '--threads 4' (one string)")
     p.add_argument("--ops", default=",".join(OPERATIONS), help="operations to run, of get,post,put (default all)")
-    p.add_argument("--targets", default="node,bare", help="servers to measure, of node,bare (default both)")
+    p.add_argument("--targets", default="node,bare", help="servers to measure, of node,bare,etcd (default node,bare)")
     p.add_argument("--repeat", type=int, default=1,
                    help="measure every operation this many times, node and bare in turn; report the median (default 1)")
     p.add_argument("--threads", type=int, default=2, help="wrk -t (default 2)")
@@ -695,12 +880,16 @@ def parse_args(argv):
     args = p.parse_args(argv)
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    args.also_storage = [s.strip() for s in args.also_storage.split(",") if s.strip()]
+    for s in args.also_storage:
+        if s not in ("files", "sqlite", "memory") or s == args.storage:
+            p.error("--also-storage: %r is not another of files, sqlite, memory" % s)
     for op in args.ops:
         if op not in OPERATIONS:
             p.error("--ops: no operation %r (get, post, put)" % op)
     for t in args.targets:
-        if t not in ("node", "bare"):
-            p.error("--targets: %r is not node or bare" % t)
+        if t not in ("node", "bare", "etcd"):
+            p.error("--targets: %r is not node, bare or etcd" % t)
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
     if args.duration <= 0 or args.warmup < 0:
@@ -767,7 +956,14 @@ def main(argv=None):
     for run in runs:
         print("- %s: %s" % (run["interpreter"], run["python"]))
     print()
-    print(table(runs, args.storage))
+    if "bare" in args.targets:
+        print(table(runs, args.storage))
+    if "etcd" in args.targets:
+        for run in runs:
+            print()
+            print("%s, node against etcd (%s):" % (run["interpreter"], args.etcd))
+            print()
+            print(etcd_table(run))
     if args.json:
         document = {
             "started": started,

@@ -5,8 +5,6 @@ import os
 import signal
 from importlib.metadata import entry_points
 
-from werkzeug.routing import PathConverter
-
 JSON_TYPE = b"application/json; charset=utf-8"
 
 #: Sync a file's data (and the size that reads need), not its other metadata.
@@ -38,16 +36,6 @@ def json_response(request, code, obj):
     request.setResponseCode(code)
     request.responseHeaders.setRawHeaders(b"content-type", [JSON_TYPE])
     return json.dumps(obj, ensure_ascii=False).encode("utf-8")
-
-
-class UidConverter(PathConverter):
-    """
-    The rest of the path, whatever it holds: unlike ``path``, it may start
-    with ``/`` or hold ``//`` (a uid of ``/x`` arrives as ``/books//x``).
-    """
-
-    regex = ".+"
-    part_isolating = False
 
 
 def _entry_points(group):

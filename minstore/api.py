@@ -1,44 +1,162 @@
 """
-The HTTP API of DESIGN section 3, as a Klein app bound to a L{Node}.
+The HTTP API of DESIGN section 3, bound to a L{Node}.
 
-Handlers parse, call the node and answer; every failure becomes a JSON error
-body ``{"error": code, "message": text}``, never an HTML page.
+One request path: L{parse_path} turns the raw path into a route and its
+``(collection, uid)``, L{_Resource} picks the handler of the route and the
+method, and every failure becomes a JSON error body ``{"error": code,
+"message": text}`` through one mapping (L{minstore.errors.error_answer}),
+never an HTML page.  A client that hangs up cancels the work of its read.
 """
 
 import json
+import re
 import time
 import uuid
 from email.parser import BytesParser
 from email.policy import HTTP
+from itertools import accumulate
 from urllib.parse import parse_qs, unquote_to_bytes
 
-from klein import Klein
-from klein.resource import KleinResource
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
-from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
-from werkzeug.exceptions import NotFound as WerkzeugNotFound
-from werkzeug.routing import RequestRedirect
 
 from minstore import __version__
-from minstore._util import JSON_TYPE, UidConverter, json_response
+from minstore._util import JSON_TYPE, json_response
 from minstore.cluster.routes import ClusterAPI
 from minstore.console import CONSOLE_HTML
 from minstore.errors import (
-    BadGateway,
     BadRequest,
-    MinstoreError,
+    MethodNotAllowed,
+    NoDependants,
+    NotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
+    error_answer,
 )
-from minstore.node import etag_matches
+from minstore.node import DEFAULT_CHANGES_LIMIT, MAX_CHANGES_LIMIT, etag_matches
 from minstore.openapi import openapi_document
 from minstore.records import canonical_json
 
 DEFAULT_MAX_RECORD_SIZE = 1024 * 1024
 LIST_PARAMETERS = frozenset([b"limit", b"after", b"prefix", b"local", b"cache"])
+#: The deepest nesting of arrays and objects a JSON body may have.
+MAX_JSON_DEPTH = 100
+#: The longest request line (method, target, version) taken: longer, 414.
+MAX_REQUEST_LINE = 16 * 1024
+#: The most bytes of header lines a request may have: more, 431.
+MAX_HEADER_BYTES = 16 * 1024
+#: The most header lines a request may have: more, 431.
+MAX_HEADERS = 100
+
+
+def ascii_digits(text):
+    """Whether ``text`` (str or bytes) is one or more ASCII digits, and only those."""
+    return bool(text) and text.isascii() and text.isdigit()
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def _json_depth(text):
+    """
+    How deep arrays and objects nest in a JSON text json.loads took: its
+    strings dropped (linear on valid JSON, whose strings all end), then a
+    running sum over the brackets left.
+    """
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
+
+
+def loads_bounded(text):
+    """
+    ``json.loads`` of a client's text, a BadRequest ``invalid_json`` for
+    text that is not JSON or nests arrays and objects deeper than
+    L{MAX_JSON_DEPTH} (json's own recursion limit, a RecursionError, is
+    only met well past it).  The depth is measured only on text json took,
+    and only when it has more brackets than the limit.
+    """
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        if isinstance(e, RecursionError):
+            e = "arrays and objects nested deeper than %d" % MAX_JSON_DEPTH
+        raise BadRequest("invalid_json", "the body is not JSON: %s" % (e,))
+    # Cheap bound first: a text with few brackets cannot nest deep.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH:
+        if _json_depth(text) > MAX_JSON_DEPTH:
+            raise BadRequest(
+                "invalid_json", "the body nests arrays and objects deeper than %d" % MAX_JSON_DEPTH
+            )
+    return document
+
+
+#: The routes whose raw path is fixed, by that path.
+_FIXED_ROUTES = {
+    b"/": "root",
+    b"/_node/health": "health",
+    b"/_node/status": "status",
+    b"/metrics": "metrics",
+    b"/openapi.json": "openapi",
+    b"/_cluster/replicas": "replicas",
+    b"/_changes": "changes",
+    b"/_node/sync": "sync",
+    b"/_cluster/sync/ranges": "sync_ranges",
+    b"/_cluster/sync/records": "sync_records",
+}
+
+
+def parse_path(path):
+    """
+    ``(route, collection, uid)`` of a raw request path (percent-encoded,
+    without its query), the one parser of every route:
+
+    * a fixed route (L{_FIXED_ROUTES}): ``(name, None, None)``;
+    * ``/{collection}/``: ``("collection", collection, None)``;
+    * ``/{collection}/{uid}``: ``("record", collection, uid)``;
+    * ``/_cluster/lookup/{collection}/{uid}``: ``("lookup", collection, uid)``;
+      any other path under ``/_cluster/``: 404.
+
+    Each segment is percent-decoded as UTF-8; a uid is the rest of the path,
+    so it may hold raw ``/`` between non-empty segments (``/books/a/b`` is
+    uid ``a/b``) and any character percent-encoded (``%2F`` included).  An
+    empty segment (``//``, or a ``/`` ending a record path) is never merged
+    nor redirected: 400 ``bad_path``, like a path that is not UTF-8.
+    Anything else: 404 ``not_found``.
+    """
+    route = _FIXED_ROUTES.get(path)
+    if route is not None:
+        return route, None, None
+    if not path.startswith(b"/"):
+        raise BadRequest("bad_path", "a path starts with /")
+    segments = path[1:].split(b"/")
+    listing = len(segments) == 2 and segments[1] == b""
+    if listing:
+        del segments[1]
+    if b"" in segments:
+        raise BadRequest(
+            "bad_path",
+            "the path has an empty segment (// or a trailing /); percent-encode a / of a uid as %2F",
+        )
+    try:
+        decoded = [unquote_to_bytes(segment).decode("utf-8") for segment in segments]
+    except UnicodeDecodeError:
+        raise BadRequest("bad_path", "the path is not percent-encoded UTF-8")
+    if segments[0] == b"_cluster":
+        if len(segments) >= 4 and segments[1] == b"lookup" and not listing:
+            return "lookup", decoded[2], "/".join(decoded[3:])
+        raise NotFound(message="no such route")
+    # Other names under the reserved _ are refused as collections (bad_collection).
+    if listing:
+        return "collection", decoded[0], None
+    if len(segments) == 1:
+        raise NotFound(message="no such route; the records of a collection are at /%s/" % decoded[0])
+    return "record", decoded[0], "/".join(decoded[1:])
 
 
 def _flag(args, name):
@@ -56,15 +174,39 @@ def _text_arg(args, name):
         raise BadRequest("bad_parameter", "%s: not UTF-8" % name.decode())
 
 
-def raw_uid(request):
-    """
-    The uid of ``/{collection}/{uid}``, percent-decoded from the raw path as
-    UTF-8 (so ``%2F`` and non-ASCII uids arrive intact).
-    """
-    try:
-        return unquote_to_bytes(request.path.split(b"/", 2)[2]).decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest("bad_uid", "a uid must be valid UTF-8")
+def _filter_args(args):
+    """A listing's filter parameters (every one but LIST_PARAMETERS), ``[(name, text)]``."""
+    filters = []
+    for name in sorted(set(args) - LIST_PARAMETERS):
+        try:
+            filters.append((name.decode("utf-8"), _text_arg(args, name)))
+        except UnicodeDecodeError:
+            raise BadRequest("bad_parameter", "a parameter name is not UTF-8")
+    return filters
+
+
+def _changes_args(args):
+    """``(since, limit, collection)`` of ``GET /_changes``; 400 for anything else."""
+    unknown = set(args) - {b"since", b"limit", b"collection"}
+    if unknown:
+        raise BadRequest(
+            "bad_parameter",
+            "unknown parameter %s; /_changes takes since, limit, collection"
+            % ", ".join(sorted(k.decode("latin-1") for k in unknown)),
+        )
+    numbers = []
+    for name, default, low, high in ((b"since", 0, 0, None), (b"limit", DEFAULT_CHANGES_LIMIT, 1, MAX_CHANGES_LIMIT)):
+        text = _text_arg(args, name)
+        if text is None:
+            numbers.append(default)
+            continue
+        if not (text.isascii() and text.isdigit()) or int(text) < low or (high is not None and int(text) > high):
+            raise BadRequest(
+                "bad_parameter",
+                "%s: a whole number (ASCII digits) from %d%s" % (name.decode(), low, " to %d" % high if high else ""),
+            )
+        numbers.append(int(text))
+    return numbers[0], numbers[1], _text_arg(args, b"collection")
 
 
 def parse_multipart(body, content_type):
@@ -91,7 +233,7 @@ def parse_body(request, max_size):
     with a ``value`` field.
     """
     length = request.getHeader(b"content-length")
-    if length is not None and length.isdigit() and int(length) > max_size:
+    if length is not None and ascii_digits(length) and int(length) > max_size:
         raise PayloadTooLarge(message="the body is over %d bytes (--max-record-size)" % max_size)
     body = request.content.read(max_size + 1)
     if len(body) > max_size or getattr(request, "body_too_large", False):
@@ -101,10 +243,11 @@ def parse_body(request, max_size):
     if media_type == b"application/json" or media_type.endswith(b"+json"):
         try:
             # JSON is UTF-8 (RFC 8259): decoding here spares json its
-            # encoding sniffing; bad UTF-8 is a ValueError like bad JSON.
-            document = json.loads(body.decode("utf-8"))
+            # encoding sniffing.
+            text = body.decode("utf-8")
         except ValueError as e:
             raise BadRequest("invalid_json", "the body is not JSON: %s" % (e,))
+        document = loads_bounded(text)
         if not isinstance(document, dict):
             raise BadRequest("invalid_body", 'a JSON body is an object {"value": ...}')
         if "value" not in document:
@@ -157,9 +300,76 @@ class BoundedRequest(Request):
         Request.handleContentChunk(self, data)
 
 
+class BoundedChannel(HTTPChannel):
+    """
+    An HTTP channel that answers a request line over L{MAX_REQUEST_LINE}
+    bytes with a JSON 414, and header lines over L{MAX_HEADER_BYTES} bytes
+    or L{MAX_HEADERS} lines with a JSON 431, then closes the connection.
+    (twisted.web drops the connection with no answer for a line over its
+    C{MAX_LENGTH}, and answers a bare 400 for too many header bytes.)
+    """
+
+    MAX_LENGTH = max(MAX_REQUEST_LINE, MAX_HEADER_BYTES) + 1
+    # twisted.web's own bound never comes first: these are checked here.
+    totalHeadersSize = MAX_REQUEST_LINE + MAX_HEADER_BYTES + 1024
+    maxHeaders = MAX_HEADERS + 1
+
+    _lines = 0
+    _header_bytes = 0
+    _refused = False
+
+    def lineReceived(self, line):
+        if self._refused:
+            return
+        if self._lines == 0 and not line:
+            # The empty line a client may send between requests.
+            return HTTPChannel.lineReceived(self, line)
+        self._lines += 1
+        if self._lines == 1:
+            if len(line) > MAX_REQUEST_LINE:
+                return self._refuse(414, "uri_too_long", "the request line is over %d bytes" % MAX_REQUEST_LINE)
+        elif line:
+            self._header_bytes += len(line)
+            if self._header_bytes > MAX_HEADER_BYTES or self._lines - 1 > MAX_HEADERS:
+                return self._refuse(
+                    431,
+                    "headers_too_large",
+                    "the headers are over %d bytes or %d lines" % (MAX_HEADER_BYTES, MAX_HEADERS),
+                )
+        HTTPChannel.lineReceived(self, line)
+
+    def lineLengthExceeded(self, line):
+        # A line longer than MAX_LENGTH, its end not even received.
+        if self._lines == 0:
+            self._refuse(414, "uri_too_long", "the request line is over %d bytes" % MAX_REQUEST_LINE)
+        else:
+            self._refuse(431, "headers_too_large", "a header line is over %d bytes" % MAX_HEADER_BYTES)
+
+    def allContentReceived(self):
+        self._lines = 0
+        self._header_bytes = 0
+        HTTPChannel.allContentReceived(self)
+
+    _REASONS = {414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
+
+    def _refuse(self, code, error, message):
+        """Answer with a JSON error, read no more of this connection, close it."""
+        self._refused = True
+        self.setRawMode()  # no more lines parsed, nor lineLengthExceeded again
+        body = json.dumps({"error": error, "message": message}).encode("utf-8")
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (code, self._REASONS[code], JSON_TYPE, len(body), body)
+        )
+        self.loseConnection()
+
+    def rawDataReceived(self, data):
+        if self._refused:
+            return
+        HTTPChannel.rawDataReceived(self, data)
+
+
 class RecordAPI:
-    app = Klein()
-    app.url_map.converters["uid"] = UidConverter
     log = Logger()
 
     def __init__(
@@ -170,18 +380,51 @@ class RecordAPI:
         lookups=None,
         replication=None,
         sync_timeout=5.0,
+        node_sync=None,
     ):
         self.node = node
         self.replication = replication
         self.sync_timeout = sync_timeout
-        self.cluster = ClusterAPI(node, lookups)
+        #: The L{minstore.cluster.sync.Sync} of POST /_node/sync, or None.
+        self.node_sync = node_sync
+        self.cluster = ClusterAPI(node, lookups, node_sync)
         self.max_record_size = max_record_size
         #: The cache strategy's front (``cache=1``), when the node has dependants.
         self.front = front
         self.metrics = node.metrics
 
     def resource(self):
-        return _Resource(self.app, self)
+        return _Resource(self)
+
+    def routes(self):
+        """
+        The handlers of each route of L{parse_path}, by method; and the
+        route's label in ``/metrics``.  A handler is called with the
+        request, the collection and the uid (None where the route has none).
+        """
+        return {
+            "root": ("root", {b"GET": self.root}),
+            "health": ("health", {b"GET": self.health}),
+            "status": ("status", {b"GET": self.status}),
+            "metrics": ("metrics", {b"GET": self.metrics_text}),
+            "openapi": ("openapi", {b"GET": self.openapi}),
+            "changes": ("changes", {b"GET": self.changes}),
+            "sync": ("sync", {b"POST": self.sync_peers}),
+            "sync_ranges": ("cluster", {b"POST": self.cluster.sync_ranges}),
+            "sync_records": ("cluster", {b"POST": self.cluster.sync_records}),
+            "replicas": ("cluster", {b"POST": self.cluster.replicas}),
+            "lookup": ("cluster", {b"GET": self.cluster.lookup, b"DELETE": self.cluster.lookup}),
+            "collection": ("collection", {b"GET": self.list_records, b"POST": self.post_generated}),
+            "record": (
+                "record",
+                {
+                    b"GET": self.get_record,
+                    b"POST": self.post_record,
+                    b"PUT": self.put_record,
+                    b"DELETE": self.delete_record,
+                },
+            ),
+        }
 
     # -- helpers --------------------------------------------------------
 
@@ -253,112 +496,62 @@ class RecordAPI:
 
     def _bounce(self, request, collection, uid, body=None):
         if self.front is None:
-            raise BadGateway(message="cache=1 needs dependants: this node has no servers.list peers")
+            raise NoDependants(message="cache=1 needs dependants: this node has no servers.list peers")
         return self.front.handle(request, collection, uid, body)
-
-    # -- errors ---------------------------------------------------------
-
-    @app.handle_errors(MinstoreError)
-    def _minstore_error(self, request, failure):
-        return self._json(request, failure.value.code, failure.value.to_json())
-
-    @app.handle_errors(WerkzeugNotFound)
-    def _no_route(self, request, failure):
-        return self._json(request, 404, {"error": "not_found", "message": "no such route"})
-
-    @app.handle_errors(WerkzeugMethodNotAllowed)
-    def _bad_method(self, request, failure):
-        allowed = ", ".join(failure.value.valid_methods or ())
-        if allowed:
-            request.setHeader(b"allow", allowed.encode())
-        return self._json(
-            request, 405, {"error": "method_not_allowed", "message": "allowed: " + allowed}
-        )
-
-    @app.handle_errors(RequestRedirect)
-    def _redirect(self, request, failure):
-        # /books -> /books/: werkzeug's redirect, with the query string kept.
-        location = failure.value.new_url
-        query = request.uri.partition(b"?")[2]
-        if query:
-            location += "?" + query.decode("latin-1")
-        request.setHeader(b"location", location.encode("utf-8"))
-        return self._json(request, 308, {"error": "moved", "message": "see " + location})
-
-    @app.handle_errors(Exception)
-    def _internal_error(self, request, failure):
-        self.log.failure("{method} {path} failed", failure, method=request.method, path=request.path)
-        return self._json(
-            request, 500, {"error": "internal_error", "message": failure.getErrorMessage()}
-        )
 
     # -- node routes ----------------------------------------------------
 
-    @app.route("/", methods=["GET"])
-    def root(self, request):
-        self._track(request, "root")
+    def root(self, request, collection=None, uid=None):
+        # One URL, two representations: caches must key on Accept.
+        request.setHeader(b"vary", b"Accept")
         accept = request.getHeader(b"accept") or b""
         if b"text/html" in accept:
             request.setHeader(b"content-type", b"text/html; charset=utf-8")
             return CONSOLE_HTML
-        return self._json(
-            request,
-            200,
-            {
-                "name": "minstore",
-                "version": __version__,
-                "node_id": self.node.node_id,
-                "collections": self.node.storage.collections(),
-            },
-        )
+        info = {"name": "minstore", "version": __version__, "node_id": self.node.node_id}
+        if _flag(request.args, b"cache"):
+            # A front stores nothing: the collections are a dependant's.
+            return self._bounce(request, None, None).addCallback(
+                lambda collections: self._json(request, 200, dict(info, collections=collections))
+            )
+        return self._json(request, 200, dict(info, collections=self.node.storage.collections()))
 
-    @app.route("/_node/health", methods=["GET"])
-    def health(self, request):
-        self._track(request, "health")
+    def health(self, request, collection=None, uid=None):
         return self._json(request, 200, {"status": "ok", "node_id": self.node.node_id})
 
-    @app.route("/_node/status", methods=["GET"])
-    def status(self, request):
-        self._track(request, "status")
+    def status(self, request, collection=None, uid=None):
         return self._json(request, 200, self.node.status())
 
-    @app.route("/metrics", methods=["GET"])
-    def metrics(self, request):
-        self._track(request, "metrics")
+    def metrics_text(self, request, collection=None, uid=None):
         request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
         return self.metrics.exposition()
 
-    @app.route("/openapi.json", methods=["GET"])
-    def openapi(self, request):
-        self._track(request, "openapi")
-        return self._json(request, 200, openapi_document())
+    def openapi(self, request, collection=None, uid=None):
+        return self._json(request, 200, openapi_document(self.node.indexes))
 
-    @app.route("/_cluster/", branch=True)
-    def cluster(self, request):
-        self._track(request, "cluster")
-        return self.cluster.app.resource()
+    def changes(self, request, collection=None, uid=None):
+        since, limit, collection = _changes_args(request.args)
+        d = self.node.changes(since, limit, collection)
+        return d.addCallback(lambda document: self._json(request, 200, document))
+
+    def sync_peers(self, request, collection=None, uid=None):
+        return node_sync_route(self.node_sync, request)
 
     # -- records --------------------------------------------------------
 
-    @app.route("/<collection>/", methods=["GET"])
-    def list_records(self, request, collection):
-        self._track(request, "collection")
+    def list_records(self, request, collection, uid=None):
         args = request.args
-        unknown = set(args) - LIST_PARAMETERS
-        if unknown:
-            raise BadRequest(
-                "bad_parameter",
-                "no secondary index on %s; parameters are limit, after, prefix"
-                % ", ".join(sorted(k.decode("latin-1") for k in unknown)),
-            )
         limit = _text_arg(args, b"limit") or "100"
-        if not limit.isdigit():
+        if not ascii_digits(limit):
             raise BadRequest("bad_parameter", "limit: a whole number from 1 to 1000")
+        if _flag(args, b"cache"):
+            return self._bounce(request, collection, None)
         d = self.node.list(
             collection,
             limit=int(limit),
             after=_text_arg(args, b"after"),
             prefix=_text_arg(args, b"prefix"),
+            filters=_filter_args(args),
         )
 
         def answer(page):
@@ -368,9 +561,7 @@ class RecordAPI:
 
         return d.addCallback(answer)
 
-    @app.route("/<collection>/", methods=["POST"])
-    def post_generated(self, request, collection):
-        self._track(request, "collection")
+    def post_generated(self, request, collection, uid=None):
         value, uid = parse_body(request, self.max_record_size)
         if uid is None:
             uid = str(uuid.uuid4())
@@ -378,10 +569,7 @@ class RecordAPI:
             return self._bounce(request, collection, uid, value)
         return self._written(request, collection, uid, self.node.create(collection, uid, value))
 
-    @app.route("/<collection>/<uid:uid>", methods=["GET"])
     def get_record(self, request, collection, uid):
-        self._track(request, "record")
-        uid = raw_uid(request)
         args = request.args
         local = False
         if args:
@@ -395,10 +583,8 @@ class RecordAPI:
             lambda entry: self._record_or_304(request, entry)
         )
 
-    def _record_write(self, request, collection, write):
+    def _record_write(self, request, collection, uid, write):
         """POST or PUT /{collection}/{uid}: ``write(uid, value)`` on the node."""
-        self._track(request, "record")
-        uid = raw_uid(request)
         value, body_uid = parse_body(request, self.max_record_size)
         if body_uid is not None and body_uid != uid:
             raise BadRequest("uid_mismatch", "the body's uid %r is not the path's %r" % (body_uid, uid))
@@ -406,23 +592,21 @@ class RecordAPI:
             return self._bounce(request, collection, uid, value)
         return self._written(request, collection, uid, write(uid, value))
 
-    @app.route("/<collection>/<uid:uid>", methods=["POST"])
     def post_record(self, request, collection, uid):
         return self._record_write(
-            request, collection, lambda uid, value: self.node.create(collection, uid, value)
+            request, collection, uid, lambda uid, value: self.node.create(collection, uid, value)
         )
 
-    @app.route("/<collection>/<uid:uid>", methods=["PUT"])
     def put_record(self, request, collection, uid):
         if_match = self._if_match(request)
         return self._record_write(
-            request, collection, lambda uid, value: self.node.update(collection, uid, value, if_match)
+            request,
+            collection,
+            uid,
+            lambda uid, value: self.node.update(collection, uid, value, if_match),
         )
 
-    @app.route("/<collection>/<uid:uid>", methods=["DELETE"])
     def delete_record(self, request, collection, uid):
-        self._track(request, "record")
-        uid = raw_uid(request)
         if _flag(request.args, b"cache"):
             return self._bounce(request, collection, uid)
         d = self.node.delete(
@@ -431,48 +615,74 @@ class RecordAPI:
         return self._written(request, collection, uid, d, self._deleted)
 
 
-class _Resource(KleinResource):
+def node_sync_route(node_sync, request):
+    """POST /_node/sync[?peer=URL]: 200 with each peer's report, 502 when a sync failed."""
+    from minstore.cluster.servers import normalise_peer
+
+    if node_sync is None:
+        raise BadRequest("no_sync", "this node does not sync")
+    peer = _text_arg(request.args, b"peer")
+    if peer is not None:
+        url = normalise_peer(peer)
+        if url is None or url not in node_sync.peers():
+            raise BadRequest("unknown_peer", "%r is not one of this node's peers" % (peer,))
+        d = node_sync.sync(url).addCallback(lambda report: [report])
+    else:
+        d = node_sync.sync_all()
+
+    def answer(reports):
+        failed = [r for r in reports if r["error"] is not None]
+        if not failed:
+            return json_response(request, 200, {"peers": reports})
+        message = "; ".join("%s: %s" % (r["peer"], r["error"]) for r in failed)
+        return json_response(request, 502, {"error": "sync_failed", "message": message, "peers": reports})
+
+    return d.addCallback(answer)
+
+
+#: Methods whose work a client that hangs up cancels: reads.  A write that
+#: reached the node goes on (its replicas must go out), answered to nobody.
+_CANCELLABLE = frozenset([b"GET", b"HEAD"])
+
+
+class _Resource(Resource):
     """
-    The app's resource.  A path that is not UTF-8 gets a JSON 400, not
-    Klein's plain text.  A plain record path, ``/{collection}/{uid}`` with
-    one segment each, goes straight to its handler: routing it through
-    Klein and werkzeug (binding a URL map, matching it, wrapping the result)
-    cost a POST about a fifth of the node's time.  Every other path is
-    Klein's.
+    The site's root, the one request path: L{parse_path} names the route,
+    the method picks its handler, and the handler's bytes (or Deferred of
+    bytes) are the answer.  Any failure, raised or in the Deferred, is
+    answered by L{_Resource.error}.
     """
 
-    def __init__(self, app, api):
-        KleinResource.__init__(self, app)
+    isLeaf = True
+
+    def __init__(self, api):
+        Resource.__init__(self)
         self.api = api
-        self.direct = {
-            b"GET": api.get_record,
-            b"POST": api.post_record,
-            b"PUT": api.put_record,
-            b"DELETE": api.delete_record,
-        }
+        self.log = api.log
+        self.routes = api.routes()
 
     def render(self, request):
         try:
-            b"/".join(request.postpath).decode("utf-8")
-        except UnicodeDecodeError:
-            return RecordAPI._json(
-                request, 400, {"error": "bad_path", "message": "the path is not percent-encoded UTF-8"}
-            )
-        handler = self.direct.get(request.method)
-        if handler is not None:
-            collection = _plain_record_path(request.path)
-            if collection is not None:
-                return self._render_direct(request, handler, collection)
-        return KleinResource.render(self, request)
-
-    def _render_direct(self, request, handler, collection):
-        try:
-            # The handlers read the uid from the raw path (raw_uid).
-            result = handler(request, collection, None)
+            route, collection, uid = parse_path(request.path)
+            label, methods = self.routes[route]
+            method = request.method
+            handler = methods.get(method)
+            if handler is None and method == b"HEAD":
+                handler = methods.get(b"GET")
+            if handler is None:
+                allowed = sorted(methods) + ([b"HEAD"] if b"GET" in methods else [])
+                allow = b", ".join(sorted(allowed))
+                raise MethodNotAllowed(
+                    message="allowed: " + allow.decode(), headers={b"allow": allow}
+                )
+            self.api._track(request, label)
+            result = handler(request, collection, uid)
         except Exception:
-            return self._error(Failure(), request)
+            return self.error(Failure(), request)
         if not isinstance(result, Deferred):
             return result
+        if request.method in _CANCELLABLE:
+            request.notifyFinish().addErrback(lambda _: result.cancel())
 
         def write(body):
             # twisted.web drops the channel of a request whose connection
@@ -482,26 +692,23 @@ class _Resource(KleinResource):
                 request.write(body)
                 request.finish()
 
-        result.addErrback(self._error, request).addCallback(write)
-        result.addErrback(lambda f: self.api.log.failure("answering {path} failed", f, path=request.path))
+        result.addErrback(self.error, request).addCallback(write)
+        result.addErrback(lambda f: self.log.failure("answering {path} failed", f, path=request.path))
         return NOT_DONE_YET
 
-    def _error(self, failure, request):
-        """The JSON answer Klein's error handlers would give."""
-        if failure.check(MinstoreError):
-            return self.api._minstore_error(request, failure)
-        return self.api._internal_error(request, failure)
-
-
-def _plain_record_path(path):
-    """
-    The collection of ``/{collection}/{uid}`` when both are one non-empty
-    segment that is not reserved (``_node``, ``_cluster``), else None.
-    """
-    parts = path.split(b"/")
-    if len(parts) != 3 or parts[0] or not parts[1] or not parts[2] or parts[1].startswith(b"_"):
-        return None
-    try:
-        return unquote_to_bytes(parts[1]).decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+    def error(self, failure, request):
+        """The JSON answer to a failure: one mapping for every route."""
+        answer = error_answer(failure)
+        if answer is None:
+            if request.channel is None and failure.check(CancelledError):
+                return b""  # the client hung up and its read was cancelled
+            self.log.failure(
+                "{method} {path} failed", failure, method=request.method, path=request.path
+            )
+            answer = 500, {}, {"error": "internal_error", "message": failure.getErrorMessage()}
+        code, headers, body = answer
+        # An answer half made (an ETag set) before the failure is not kept.
+        request.responseHeaders.removeHeader(b"etag")
+        for name, value in headers.items():
+            request.setHeader(name, value)
+        return json_response(request, code, body)

@@ -15,14 +15,15 @@ body.
   dependant answers, a stale entry is served with a ``Warning: 111`` header
   for at most ``stale_if_error`` seconds past its freshness, else 502.
   Concurrent misses of one uid share one round of requests.
-* POST and PUT: the first dependant that answers (in ``servers.list``
-  order) processes and stores the write; the record it stored is then sent
-  as a replica (``POST /_cluster/replicas``) to every other dependant, and
-  those are awaited before answering, so that every dependant holds the
-  same record, version and processed fields included.  A dependant that
-  cannot take its replica gets it later (in memory, with back-off).
-* DELETE: sent to every dependant (``local=1``); 200 when any deleted.  A
-  dependant that did not answer gets the tombstone later.
+* POST, PUT and DELETE: sent to the first dependant that answers (in
+  ``servers.list`` order), which processes and stores the write; the front
+  only routes.  The dependants mirror each other (each lists the others in
+  its own servers.list), so the dependant's durable replication brings the
+  record, or the tombstone, to the others, also to one that is down or
+  restarts, and whatever happens to the front.  ``sync=1`` is passed on: the
+  dependant then answers once the others stored it, with the
+  ``Minstore-Replicas-*`` headers.  A DELETE is not ``local=1``: a dependant
+  that does not hold the record yet finds it on the others.
 * The client's ``Authorization`` goes to the dependants unchanged, and a
   fresh entry is served only to a client whose ``Authorization`` (or lack
   of one) a dependant accepted for that collection within the last ``ttl``
@@ -30,43 +31,36 @@ body.
   would refuse (their 401 and 403 pass through).
 * 400, 404 and 412 from a dependant pass through unchanged.  No answer
   from any dependant within ``timeout`` seconds: 502 with a JSON error.
+* Listings (``GET /{collection}/``) and the collections of ``GET /`` are
+  a dependant's: the first that answers, in turn; never cached.
 
-Cache hits are answered on the reactor thread with no Deferred at all;
-L{FrontResource} serves them before the Klein app is even entered.
+Cache hits are answered on the reactor thread with no Deferred at all.
 """
 
 import hashlib
 import json
-import time
 from collections import OrderedDict
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote, urlencode
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
+from twisted.internet.error import ConnectionRefusedError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
 
 from minstore.cluster.peers import record_path
-from minstore.cluster.replication import backoff_delay
-from minstore.errors import BadGateway, MethodNotAllowed
+from minstore.errors import BadGateway, MethodNotAllowed, NoDependants
 from minstore.lru import ByteLRU
 from minstore.node import etag_matches
 from minstore._util import JSON_TYPE
-from minstore.records import (
-    check_collection,
-    check_uid,
-    encode_record,
-    make_tombstone,
-    version_timestamp,
-)
+from minstore.records import check_collection, check_uid
 
 DEFAULT_SIZE = 64 * 1024 * 1024
 DEFAULT_TTL = 60.0
 DEFAULT_TIMEOUT = 5.0
 #: Every status a dependant may answer with: the front judges them itself.
 _ANY_STATUS = range(100, 600)
+_REPLICA_HEADERS = (b"minstore-replicas-stored", b"minstore-replicas-expected")
 #: What a stale entry is served with when no dependant could revalidate it.
 STALE_WARNING = b'111 minstore "Revalidation Failed"'
 #: (credential, collection) pairs remembered as accepted by a dependant.
@@ -77,6 +71,14 @@ def _credential(request):
     """The client's Authorization, kept as its SHA-256 only (b"" for none)."""
     header = request.getHeader(b"authorization")
     return b"" if header is None else hashlib.sha256(header).digest()
+
+
+def _with_authorization(request, headers):
+    """``headers`` with the client's Authorization, when it sent one."""
+    authorization = request.getHeader(b"authorization")
+    if authorization is not None:
+        headers[b"authorization"] = [authorization]
+    return headers
 
 
 def _flag(args, name):
@@ -98,14 +100,16 @@ class Meta:
 class Answer:
     """A dependant's answer: status, the headers that matter, body."""
 
-    __slots__ = ("peer", "code", "etag", "content_type", "body")
+    __slots__ = ("peer", "code", "etag", "content_type", "body", "replicas")
 
-    def __init__(self, peer, code, etag, content_type, body):
+    def __init__(self, peer, code, etag, content_type, body, replicas=()):
         self.peer = peer
         self.code = code
         self.etag = etag
         self.content_type = content_type
         self.body = body
+        #: The Minstore-Replicas-* headers of a sync=1 write, as (name, value).
+        self.replicas = replicas
 
     @property
     def version(self):
@@ -122,47 +126,33 @@ class _Fetch:
         self.invalidated = False
 
 
-def _first(deferreds, wins):
-    """
-    A Deferred firing with ``(winner, outcomes)``: the first L{Answer} whose
-    code is in ``wins`` as soon as there is one, else ``(None, outcomes)``
-    once every Deferred has fired, ``outcomes`` being an L{Answer} or a
-    Failure each.  Failures are consumed.
-    """
-    result = Deferred()
-    outcomes = [None] * len(deferreds)
-    left = [len(deferreds)]
-
-    def done(outcome, i):
-        outcomes[i] = outcome
-        left[0] -= 1
-        if not result.called:
-            if isinstance(outcome, Answer) and outcome.code in wins:
-                result.callback((outcome, outcomes))
-            elif left[0] == 0:
-                result.callback((None, outcomes))
-        return None
-
-    if not deferreds:
-        result.callback((None, outcomes))
-    for i, d in enumerate(deferreds):
-        d.addBoth(done, i)
-    return result
-
-
 def _answered(outcomes):
     """The answers that count: no failure, no 5xx."""
     return [o for o in outcomes if isinstance(o, Answer) and o.code < 500]
 
 
-def _why(peers, outcomes):
+def _reason(outcome, timeout):
+    """What went wrong with one dependant, in words."""
+    if isinstance(outcome, Answer):
+        return "answered %d" % outcome.code
+    exception = getattr(outcome, "value", getattr(outcome, "exception", None))
+    # treq wraps what went wrong in a list of reasons (ResponseNeverReceived).
+    reasons = getattr(exception, "reasons", None)
+    if reasons:
+        exception = getattr(reasons[0], "value", reasons[0])
+    if isinstance(exception, (CancelledError, TimeoutError)):
+        return "no answer within %gs" % timeout
+    if isinstance(exception, ConnectionRefusedError):
+        return "connection refused"
+    return str(exception) or type(exception).__name__
+
+
+def _why(peers, outcomes, timeout):
     reasons = []
     for peer, o in zip(peers, outcomes):
-        if isinstance(o, Answer):
-            reasons.append("%s answered %d" % (peer, o.code))
-        elif o is not None:
-            reasons.append("%s: %s" % (peer, o.getErrorMessage()))
-    return "; ".join(reasons)
+        if o is not None:
+            reasons.append("%s: %s" % (peer, _reason(o, timeout)))
+    return "no dependant could answer: " + ("; ".join(reasons) or "none asked")
 
 
 class CacheFront:
@@ -177,8 +167,6 @@ class CacheFront:
         ttl=DEFAULT_TTL,
         timeout=DEFAULT_TIMEOUT,
         stale_if_error=0.0,
-        retry_base=0.5,
-        retry_cap=30.0,
         hedge=0.05,
     ):
         """
@@ -200,8 +188,6 @@ class CacheFront:
         self.ttl = ttl
         self.timeout = timeout
         self.stale_if_error = stale_if_error
-        self.retry_base = retry_base
-        self.retry_cap = retry_cap
         self.hedge = hedge
         self._turn = -1
         self.lru = ByteLRU(size)
@@ -213,10 +199,9 @@ class CacheFront:
         self.errors = 0
         self._fetches = {}  # (key, credential) -> _Fetch
         self._accepted = OrderedDict()  # (credential, collection) -> expiry
-        self._backlog = {}  # peer -> OrderedDict(key -> (version, data))
-        self._retries = {}  # peer -> [attempt, IDelayedCall or None, sending]
-        self._stopped = False
         self.metrics = None
+        #: What each dependant did last: (state, seconds, error or None).
+        self._seen = {}
 
     # -- wiring -----------------------------------------------------------
 
@@ -225,23 +210,6 @@ class CacheFront:
         self.metrics = node.metrics
         node.status_sections["cache"] = self.status
         node.metrics.registry.register(_CacheCollector(self))
-
-    def resource(self, inner):
-        """The site's root: cache hits answered here, the rest by ``inner``."""
-        return FrontResource(self, inner, self.metrics)
-
-    def stop(self):
-        """Cancel the pending replica retries (the node is stopping)."""
-        self._stopped = True
-        for state in self._retries.values():
-            if state[1] is not None and state[1].active():
-                state[1].cancel()
-            state[1] = None
-        pending = sum(len(b) for b in self._backlog.values())
-        if pending:
-            self.log.warn(
-                "stopping with {n} replicas not delivered to dependants", n=pending
-            )
 
     # -- requests ---------------------------------------------------------
 
@@ -252,6 +220,10 @@ class CacheFront:
         """
         method = request.method
         key = (collection, uid)
+        if uid is None:
+            if method == b"GET" or method == b"HEAD":
+                return ensureDeferred(self._read_through(request, collection))
+            raise MethodNotAllowed(message="cache=1 lists with GET")
         if method == b"GET" or method == b"HEAD":
             hit = self.lru.get(key)
             if hit is not None and self.clock.seconds() < hit[1].expires and self._may_serve(request, collection):
@@ -268,22 +240,6 @@ class CacheFront:
             return ensureDeferred(self._delete(request, key))
         raise MethodNotAllowed(message="cache=1 serves GET, POST, PUT and DELETE")
 
-    def serve_hit(self, request):
-        """
-        The body of a GET answered by a fresh entry (headers and status set),
-        or None when the cache cannot answer it alone.
-        """
-        try:
-            _, collection, uid = request.path.split(b"/", 2)
-            key = (collection.decode("ascii"), unquote_to_bytes(uid).decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            return None
-        hit = self.lru.get(key)
-        if hit is None or self.clock.seconds() >= hit[1].expires or not self._may_serve(request, key[0]):
-            return None
-        self.hits += 1
-        return self._serve(request, hit[0], hit[1])
-
     def _may_serve(self, request, collection):
         """Whether a dependant accepted this client's credentials for ``collection`` lately."""
         expires = self._accepted.get((_credential(request), collection))
@@ -297,6 +253,40 @@ class CacheFront:
             self._accepted[pair] = self.clock.seconds() + self.ttl
             while len(self._accepted) > MAX_CREDENTIALS:
                 self._accepted.popitem(last=False)
+
+    async def _read_through(self, request, collection):
+        """
+        A listing of ``collection`` (or, for None, the collections of
+        ``GET /``) from the first dependant that answers, asked in turn.
+        """
+        if collection is None:
+            path = "/"
+        else:
+            check_collection(collection)
+            args = [(k, v) for k, vs in request.args.items() if k not in (b"cache", b"local") for v in vs]
+            path = "/%s/?%s" % (quote(collection, safe=""), urlencode(args + [(b"local", b"1")]))
+        peers = self._peers()
+        self._turn = (self._turn + 1) % len(peers)
+        peers = peers[self._turn:] + peers[: self._turn]
+        outcomes = []
+        for peer in peers:
+            try:
+                answer = await self._call(
+                    peer, "GET", path, _with_authorization(request, {b"accept": [b"application/json"]})
+                )
+            except Exception as e:
+                outcomes.append(_Reason(e))
+                continue
+            outcomes.append(answer)
+            if answer.code < 500:
+                if collection is None:
+                    try:
+                        return json.loads(answer.body)["collections"]
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                return self._pass(request, answer)
+        self.errors += 1
+        raise BadGateway(message=_why(peers, outcomes, self.timeout))
 
     @staticmethod
     def _serve(request, data, meta):
@@ -316,13 +306,14 @@ class CacheFront:
         request.responseHeaders.setRawHeaders(b"content-type", [answer.content_type or JSON_TYPE])
         if answer.etag:
             request.responseHeaders.setRawHeaders(b"etag", [answer.etag])
+        for name, value in answer.replicas:
+            request.responseHeaders.setRawHeaders(name, [value])
         return answer.body
 
     def _peers(self):
         peers = list(self.dependants())
         if not peers:
-            self.errors += 1
-            raise BadGateway(message="cache=1 needs dependants: this node's servers.list lists no peer")
+            raise NoDependants(message="cache=1 needs dependants: this node's servers.list lists no peer")
         return peers
 
     def _call(self, peer, method, path, headers=None, data=None):
@@ -341,15 +332,26 @@ class CacheFront:
         def answer(result):
             response, body = result
             headers = response.headers
+            self._seen[peer] = ("up" if response.code < 500 else "failing", self.clock.seconds(), None)
+            replicas = [
+                (name, headers.getRawHeaders(name)[0])
+                for name in _REPLICA_HEADERS
+                if headers.hasHeader(name)
+            ]
             return Answer(
                 peer,
                 response.code,
                 (headers.getRawHeaders(b"etag") or [None])[0],
                 (headers.getRawHeaders(b"content-type") or [None])[0],
                 body,
+                replicas,
             )
 
-        return d.addCallback(answer)
+        def failed(failure):
+            self._seen[peer] = ("down", self.clock.seconds(), _reason(failure, self.timeout))
+            return failure
+
+        return d.addCallbacks(answer, failed)
 
     def _forget(self, key):
         """A write or delete went through: drop the entry and what is being fetched."""
@@ -366,31 +368,36 @@ class CacheFront:
     # -- GET ----------------------------------------------------------------
 
     def _get(self, request, key, stale):
+        # Each request waits on a Deferred of its own: one whose client
+        # hangs up is cancelled alone, never the round the others wait for.
+        waiter = Deferred()
         credential = _credential(request)
         fetch = self._fetches.get((key, credential))
-        if fetch is None:
+        if fetch is not None:
+            fetch.waiters.append(waiter)
+        else:
             fetch = self._fetches[key, credential] = _Fetch()
+            fetch.waiters.append(waiter)
             if stale is None:
                 self.misses += 1
             else:
                 self.revalidations += 1
-            d = ensureDeferred(
-                self._fetch(key, stale, fetch, request.getHeader(b"authorization"), credential)
-            )
 
             def finished(result):
                 del self._fetches[key, credential]
-                for waiter in fetch.waiters:
+                for w in fetch.waiters:
+                    if w.called:
+                        continue  # cancelled: its client went away
                     if isinstance(result, Failure):
-                        waiter.errback(result)
+                        w.errback(result)
                     else:
-                        waiter.callback(result)
-                return result
+                        w.callback(result)
+                return None
 
-            d.addBoth(finished)
-        else:
-            d = Deferred()
-            fetch.waiters.append(d)
+            ensureDeferred(
+                self._fetch(key, stale, fetch, request.getHeader(b"authorization"), credential)
+            ).addBoth(finished)
+        d = waiter
         return d.addCallback(self._answer_get, request)
 
     async def _fetch(self, key, stale, fetch, authorization=None, credential=b""):
@@ -437,7 +444,7 @@ class CacheFront:
             return stale[0], stale[1], STALE_WARNING
         self.errors += 1
         raise BadGateway(
-            message="no dependant answered within %gs: %s" % (self.timeout, _why(peers, outcomes))
+            message=_why(peers, outcomes, self.timeout)
         )
 
     def _hedged(self, peers, path, headers):
@@ -490,23 +497,15 @@ class CacheFront:
             request.responseHeaders.setRawHeaders(b"warning", [warning])
         return self._serve(request, data, meta)
 
-    # -- POST and PUT -------------------------------------------------------
+    # -- POST, PUT and DELETE ------------------------------------------------
 
-    async def _write(self, request, key, value):
-        collection, uid = key
-        method = request.method.decode("ascii")
-        path = "/" + record_path(collection, uid)
-        headers = {b"content-type": [b"application/json"]}
-        if_match = request.getHeader(b"if-match")
-        if if_match is not None and method == "PUT":
-            headers[b"if-match"] = [if_match]
-        authorization = request.getHeader(b"authorization")
-        if authorization is not None:
-            headers[b"authorization"] = [authorization]
-        body = json.dumps({"value": value}, ensure_ascii=False).encode("utf-8")
+    async def _first_answer(self, method, path, headers=None, body=None):
+        """
+        The L{Answer} of the first dependant, in servers.list order, that
+        answers below 500; BadGateway when none does.
+        """
         peers = self._peers()
         outcomes = []
-        emitter = None
         for peer in peers:
             try:
                 answer = await self._call(peer, method, path, headers, body)
@@ -516,147 +515,69 @@ class CacheFront:
                 continue
             outcomes.append(answer)
             if answer.code < 500:
-                emitter = answer
-                break
-        if emitter is None:
-            self.errors += 1
-            raise BadGateway(
-                message="no dependant answered within %gs: %s" % (self.timeout, _why(peers, outcomes))
-            )
-        if emitter.code != 200:
-            if emitter.code in (404, 412):
-                self._forget(key)
-            return self._pass(request, emitter)
-        others = [p for p in peers if p != emitter.peer]
-        stored = await self._replicate(others, key, emitter.version, emitter.body)
-        self._forget(key)
-        self._keep(key, emitter)
-        # A token that may write a collection may read it.
-        self._accept(_credential(request), collection, True)
-        request.responseHeaders.setRawHeaders(b"minstore-replicas-stored", [b"%d" % stored])
-        request.responseHeaders.setRawHeaders(b"minstore-replicas-expected", [b"%d" % len(others)])
-        return self._pass(request, emitter)
+                return answer
+        self.errors += 1
+        raise BadGateway(message=_why(peers, outcomes, self.timeout))
 
-    def _send(self, peer, records):
-        d = ensureDeferred(self.client.send_replicas(peer, records, timeout=self.timeout))
-        return d.addTimeout(self.timeout, self.clock)
+    @staticmethod
+    def _write_path(request, collection, uid):
+        # sync=1 is the dependant's to honour: it answers once its peers
+        # (the other dependants) stored the write, saying how many did.
+        sync = "?sync=1" if _flag(request.args, b"sync") else ""
+        return "/" + record_path(collection, uid) + sync
 
-    async def _replicate(self, peers, key, version, data):
-        """Send a record to dependants; how many took it now (the rest get it later)."""
-        calls = [self._send(peer, [data]) for peer in peers]
-        _, outcomes = await _first(calls, ())
-        stored = 0
-        for peer, outcome in zip(peers, outcomes):
-            if not isinstance(outcome, Failure):
-                stored += 1
-            else:
-                self.log.info(
-                    "{peer} did not take the replica of {key}: {e}; retrying later",
-                    peer=peer,
-                    key="/".join(key),
-                    e=outcome.getErrorMessage(),
-                )
-                self._defer_replica(peer, key, version, data)
-        return stored
-
-    # -- DELETE -------------------------------------------------------------
+    async def _write(self, request, key, value):
+        collection, uid = key
+        method = request.method.decode("ascii")
+        headers = {b"content-type": [b"application/json"]}
+        if_match = request.getHeader(b"if-match")
+        if if_match is not None and method == "PUT":
+            headers[b"if-match"] = [if_match]
+        _with_authorization(request, headers)
+        body = json.dumps({"value": value}, ensure_ascii=False).encode("utf-8")
+        answer = await self._first_answer(method, self._write_path(request, collection, uid), headers, body)
+        if answer.code == 200:
+            self._forget(key)
+            self._keep(key, answer)
+            # A token that may write a collection may read it.
+            self._accept(_credential(request), collection, True)
+        elif answer.code in (404, 412):
+            self._forget(key)
+        return self._pass(request, answer)
 
     async def _delete(self, request, key):
+        # Not local=1: a dependant that does not hold the record yet finds
+        # it on the others (a lookup deletes it where it is).
         collection, uid = key
-        path = "/%s?local=1" % (record_path(collection, uid),)
         headers = {}
         if_match = request.getHeader(b"if-match")
         if if_match is not None:
             headers[b"if-match"] = [if_match]
-        authorization = request.getHeader(b"authorization")
-        if authorization is not None:
-            headers[b"authorization"] = [authorization]
-        peers = self._peers()
+        _with_authorization(request, headers)
+        answer = await self._first_answer("DELETE", self._write_path(request, collection, uid), headers)
+        # A dependant answered: what it says (deleted, not there, or a 412)
+        # outdates the entry.  When none did, the entry stays, to be served
+        # stale (--cache-stale-if-error) like any other.
         self._forget(key)
-        _, outcomes = await _first([self._call(p, "DELETE", path, headers) for p in peers], ())
-        self._forget(key)
-        answered = _answered(outcomes)
-        deleted = [a for a in answered if a.code == 200]
-        if deleted:
-            try:
-                version = json.loads(deleted[0].body)["version"]
-                tombstone = encode_record(
-                    make_tombstone(collection, uid, version, version_timestamp(version))
-                )
-            except (ValueError, KeyError, TypeError, IndexError):
-                tombstone = None
-            if tombstone is not None:
-                silent = [p for p, o in zip(peers, outcomes) if not isinstance(o, Answer) or o.code >= 500]
-                for peer in silent:
-                    self._defer_replica(peer, key, version, tombstone)
-            return self._pass(request, deleted[0])
-        for code in (412, 400):
-            for answer in answered:
-                if answer.code == code:
-                    return self._pass(request, answer)
-        for answer in answered:
-            if answer.code != 404:
-                return self._pass(request, answer)
-        if answered:
-            return self._pass(request, answered[0])
-        self.errors += 1
-        raise BadGateway(
-            message="no dependant answered within %gs: %s" % (self.timeout, _why(peers, outcomes))
-        )
-
-    # -- replicas that could not be delivered -------------------------------
-
-    def _defer_replica(self, peer, key, version, data):
-        pending = self._backlog.setdefault(peer, OrderedDict())
-        held = pending.get(key)
-        if held is None or (held[0] or "") < (version or ""):
-            pending.pop(key, None)
-            pending[key] = (version, data)
-        self._schedule(peer)
-
-    def _schedule(self, peer):
-        state = self._retries.setdefault(peer, [0, None, False])
-        if self._stopped or state[1] is not None or state[2]:
-            return
-        state[0] += 1
-        delay = backoff_delay(state[0], self.retry_base, self.retry_cap)
-        state[1] = self.clock.callLater(delay, self._retry, peer)
-
-    def _retry(self, peer):
-        state = self._retries[peer]
-        state[1] = None
-        pending = self._backlog.get(peer)
-        if peer not in self.dependants() or not pending:
-            self._backlog.pop(peer, None)
-            self._retries.pop(peer, None)
-            return
-        batch = list(pending.items())
-        state[2] = True
-
-        def sent(_):
-            state[2] = False
-            state[0] = 0
-            for key, held in batch:
-                if pending.get(key) is held:
-                    del pending[key]
-            self.log.info("{peer} took {n} replicas it had missed", peer=peer, n=len(batch))
-            if pending:
-                self._schedule(peer)
-            else:
-                self._backlog.pop(peer, None)
-                self._retries.pop(peer, None)
-
-        def failed(failure):
-            state[2] = False
-            self._schedule(peer)
-
-        self._send(peer, [data for _, (_, data) in batch]).addCallbacks(sent, failed)
+        return self._pass(request, answer)
 
     # -- status and metrics ---------------------------------------------------
 
     def status(self):
+        now = self.clock.seconds()
+        dependants = []
+        for peer in self.dependants():
+            state, when, error = self._seen.get(peer, ("unknown", None, None))
+            dependants.append(
+                {
+                    "url": peer,
+                    "state": state,
+                    "seconds_since_seen": None if when is None else round(now - when, 3),
+                    "last_error": error,
+                }
+            )
         return {
-            "dependants": list(self.dependants()),
+            "dependants": dependants,
             "entries": len(self.lru),
             "bytes": self.lru.bytes,
             "max_bytes": self.lru.max_bytes,
@@ -668,8 +589,7 @@ class CacheFront:
             "stale_served": self.stale_served,
             "evictions": self.lru.evictions,
             "errors": self.errors,
-            "replica_backlog": {peer: len(p) for peer, p in self._backlog.items() if p},
-        }
+            }
 
 
 class _Reason:
@@ -704,49 +624,5 @@ class _CacheCollector:
         ]
         for name, text, value in counters:
             yield CounterMetricFamily("minstore_cache_" + name, text, value=value)
-        yield GaugeMetricFamily(
-            "minstore_cache_replica_backlog",
-            "Replicas the front could not deliver to a dependant yet.",
-            value=sum(len(p) for p in front._backlog.values()),
-        )
 
 
-class FrontResource(Resource):
-    """
-    The root resource of a node with a cache front: a GET with ``cache=1``
-    that a fresh entry answers is served here, without routing or Deferreds;
-    anything else goes to the Klein app.
-    """
-
-    isLeaf = True
-
-    def __init__(self, front, inner, metrics=None):
-        Resource.__init__(self)
-        self.front = front
-        self.inner = inner
-        self.metrics = metrics
-
-    def render(self, request):
-        if request.method == b"GET":
-            args = request.args
-            if args and _flag(args, b"cache"):
-                start = time.perf_counter()
-                body = self.front.serve_hit(request)
-                if body is not None:
-                    if self.metrics is not None:
-                        self.metrics.observe_request(
-                            "record", "GET", request.code, time.perf_counter() - start
-                        )
-                    return body
-        return self.inner.render(request)
-
-
-class FrontService(Service):
-    """Stops the front's replica retries when the node stops."""
-
-    def __init__(self, front):
-        self.front = front
-
-    def stopService(self):
-        Service.stopService(self)
-        self.front.stop()

@@ -10,12 +10,18 @@ from typing import Dict, Optional
 class MinstoreError(Exception):
     code = 500
     error = "internal_error"
+    #: Headers the answer carries beside its JSON body (Allow, Retry-After).
+    headers: Dict[str, str] = {}
 
-    def __init__(self, error: Optional[str] = None, message: str = "") -> None:
+    def __init__(
+        self, error: Optional[str] = None, message: str = "", headers: Optional[Dict[str, str]] = None
+    ) -> None:
         Exception.__init__(self, message)
         if error is not None:
             self.error = error
         self.message = message
+        if headers:
+            self.headers = headers
 
     def to_json(self) -> Dict[str, str]:
         return {"error": self.error, "message": self.message}
@@ -46,6 +52,12 @@ class PreconditionFailed(MinstoreError):
     error = "precondition_failed"
 
 
+class NoDependants(BadRequest):
+    """cache=1 on a node whose servers.list lists no dependant: the client's call."""
+
+    error = "no_dependants"
+
+
 class PayloadTooLarge(MinstoreError):
     code = 413
     error = "payload_too_large"
@@ -70,6 +82,33 @@ class BadGateway(MinstoreError):
 class ServiceUnavailable(MinstoreError):
     code = 503
     error = "unavailable"
+
+
+def error_answer(failure):
+    """
+    ``(status, headers, body)`` of the JSON answer to a request that failed
+    with ``failure``: the one mapping every route shares.  None for an
+    error that is a bug (the caller logs it and answers 500).
+    """
+    import errno
+
+    if failure.check(MinstoreError):
+        e = failure.value
+        return e.code, e.headers, e.to_json()
+    if failure.check(OSError) and failure.value.errno in (errno.ENOSPC, errno.EDQUOT):
+        return 507, {}, {"error": "insufficient_storage", "message": "the node's disk is full"}
+    return None
+
+
+class IndexBuilding(ServiceUnavailable):
+    """A filter on an index whose build has not finished: retry after ``retry_after`` seconds."""
+
+    error = "index_building"
+
+    def __init__(self, message, retry_after=1):
+        ServiceUnavailable.__init__(self, message=message)
+        #: Headers the answer carries.
+        self.headers = {b"retry-after": b"%d" % retry_after}
 
 
 def error_from_peer(code, body):

@@ -101,6 +101,17 @@ class IStorage(Interface):
         found, else the highest number stored when the read began.
         """
 
+    def scan_versions(
+        after: Optional[Tuple[str, str]], upto: Optional[Tuple[str, str]], limit: int
+    ) -> List[Tuple[str, str, str]]:
+        """
+        I{blocking}: up to ``limit`` ``(collection, uid, version)`` of the
+        records and tombstones held, in ``(collection, uid)`` order (code
+        point order), with keys above ``after`` and at most ``upto`` (each a
+        ``(collection, uid)`` tuple, or None: no bound).  What sync
+        fingerprints and compares (L{minstore.cluster.sync}).
+        """
+
     def count_changes(after: int, forwarded_only: bool = False) -> int:
         """I{blocking}: how many L{Change}s L{changes} would give after ``after``, without a limit."""
 
@@ -121,6 +132,59 @@ class IStorage(Interface):
 
     def collections() -> List[str]:
         """I{memory}: the names of the collections holding at least one live record."""
+
+    # -- secondary indexes (see minstore.storage.indexes) ------------------
+
+    def set_indexes(declarations: Sequence[Any]) -> None:
+        """
+        I{blocking}: declare the secondary indexes, a list of
+        L{minstore.storage.indexes.Declaration}s (``(collection or "*",
+        field)``).  The node calls it once after L{open}, before it serves
+        (an engine must also accept a later call: it replaces the
+        declarations).  From then on every L{write} keeps the entries of
+        every declared index in its own durable step: an entry
+        ``(collection, field, key, uid)`` per live record that has the field
+        (``key`` from L{minstore.storage.indexes.encode_key}); a tombstone
+        or a record without the field has none.
+
+        A declaration new to the engine while it holds records is
+        I{building} until L{build_indexes} has gone through them; one new
+        on an empty engine is I{ready} at once.  The state is kept
+        durably: a reopen with the same declaration resumes a build where
+        it was.  A declaration no longer given is dropped with its entries
+        (declared again later, it is built again).
+        """
+
+    def build_indexes(limit: int) -> bool:
+        """
+        I{blocking}: index up to ``limit`` sequence numbers' worth of the
+        records held from before a building declaration was made, in one
+        durable step that holds the write lock only for it.  Returns True
+        while some declaration is still building, False when all are ready.
+        """
+
+    def index_states() -> Dict[str, Dict[str, Any]]:
+        """
+        I{memory}: ``{"COLLECTION:FIELD": {"state": "ready"|"building",
+        "seq": n, "until_seq": m}}`` of the declarations (a build has
+        indexed up to sequence ``seq`` of the ``until_seq`` it must reach).
+        """
+
+    def find(
+        collection: str,
+        field: str,
+        start: Optional[bytes],
+        stop: Optional[bytes],
+        after: Optional[Tuple[bytes, str]],
+        limit: int,
+    ) -> List[Tuple[bytes, bytes]]:
+        """
+        I{blocking}: up to ``limit`` ``(key, data)`` of the live records of a
+        collection whose entry for ``field`` has ``start <= key < stop``
+        (None: no bound), in (key, uid) order, after ``after`` (a ``(key,
+        uid)`` pair, or None from the start).  Read from the index only, in
+        one snapshot: never a scan of the collection.
+        """
 
 
 class IProcess(Interface):

@@ -37,6 +37,12 @@ class NodeMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=self.registry,
         )
+        self.lookup_bad_answers = Counter(
+            "minstore_lookup_bad_answers",
+            "Peer answers to a lookup that were not the record asked for, counted as that peer missing.",
+            ["peer"],
+            registry=self.registry,
+        )
         # labels() costs a dict lookup and a lock; the hot path keeps children.
         self._children = {}
 

@@ -13,6 +13,12 @@ default) run in the same thread hop as the storage write of their batch:
 the records go from the reactor to the writer thread once, are processed,
 encoded, stored, and come back once.  A hop of their own cost each write a
 wait for the reactor's next turn under load (measured in bench/RESULTS.md).
+
+Secondary indexes (``--indexes``): the node gives the storage its
+declarations at open and, when one is new over records already held, builds
+it in the background, a step of ``INDEX_BUILD_STEP`` sequence numbers per
+thread hop (each step holds the storage's write lock only for itself), while
+reads and writes go on; until then its filters answer 503 ``index_building``.
 """
 
 import base64
@@ -22,7 +28,8 @@ import time
 import uuid
 from inspect import iscoroutine
 
-from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -30,6 +37,7 @@ from minstore import __version__
 from minstore.batch import BatchedCalls, Batcher
 from minstore.errors import (
     BadRequest,
+    IndexBuilding,
     InsufficientStorage,
     NotFound,
     PreconditionFailed,
@@ -51,7 +59,22 @@ from minstore.records import (
     make_tombstone,
 )
 
+from minstore.storage.indexes import (
+    OPERATORS,
+    bounds,
+    decode_index_cursor,
+    encode_index_cursor,
+    fields_by_collection,
+    parse_value,
+)
+
 MAX_LIST_LIMIT = 1000
+#: /_changes: changes a page holds by default, and at most.
+DEFAULT_CHANGES_LIMIT = 100
+MAX_CHANGES_LIMIT = 1000
+#: Sequence numbers an index build goes through per step (one thread hop,
+#: one transaction under the storage's write lock).
+INDEX_BUILD_STEP = 1000
 
 
 def run_inline(f, *args):
@@ -221,6 +244,9 @@ class Node:
         read_cache_bytes=32 * 1024 * 1024,
         max_inflight_writes=2,
         now=time.time,
+        indexes=(),
+        index_build_rate=0,
+        reactor=None,
     ):
         self.storage = storage
         self.processes = list(processes)
@@ -260,6 +286,15 @@ class Node:
         self._active = 0
         self._drained = []
         self.stopping = False
+        #: The declared secondary indexes (L{minstore.storage.indexes.Declaration}s).
+        self.indexes = list(indexes)
+        self._indexed_fields = fields_by_collection(self.indexes)
+        #: Records a second an index build goes through at most (0: no limit).
+        self.index_build_rate = index_build_rate
+        self.reactor = reactor
+        self._builder = succeed(None)
+        self._build_pause = None
+        self._build_progress = None  # (time, sequence numbers left) when the build began
 
     # -- storage access -------------------------------------------------
 
@@ -287,6 +322,134 @@ class Node:
         if held is not None:
             self.clock.resume(held)
         self.metrics.records.set_function(self.storage.count)
+        self.storage.set_indexes(self.indexes)
+        if self._building():
+            self._builder = ensureDeferred(self._build_indexes())
+
+    # -- secondary indexes ---------------------------------------------
+
+    def _building(self):
+        return [spec for spec, s in self.storage.index_states().items() if s["state"] != "ready"]
+
+    def _left_to_build(self):
+        return sum(s["until_seq"] - s["seq"] for s in self.storage.index_states().values() if s["state"] != "ready")
+
+    async def _build_indexes(self):
+        """Build the indexes declared over records already held, a step at a time, in the thread pool."""
+        self.log.info("building indexes {specs} in the background", specs=", ".join(self._building()))
+        self._build_progress = (self.now(), self._left_to_build())
+        rate = self.index_build_rate
+        step = max(1, min(INDEX_BUILD_STEP, int(rate))) if rate else INDEX_BUILD_STEP
+        started = self.now()
+        while not self.stopping:
+            try:
+                more = await self._storage("index_build", self.storage.build_indexes, step)
+            except Exception:
+                self.log.failure("building the indexes failed; they stay building (503) until the next start")
+                return
+            if not more:
+                self.log.info("indexes built in {s:.1f} s", s=self.now() - started)
+                return
+            if rate and self.reactor is not None:
+                self._build_pause = deferLater(self.reactor, step / rate, lambda: None)
+                try:
+                    await self._build_pause
+                except CancelledError:
+                    return
+                finally:
+                    self._build_pause = None
+
+    def _retry_after(self):
+        """Seconds a client should wait for the build, from its pace so far (1 to 60)."""
+        if self._build_progress is None:
+            return 1
+        began, total = self._build_progress
+        left = self._left_to_build()
+        elapsed = self.now() - began
+        done = total - left
+        if done <= 0 or elapsed <= 0:
+            return 1
+        return int(min(60, max(1, left * elapsed / done + 0.999)))
+
+    def _filter(self, collection, filters):
+        """``(field, {op: value})`` of a listing's filter parameters ``[(name, text)]``."""
+        fields = self._indexed_fields(collection)
+        parsed = {}
+        for name, text in filters:
+            if name in fields:
+                field, op = name, "eq"
+            else:
+                for prefix in OPERATORS:
+                    if name.startswith(prefix) and name[len(prefix):] in fields:
+                        field, op = name[len(prefix):], prefix[:-1]
+                        break
+                else:
+                    base = next((name[len(p):] for p in OPERATORS if name.startswith(p)), name)
+                    raise BadRequest(
+                        "field_not_indexed",
+                        "%s: no index on %s in %s (indexed there: %s); declare it with --indexes %s:%s"
+                        % (name, base, collection, ", ".join(fields) or "none", collection, base),
+                    )
+            parsed.setdefault(field, {})[op] = parse_value(text)
+        if len(parsed) > 1:
+            raise BadRequest("bad_parameter", "one indexed field per request, not %s" % ", ".join(sorted(parsed)))
+        return next(iter(parsed.items()))
+
+    def _find(self, collection, limit, after, prefix, filters):
+        if prefix:
+            raise BadRequest("bad_parameter", "prefix does not combine with a filter on an indexed field")
+        field, operators = self._filter(collection, filters)
+        states = self.storage.index_states()
+        specs = [s for s in ("%s:%s" % (collection, field), "*:%s" % field) if s in states]
+        if not any(states[s]["state"] == "ready" for s in specs):
+            raise IndexBuilding(
+                "the index on %s of %s is being built (%s); retry later" % (field, collection, ", ".join(
+                    "%s at %d of %d" % (s, states[s]["seq"], states[s]["until_seq"]) for s in specs)),
+                self._retry_after(),
+            )
+        start, stop = bounds(operators)
+        position = None
+        if after:
+            try:
+                cursor_field, key, uid = decode_index_cursor(after)
+            except ValueError:
+                raise BadRequest("bad_parameter", "after: not a cursor from a filtered listing's next")
+            if cursor_field != field:
+                raise BadRequest("bad_parameter", "after: a cursor of a listing filtered on %s, not %s" % (cursor_field, field))
+            position = (key, uid)
+
+        def page(found):
+            next_cursor = None
+            if len(found) > limit:
+                found = found[:limit]
+                key, data = found[-1]
+                next_cursor = encode_index_cursor(field, key, json.loads(data)["uid"])
+            return [data for _, data in found], next_cursor
+
+        d = self._storage("find", self.storage.find, collection, field, start, stop, position, limit + 1)
+        return d.addCallback(page)
+
+    def changes(self, since=0, limit=DEFAULT_CHANGES_LIMIT, collection=None):
+        """
+        Deferred ``{"changes": [...], "last_seq": n}``: this node's changes
+        after ``since``, oldest first, each uid once at its newest.
+        """
+        if collection is not None:
+            check_collection(collection)
+        if not 1 <= limit <= MAX_CHANGES_LIMIT:
+            raise BadRequest("bad_parameter", "limit: from 1 to %d" % (MAX_CHANGES_LIMIT,))
+
+        def answer(result):
+            changes, scanned = result
+            return {
+                "changes": [
+                    {"seq": c.seq, "collection": c.collection, "uid": c.uid, "version": c.version, "deleted": c.deleted}
+                    for c in changes
+                ],
+                "last_seq": scanned,
+            }
+
+        return self._storage("changes", self.storage.changes, since, limit, False, collection).addCallback(answer)
 
     def cached(self, collection, uid):
         """The L{Entry} of a uid when the read cache has it, else None."""
@@ -410,6 +573,8 @@ class Node:
             if outcome is False:  # its condition did not hold
                 if w.condition == ABSENT:
                     outcome = Failure(RecordExists(message="%s/%s exists already; PUT updates it" % (w.collection, w.uid)))
+                elif w.condition is None:  # a shared database held a newer version (another node's)
+                    outcome = Failure(PreconditionFailed(message="%s/%s: a newer version was written meanwhile" % (w.collection, w.uid)))
                 self._cache.pop((w.collection, w.uid))
             elif type(outcome) is int:  # stored
                 outcome = Entry(w.data, w.version, w.deleted, outcome)
@@ -457,7 +622,10 @@ class Node:
     def stop(self):
         """Refuse new writes and wait for those taken."""
         self.stopping = True
-        return self.drain()
+        if self._build_pause is not None:
+            self._build_pause.cancel()
+        builder = self._builder
+        return self.drain().addCallback(lambda _: builder)
 
     def _new_version(self, collection, uid, value, current=None):
         """
@@ -465,6 +633,8 @@ class Node:
         (the writer thread runs the last, threaded, processes: see the
         module's doc).
         """
+        if current is not None:
+            self.clock.observe(current.version)  # after what it replaces, whichever node wrote that
         version = self.clock.now()
         record = make_record(collection, uid, value, version, self.now())
         if not self._reactor_processes:
@@ -533,6 +703,7 @@ class Node:
             raise PreconditionFailed(
                 message="If-Match %s does not match version %s" % (if_match, current.version)
             )
+        self.clock.observe(current.version)
         version = self.clock.now()
         tombstone = encode_record(make_tombstone(collection, uid, version, self.now()))
         return await self._commit(collection, uid, tombstone, True, version)
@@ -605,11 +776,17 @@ class Node:
 
         return self.read(collection, uid).addCallback(found)
 
-    def list(self, collection, limit=100, after=None, prefix=None):
-        """Deferred ``(records as bytes, next cursor or None)``, in uid order."""
+    def list(self, collection, limit=100, after=None, prefix=None, filters=()):
+        """
+        Deferred ``(records as bytes, next cursor or None)``, in uid order;
+        with ``filters`` (``[(parameter name, text)]``: ``value.year``,
+        ``min_value.year``, ...), those of one indexed field, in (value, uid) order.
+        """
         check_collection(collection)
         if not 1 <= limit <= MAX_LIST_LIMIT:
             raise BadRequest("bad_parameter", "limit: from 1 to %d" % (MAX_LIST_LIMIT,))
+        if filters:
+            return self._find(collection, limit, after, prefix, filters)
         after_uid = decode_cursor(after) if after else None
 
         def page(items):
@@ -632,6 +809,7 @@ class Node:
             "storage": getattr(self.storage, "name", type(self.storage).__name__),
             "processes": [getattr(p, "name", type(p).__name__) for p in self.processes],
             "pending_writes": self._commits.queued() + self._commits.inflight,
+            "indexes": self.storage.index_states(),
         }
         for name, section in self.status_sections.items():
             status[name] = section()

@@ -8,6 +8,8 @@ from twisted.internet.defer import gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.web.server import Site
 
+from minstore.api import BoundedChannel, BoundedRequest
+
 
 class NodeRoot(MultiService):
     """
@@ -134,7 +136,26 @@ def _exit_zero_after_clean_stop():
         reactor._exitSignal = None
 
 
-class QuietSite(Site):
+class NodeSite(Site):
+    """
+    A node's HTTP site: bounded request lines, headers (JSON 414 and 431)
+    and bodies (413), no HTML tracebacks.
+    """
+
+    displayTracebacks = False
+    #: Largest body buffered; the node's --max-record-size.
+    max_body = None
+
+    def __init__(self, resource, **kwargs):
+        kwargs.setdefault("requestFactory", BoundedRequest)
+        # The API parses forms itself; twisted.web's own parsing of every POST
+        # body's Content-Type (through the email package) costs ~0.4 ms a request.
+        kwargs.setdefault("parsePOSTFormSubmission", False)
+        Site.__init__(self, resource, **kwargs)
+        self.protocol = BoundedChannel
+
+
+class QuietSite(NodeSite):
     """A Site that writes no access log: per-request logging costs throughput."""
 
     def log(self, request):

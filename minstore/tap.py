@@ -9,31 +9,34 @@ import re
 import sys
 import uuid
 
-from twisted.application import strports
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import Service
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 from twisted.python.threadpool import ThreadPool
 
 from minstore import __version__
-from minstore.api import DEFAULT_MAX_RECORD_SIZE, BoundedRequest, RecordAPI
+from minstore.api import DEFAULT_MAX_RECORD_SIZE, RecordAPI, ascii_digits
 from minstore.auth import AuthFileError, ClusterKey, Guard, GuardResource, TokensService, read_security_options
 from minstore.cache import DEFAULT_SIZE as DEFAULT_CACHE_SIZE
-from minstore.cache import CacheFront, FrontService
+from minstore.cache import CacheFront
 from minstore.cluster.lookup import Lookups
 from minstore.cluster.peers import PeerClient, make_http_client
 from minstore.cluster.replication import Replication
 from minstore.cluster.servers import ServerList, ServersFileError, read_servers
 from minstore.cluster.service import ClusterService
+from minstore.cluster.sync import Sync, SyncIndex, SyncService
 from minstore.node import Node
 from minstore.process import DEFAULT as DEFAULT_PROCESSES
 from minstore.process import available_processes, make_processes
 from minstore.process.schema import SchemaError
 from minstore.records import HybridLogicalClock
-from minstore.service import NodeRoot, QuietSite
+from minstore.service import NodeRoot, NodeSite, QuietSite
 from minstore.storage import available_engines, make_storage
+from minstore.storage.indexes import parse_declarations
 from minstore.tls import TLSConfigError, client_cert_endpoint
 
 log = Logger("minstore")
@@ -41,10 +44,10 @@ log = Logger("minstore")
 
 def _positive_int(name):
     def convert(text):
-        try:
-            value = int(text)
-        except ValueError:
+        # int() takes any Unicode digit (Arabic-Indic, fullwidth): not here.
+        if not ascii_digits(text.strip()):
             raise usage.UsageError("--%s: %r is not a whole number" % (name, text))
+        value = int(text)
         if value <= 0:
             raise usage.UsageError("--%s: must be above 0, not %d" % (name, value))
         return value
@@ -93,7 +96,8 @@ class Options(usage.Options):
         ["port", "p", "8001", "Port number, or Twisted endpoint string (tcp:8001:interface=127.0.0.1, ssl:8443:privateKey=key.pem:certKey=cert.pem)."],
         ["servers", "s", None, "The servers.list file of peers (none: a standalone node). Re-read on SIGHUP."],
         ["data", "d", "./minstore-data", "Data directory, created when missing."],
-        ["storage", None, "files", "Storage engine: files (one JSON file per record beside a SQLite catalog), sqlite (one SQLite database), or memory (lost at stop); packages add more."],
+        ["storage", None, "files", "Storage engine: files (one JSON file per record beside a SQLite catalog), sqlite (one SQLite database), memory (lost at stop), or postgresql (with --dsn; several nodes may share its database); packages add more."],
+        ["dsn", None, None, "--storage postgresql: the database, as a libpq URL (postgresql://user@host:5432/dbname) or key=value words; default $MINSTORE_DSN (keeps a password out of the process list)."],
         ["processes", None, DEFAULT_PROCESSES, "Comma-separated processes run on each client write, in order (lang, schema, or one a package adds); empty for none."],
         ["schemas", None, None, "Directory of {collection}.json JSON Schemas for the schema process."],
         ["max-record-size", None, DEFAULT_MAX_RECORD_SIZE, "Largest request body accepted, in bytes (larger: 413).", _positive_int("max-record-size")],
@@ -115,6 +119,10 @@ class Options(usage.Options):
         ["peer-key", None, None, "PEM private key of --peer-cert."],
         ["client-ca", None, None, "With an ssl: --port: require a client certificate signed by a CA of this PEM file."],
         ["allow-origin", None, None, "Comma-separated browser origins (https://app.example.com) whose pages may change data here, besides the node's own."],
+        ["indexes", None, "", "Secondary indexes, COLLECTION:FIELD,... (COLLECTION * for every collection; FIELD a dotted path into the record: lang, value.year, value.author.name): listings filter on them (GET /books/?value.year=1965, min_value.year=1960). One declared over records already held is built in the background at start (503 index_building until done); one no longer declared is dropped."],
+        ["index-build-rate", None, 0, "Records a second an index build at start goes through at most (0: as fast as one thread goes).", _seconds("index-build-rate")],
+        ["sync-interval", None, 0.0, "Seconds between two syncs with every peer in turn (compare and synchronise: what replication missed, a new peer's full copy); 0: only on POST /_node/sync.", _seconds("sync-interval")],
+        ["tombstone-grace", None, 7 * 86400.0, "Least seconds a tombstone is kept. This version never purges tombstones (so a deleted record can never come back, whichever node was away): the value is accepted and not used yet.", _positive_float("tombstone-grace")],
         ["cache-stale-if-error", None, 0.0, "cache=1: seconds past its freshness that a stale record is still served (with a Warning header) while no dependant answers; 0: never.", _seconds("cache-stale-if-error")],
     ]
 
@@ -139,7 +147,7 @@ class Options(usage.Options):
 
     def postOptions(self):
         port = self["port"]
-        if port.isdigit():
+        if ascii_digits(port):
             if not 0 < int(port) < 65536:
                 raise usage.UsageError("--port: %s is not a TCP port (1-65535)" % port)
             port = self["port"] = "tcp:" + port
@@ -158,19 +166,28 @@ class Options(usage.Options):
         else:
             self["server_list"] = ServerList()
 
-        data = self["data"]
-        try:
-            os.makedirs(data, exist_ok=True)
-        except OSError as e:
-            raise usage.UsageError("--data: cannot create %s: %s" % (data, e.strerror or e))
-        if not os.access(data, os.W_OK | os.X_OK):
-            raise usage.UsageError("--data: %s is not a writable directory" % data)
+        # Checked here, created by makeService once the port listens: a
+        # start that fails leaves nothing behind.
+        data = os.path.abspath(self["data"])
+        existing = data
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+            if existing == data:
+                raise usage.UsageError("--data: %s is not a writable directory" % data)
+            raise usage.UsageError("--data: cannot create %s: %s is not a writable directory" % (data, existing))
 
         if self["storage"] not in available_engines():
             raise usage.UsageError(
                 "--storage: no engine %r (known: %s)"
                 % (self["storage"], ", ".join(sorted(available_engines())))
             )
+
+        self._check_dsn()
+        try:
+            self["index_list"] = parse_declarations(self["indexes"])
+        except ValueError as e:
+            raise usage.UsageError("--indexes: %s" % (e,))
 
         if self["schemas"] and not os.path.isdir(self["schemas"]):
             raise usage.UsageError("--schemas: %s is not a directory" % self["schemas"])
@@ -196,6 +213,25 @@ class Options(usage.Options):
             directory = os.path.dirname(os.path.abspath(self["access-log"]))
             if not os.access(directory, os.W_OK):
                 raise usage.UsageError("--access-log: cannot write in %s" % directory)
+
+    def _check_dsn(self):
+        if self["storage"] != "postgresql":
+            if self["dsn"]:
+                raise usage.UsageError("--dsn: only for --storage postgresql, not %s" % self["storage"])
+            return
+        dsn = self["dsn"] = self["dsn"] or os.environ.get("MINSTORE_DSN", "")
+        if not dsn:
+            raise usage.UsageError("--storage postgresql needs --dsn postgresql://user@host:port/dbname (or $MINSTORE_DSN)")
+        from minstore.storage.postgresql import load_driver, parse_dsn
+
+        try:
+            parse_dsn(dsn)
+        except ValueError as e:
+            raise usage.UsageError("--dsn: %s" % (e,))
+        try:
+            load_driver()
+        except ImportError as e:
+            raise usage.UsageError("--storage postgresql: %s" % (e,))
 
 
 _NODE_ID = re.compile(rb"[A-Za-z0-9_.]{1,64}")
@@ -238,28 +274,83 @@ def listens_beyond_loopback(endpoint):
     return not endpoint.startswith("unix:")
 
 
+class ListeningService(Service):
+    """
+    Owns a port that already listens (bound by makeService before anything
+    is created on disk); stops listening when the node stops.
+    """
+
+    def __init__(self, port):
+        self.port = port
+
+    def stopService(self):
+        Service.stopService(self)
+        return self.port.stopListening()
+
+
+def _listen(endpoint, description, factory):
+    """
+    The listening port of ``endpoint`` (``description``: the --port
+    string), bound now; on failure (a port in use, an address not here) one
+    line on stderr and exit status 2.
+    """
+    outcome = []
+    endpoint.listen(factory).addBoth(outcome.append)
+    if not outcome or isinstance(outcome[0], Failure):
+        reason = outcome[0].getErrorMessage() if outcome else "it did not listen at once"
+        sys.stderr.write("minstore: error: --port: cannot listen on %s: %s\n" % (description, reason))
+        sys.stderr.flush()
+        raise SystemExit(2)
+    return outcome[0]
+
+
 def makeService(config, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     data_dir = os.path.abspath(config["data"])
 
+    # Listen first: a busy port stops the start before anything is created.
+    # The site answers nothing before the reactor runs, by which time its
+    # resource is the API's.
+    if config["access-log"]:
+        site = NodeSite(Resource(), logPath=config["access-log"])
+    else:
+        site = QuietSite(Resource())
+    if config["client-ca"]:
+        endpoint = client_cert_endpoint(reactor, config["port"], config["client-ca"])
+    else:
+        endpoint = serverFromString(reactor, config["port"])
+    port = _listen(endpoint, config["port"], site)
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+    except OSError as e:
+        port.stopListening()
+        sys.stderr.write("minstore: error: --data: cannot create %s: %s\n" % (data_dir, e.strerror or e))
+        raise SystemExit(2)
+
     pool = ThreadPool(minthreads=2, maxthreads=config["threads"], name="minstore-io")
     node_id = _node_id(data_dir)
     in_thread = functools.partial(deferToThreadPool, reactor, pool)
-    storage = make_storage(config["storage"], data_dir)
+    options = {"dsn": config["dsn"], "node_id": node_id} if config.get("dsn") else {}
+    storage = make_storage(config["storage"], data_dir, **options)
     node = Node(
         storage,
         config["process_list"],
         node_id=node_id,
         clock=HybridLogicalClock(node_id),
         in_thread=in_thread,
-        read_cache_bytes=config["read-cache-size"],
+        # A database other nodes write too: a cached record could be stale.
+        read_cache_bytes=0 if getattr(storage, "shared", False) else config["read-cache-size"],
+        indexes=config["index_list"],
+        index_build_rate=config["index-build-rate"],
+        reactor=reactor,
     )
 
-    describe = "storage %s in %s, processes [%s], %d peers%s" % (
+    describe = "storage %s in %s, processes [%s], indexes [%s], %d peers%s" % (
         config["storage"],
         data_dir,
         ", ".join(p.name for p in node.processes),
+        ", ".join(str(d) for d in node.indexes),
         len(config["server_list"].peers),
         " (bridge)" if config["server_list"].bridge else "",
     )
@@ -296,6 +387,13 @@ def makeService(config, reactor=None):
     node.status_sections["peers"] = replication.status
     node.metrics.registry.register(replication)
 
+    node_sync = Sync(
+        node, SyncIndex(storage), client, lambda: cluster.servers.peers, reactor, in_thread,
+        timeout=config["replication-timeout"],
+    )
+    node.status_sections["sync"] = node_sync.status
+    node.metrics.registry.register(node_sync)
+
     front = CacheFront(
         client,
         lambda: cluster.servers.peers,
@@ -313,32 +411,16 @@ def makeService(config, reactor=None):
         lookups=lookups,
         replication=replication,
         sync_timeout=config["sync-timeout"],
+        node_sync=node_sync,
     )
-    # Cache hits (GET with cache=1) are answered before the Klein app.
-    resource = GuardResource(guard, front.resource(api.resource()))
-    if config["access-log"]:
-        from twisted.web.server import Site
-
-        site = Site(resource, logPath=config["access-log"])
-    else:
-        site = QuietSite(resource)
-    site.requestFactory = BoundedRequest
-    # The API parses forms itself; twisted.web's own parsing of every POST
-    # body's Content-Type (through the email package) costs ~0.4 ms a request.
-    site._parsePOSTFormSubmission = False
+    site.resource = GuardResource(guard, api.resource())
     site.max_body = config["max-record-size"]
-    site.displayTracebacks = False
-    if config["client-ca"]:
-        endpoint = client_cert_endpoint(reactor, config["port"], config["client-ca"])
-        port = StreamServerEndpointService(endpoint, site)
-    else:
-        port = strports.service(config["port"], site, reactor=reactor)
     root = NodeRoot(
         pool,
         node,
         cluster,
-        port,
-        extras=[tokens_service, FrontService(front)],
+        ListeningService(port),
+        extras=[tokens_service, SyncService(node_sync, config["sync-interval"], reactor)],
         http_pool=http_pool,
         describe=describe,
     )

@@ -34,6 +34,7 @@ from zope.interface.verify import verifyObject
 from minstore.errors import StorageFailed
 from minstore.interfaces import ABSENT, NEWER, IStorage, WriteItem
 from minstore.records import encode_record, make_record, make_tombstone
+from minstore.storage.indexes import _MISSING, bounds, encode_key, extract, parse_declarations
 
 #: uids that a careless engine would turn into paths, escapes or collisions.
 TRICKY_UIDS = [
@@ -87,7 +88,217 @@ def uids_of(items):
     return [json.loads(data)["uid"] for data in items]
 
 
-class StorageContract:
+def found(storage, collection, field, operators=None, after=None, limit=10000):
+    """The uids L{IStorage.find} gives for filter operators (``{"eq": 1965}``, ...)."""
+    start, stop = bounds(operators or {})
+    return [json.loads(data)["uid"] for _, data in storage.find(collection, field, start, stop, after, limit)]
+
+
+def build_all(storage, step=3):
+    """Run L{IStorage.build_indexes} until every declaration is ready; the number of steps."""
+    steps = 1
+    while storage.build_indexes(step):
+        steps += 1
+    return steps
+
+
+def expected_index(storage, collection, field):
+    """
+    What an index must hold, computed from a full listing in Python: the
+    uids of the live records having the field, in (key, uid) order.
+    """
+    entries, after = [], None
+    while True:
+        page = storage.list(collection, after, None, 1000)
+        for data in page:
+            r = json.loads(data)
+            value = extract(r, field)
+            if value is not _MISSING:
+                entries.append((encode_key(value), r["uid"]))
+        if len(page) < 1000:
+            return [uid for _, uid in sorted(entries)]
+        after = json.loads(page[-1])["uid"]
+
+
+def assert_index_exact(case, storage, collection, field):
+    """Every entry of the index, in order, is what a full listing filtered in Python says."""
+    case.assertEqual(found(storage, collection, field), expected_index(storage, collection, field), field)
+
+
+class IndexContract:
+    """
+    Secondary indexes (L{IStorage.set_indexes}, L{IStorage.find}, the
+    build): mixed into L{StorageContract}, so every engine runs them.
+    """
+
+    def _indexed(self, specs):
+        storage = self.make_storage()
+        storage.set_indexes(parse_declarations(specs))
+        return storage
+
+    def test_index_declared_on_empty_storage_is_ready(self):
+        storage = self._indexed("books:value.year,*:lang")
+        self.assertEqual(
+            storage.index_states(),
+            {
+                "books:value.year": {"state": "ready", "seq": 0, "until_seq": 0},
+                "*:lang": {"state": "ready", "seq": 0, "until_seq": 0},
+            },
+        )
+        self.assertEqual(found(storage, "books", "value.year"), [])
+
+    def test_index_equality_keeps_types_apart(self):
+        """2 and "2" are different values; 2 and 2.0 one value; true is not 1."""
+        storage = self._indexed("c:value.n")
+        values = {"int": 2, "float": 2.0, "str": "2", "true": True, "one": 1, "null": None, "list": [2], "obj": {"n": 2}}
+        storage.write([item("c", uid, {"n": v}) for uid, v in values.items()])
+        self.assertEqual(found(storage, "c", "value.n", {"eq": 2}), ["float", "int"])
+        self.assertEqual(found(storage, "c", "value.n", {"eq": "2"}), ["str"])
+        self.assertEqual(found(storage, "c", "value.n", {"eq": True}), ["true"])
+        self.assertEqual(found(storage, "c", "value.n", {"eq": 1}), ["one"])
+        self.assertEqual(found(storage, "c", "value.n", {"eq": None}), ["null"])
+        self.assertEqual(found(storage, "c", "value.n", {"eq": [2]}), ["list"])
+        self.assertEqual(found(storage, "c", "value.n", {"eq": {"n": 2}}), ["obj"])
+        self.assertEqual(found(storage, "c", "value.n", {"eq": 3}), [])
+
+    def test_index_total_order_across_types(self):
+        """
+        null < false < true < numbers < strings < arrays < objects (these two
+        by their canonical JSON bytes: ``[1]`` before ``[]``); ties by uid.
+        """
+        storage = self._indexed("c:value.k")
+        ordered = [None, False, True, -1e300, -2, -0.5, 0, 1, 1.5, 10, 2**60, "", "10", "2", "a", "\u00e9", "\U0001f600", [1], [], {"a": 1}, {}]
+        storage.write([item("c", "u%02d" % (len(ordered) - i), {"k": v}) for i, v in enumerate(ordered)])
+        self.assertEqual(found(storage, "c", "value.k"), ["u%02d" % (len(ordered) - i) for i in range(len(ordered))])
+        storage.write([item("c", "b-tie", {"k": 1}), item("c", "a-tie", {"k": 1.0})])
+        self.assertEqual(found(storage, "c", "value.k", {"eq": 1}), ["a-tie", "b-tie", "u%02d" % (len(ordered) - 7)])
+
+    def test_index_ranges_combine(self):
+        """min_ (>=), max_ (<=), gt_ (>), lt_ (<), alone and together, within and across types."""
+        storage = self._indexed("c:value.y")
+        storage.write([item("c", "y%d" % y, {"y": y}) for y in range(1960, 1970)] + [item("c", "s", {"y": "1965"})])
+        self.assertEqual(found(storage, "c", "value.y", {"min": 1968}), ["y1968", "y1969", "s"])
+        self.assertEqual(found(storage, "c", "value.y", {"gt": 1968}), ["y1969", "s"])
+        self.assertEqual(found(storage, "c", "value.y", {"max": 1961}), ["y1960", "y1961"])
+        self.assertEqual(found(storage, "c", "value.y", {"lt": 1961}), ["y1960"])
+        self.assertEqual(found(storage, "c", "value.y", {"min": 1962, "lt": 1965}), ["y1962", "y1963", "y1964"])
+        self.assertEqual(found(storage, "c", "value.y", {"gt": 1962, "max": 1965, "min": 1960}), ["y1963", "y1964", "y1965"])
+        self.assertEqual(found(storage, "c", "value.y", {"gt": 1965, "lt": 1965}), [])
+        self.assertEqual(found(storage, "c", "value.y", {"min": ""}), ["s"])
+        self.assertEqual(found(storage, "c", "value.y", {"eq": 1964, "min": 1964}), ["y1964"])
+
+    def test_index_absent_field_has_no_entry(self):
+        """A record without the field, or whose path crosses a non-object, is not in the index."""
+        storage = self._indexed("c:value.a.b")
+        storage.write([
+            item("c", "has", {"a": {"b": 1}}),
+            item("c", "null", {"a": {"b": None}}),
+            item("c", "no-b", {"a": {"c": 1}}),
+            item("c", "a-str", {"a": "b"}),
+            item("c", "a-list", {"a": [{"b": 1}]}),
+            item("c", "scalar", 5),
+        ])
+        self.assertEqual(found(storage, "c", "value.a.b"), ["null", "has"])
+
+    def test_index_follows_updates_tombstones_and_conditions(self):
+        storage = self._indexed("c:value.g")
+        storage.write([item("c", "a", {"g": 1}), item("c", "b", {"g": 1})])
+        storage.write([item("c", "a", {"g": 2}, V2)])
+        self.assertEqual((found(storage, "c", "value.g", {"eq": 1}), found(storage, "c", "value.g", {"eq": 2})), (["b"], ["a"]))
+        storage.write([item("c", "b", deleted=True, version=V2)])
+        self.assertEqual(found(storage, "c", "value.g"), ["a"])
+        storage.write([item("c", "b", {"g": 3}, V3)])
+        self.assertEqual(found(storage, "c", "value.g"), ["a", "b"])
+        # Conditions that do not hold leave the index alone.
+        storage.write([item("c", "a", {"g": 9}, V3, condition=ABSENT), item("c", "b", {"g": 9}, V1, condition=NEWER)])
+        self.assertEqual(found(storage, "c", "value.g", {"eq": 9}), [])
+        # The field removed by an update: out of the index.
+        storage.write([item("c", "a", {"other": 1}, V3)])
+        self.assertEqual(found(storage, "c", "value.g"), ["b"])
+        # A uid twice in one batch: the last stays.
+        storage.write([item("c", "d", {"g": 4}), item("c", "d", {"g": 5}, V2)])
+        self.assertEqual(found(storage, "c", "value.g"), ["b", "d"])
+        self.assertEqual(found(storage, "c", "value.g", {"eq": 5}), ["d"])
+        assert_index_exact(self, storage, "c", "value.g")
+
+    def test_index_star_covers_every_collection_apart(self):
+        storage = self._indexed("*:lang,books:value.author.name")
+        storage.write([
+            item("books", "1", {"author": {"name": "Herbert"}}),
+            item("films", "1", {"author": {"name": "Herbert"}}),
+        ])
+        for c in ("books", "films"):
+            storage.write([WriteItem(c, "en", encode_record(dict(make_record(c, "en", "x", V1, 1.0), lang="en")), False, V1)])
+        self.assertEqual(found(storage, "books", "lang", {"eq": "en"}), ["en"])
+        self.assertEqual(found(storage, "films", "lang", {"eq": "en"}), ["en"])
+        self.assertEqual(found(storage, "books", "value.author.name", {"eq": "Herbert"}), ["1"])
+        self.assertEqual(found(storage, "films", "value.author.name"), [])
+
+    def test_index_paging_after_a_key_and_uid(self):
+        """after (key, uid) resumes strictly after it: each entry once, with equal keys."""
+        storage = self._indexed("c:value.g")
+        storage.write([item("c", "u%03d" % i, {"g": i % 3}) for i in range(40)])
+        start, stop = bounds({"min": 1})
+        seen, after = [], None
+        while True:
+            page = storage.find("c", "value.g", start, stop, after, 7)
+            if not page:
+                break
+            seen += [json.loads(d)["uid"] for _, d in page]
+            after = (page[-1][0], json.loads(page[-1][1])["uid"])
+        self.assertEqual(seen, found(storage, "c", "value.g", {"min": 1}))
+        self.assertEqual(len(seen), len(set(seen)))
+        self.assertEqual(len(seen), 26)
+
+    def test_index_built_over_existing_data_with_writes_between_steps(self):
+        """
+        Declared over records held, an index is building until build_indexes
+        has gone through them; writes made in between (new records, updates,
+        deletes) are indexed too, and the built index is exact.
+        """
+        storage = self.make_storage()
+        storage.write([item("c", "u%02d" % i, {"g": i % 4}) for i in range(30)])
+        storage.write([item("d", "x", {"g": 1})])
+        storage.set_indexes(parse_declarations("c:value.g,*:value.g"))
+        self.assertEqual(storage.index_states()["c:value.g"], {"state": "building", "seq": 0, "until_seq": 31})
+        i = 0
+        while storage.build_indexes(4):
+            i += 1
+            storage.write([
+                item("c", "new%02d" % i, {"g": i % 4}),
+                item("c", "u%02d" % (i * 3 % 30), {"g": 7}, "%013d-000000-test" % (10 + i)),
+                item("c", "u%02d" % (i * 7 % 30), deleted=True, version="%013d-000001-test" % (10 + i)),
+                # Rewritten with the same key, not yet reached by the build.
+                item("c", "u%02d" % (29 - i), {"g": (29 - i) % 4, "again": i}, "%013d-000002-test" % (10 + i)),
+            ])
+        self.assertGreater(i, 5)
+        self.assertEqual(set(s["state"] for s in storage.index_states().values()), {"ready"})
+        assert_index_exact(self, storage, "c", "value.g")
+        assert_index_exact(self, storage, "d", "value.g")
+        self.assertFalse(storage.build_indexes(4))
+
+    def test_index_dropped_then_declared_again_is_rebuilt(self):
+        storage = self._indexed("c:value.g")
+        storage.write([item("c", "a", {"g": 1})])
+        storage.set_indexes([])
+        self.assertEqual(storage.index_states(), {})
+        storage.write([item("c", "a", {"g": 2}, V2), item("c", "b", {"g": 1})])
+        storage.set_indexes(parse_declarations("c:value.g"))
+        self.assertEqual(storage.index_states()["c:value.g"]["state"], "building")
+        build_all(storage)
+        self.assertEqual(found(storage, "c", "value.g", {"eq": 1}), ["b"])
+        assert_index_exact(self, storage, "c", "value.g")
+
+    def test_index_star_dropped_keeps_a_collections_own(self):
+        storage = self._indexed("*:value.g,c:value.g")
+        storage.write([item("c", "a", {"g": 1}), item("d", "a", {"g": 1})])
+        storage.set_indexes(parse_declarations("c:value.g"))
+        self.assertEqual(found(storage, "c", "value.g"), ["a"])
+        self.assertEqual(found(storage, "d", "value.g"), [])
+        self.assertEqual(storage.index_states()["c:value.g"]["state"], "ready")
+
+
+class StorageContract(IndexContract):
     """
     Tests of the IStorage contract; the concrete class provides
     C{make_storage()}, returning an engine that is already opened.
@@ -345,6 +556,42 @@ class StorageContract:
         self.assertEqual(storage.checkpoints(), {"http://b:1": 1})
 
 
+    # -- sync -----------------------------------------------------------------
+
+    def test_scan_versions_in_key_order(self):
+        """
+        scan_versions gives (collection, uid, version) of records and
+        tombstones in (collection, uid) code point order, within the bounds
+        (after excluded, upto included, None unbounded), up to the limit.
+        """
+        storage = self.make_storage()
+        uids = ["b", "a", "a\x00", "\u00e9", "\U0001f600", "Z", "a/b"]
+        storage.write([item("c", u) for u in uids] + [item("b", "z", version=V2)])
+        storage.write([item("c", "a", deleted=True, version=V3)])
+        keys = [("b", "z")] + [("c", u) for u in sorted(uids)]
+        everything = storage.scan_versions(None, None, 100)
+        self.assertEqual([tuple(row[:2]) for row in everything], keys)
+        versions = {tuple(row[:2]): row[2] for row in everything}
+        self.assertEqual(versions[("c", "a")], V3)
+        self.assertEqual(versions[("b", "z")], V2)
+        self.assertEqual([tuple(r[:2]) for r in storage.scan_versions(None, None, 2)], keys[:2])
+        self.assertEqual([tuple(r[:2]) for r in storage.scan_versions(keys[1], keys[4], 100)], keys[2:5])
+        self.assertEqual([tuple(r[:2]) for r in storage.scan_versions(("c", "a"), None, 100)], keys[3:])
+        self.assertEqual([tuple(r[:2]) for r in storage.scan_versions(None, ("b", "zz"), 100)], keys[:1])
+        self.assertEqual(storage.scan_versions(keys[-1], None, 100), [])
+
+    def test_scan_versions_sees_later_writes(self):
+        """A key written after a scan is in the next scan, in its place."""
+        storage = self.make_storage()
+        storage.write([item("c", "a"), item("c", "c")])
+        self.assertEqual(len(storage.scan_versions(None, None, 10)), 2)
+        storage.write([item("c", "b", version=V2)])
+        self.assertEqual(
+            [tuple(r) for r in storage.scan_versions(None, None, 10)],
+            [("c", "a", V1), ("c", "b", V2), ("c", "c", V1)],
+        )
+
+
 class DurableStorageContract:
     """
     What a durable engine adds to L{StorageContract}: everything survives a
@@ -450,6 +697,72 @@ class DurableStorageContract:
             finally:
                 storage.close()
 
+    def test_index_state_survives_reopen(self):
+        """
+        A build cut short resumes where it was after a reopen; the indexes
+        declared last are kept by writes made before set_indexes is called
+        again; an index built stays built.
+        """
+        storage = self.make_storage()
+        storage.write([item("c", "u%02d" % i, {"g": i % 3}) for i in range(20)])
+        storage.set_indexes(parse_declarations("c:value.g"))
+        self.assertTrue(storage.build_indexes(5))
+        storage = self.reopen_storage(storage)
+        self.assertEqual(storage.index_states(), {"c:value.g": {"state": "building", "seq": 5, "until_seq": 20}})
+        storage.write([item("c", "u00", {"g": 9}, V2), item("c", "u19", deleted=True, version=V2), item("c", "new", {"g": 9})])
+        storage.set_indexes(parse_declarations("c:value.g"))
+        build_all(storage)
+        self.assertEqual(found(storage, "c", "value.g", {"eq": 9}), ["new", "u00"])
+        assert_index_exact(self, storage, "c", "value.g")
+        storage = self.reopen_storage(storage)
+        self.assertEqual(storage.index_states()["c:value.g"]["state"], "ready")
+        assert_index_exact(self, storage, "c", "value.g")
+
+    def test_kill_during_writes_and_a_build_keeps_indexes_exact(self):
+        """
+        A child process writes (updates and deletes included) from two
+        threads while it builds an index declared over what it held; killed
+        with SIGKILL at several moments, the reopened engine's indexes, once
+        any build cut short is finished, hold exactly what a full listing
+        filtered in Python says, and a filter on each value agrees.
+        """
+        module_class, data_dir = self.engine_spec()
+        for round, (delay, specs) in enumerate(
+            [(0.2, "crash:value.g"), (0.3, "crash:value.g,*:value.h"), (0.4, "crash:value.g,*:value.h,crash:value.k")]
+        ):
+            errors = open(data_dir + ".stderr", "w+b")
+            child = subprocess.Popen(
+                [sys.executable, "-c", _CRASH_INDEX_WRITER, module_class, data_dir, str(round * 10**6), specs],
+                stdout=subprocess.PIPE,
+                stderr=errors,
+            )
+            try:
+                first = child.stdout.readline()
+                errors.seek(0)
+                self.assertTrue(first, errors.read())
+                time.sleep(delay)
+                child.send_signal(signal.SIGKILL)
+                child.stdout.read()
+            finally:
+                child.wait()
+                child.stdout.close()
+                errors.close()
+            storage = self._open_spec(module_class, data_dir)
+            try:
+                storage.set_indexes(parse_declarations(specs))
+                build_all(storage, 500)
+                for field in ("value.g", "value.h", "value.k")[: round + 1]:
+                    assert_index_exact(self, storage, "crash", field)
+                for g in [0, 1, 2, "0", "1", "2", None, True]:
+                    expected = [
+                        json.loads(d)["uid"]
+                        for d in storage.list("crash", None, None, 100000)
+                        if "g" in json.loads(d)["value"] and encode_key(json.loads(d)["value"]["g"]) == encode_key(g)
+                    ]
+                    self.assertEqual(sorted(found(storage, "crash", "value.g", {"eq": g})), sorted(expected), g)
+            finally:
+                storage.close()
+
     def _open_spec(self, module_class, data_dir):
         storage = _load(module_class)(data_dir)
         storage.open()
@@ -482,4 +795,45 @@ while True:
     storage.write([w for _, _, w in batch])
     sys.stdout.write("".join("%s %d\n" % (uid, n) for uid, n, _ in batch))
     sys.stdout.flush()
+"""
+
+
+#: The child of the index crash test: two threads write batches of 6 over
+#: 30 uids each (a tombstone now and then; values of several types), while
+#: the main thread builds the indexes declared, in small steps.
+_CRASH_INDEX_WRITER = r"""
+import sys, threading, time
+from minstore.testing import _load
+from minstore.interfaces import WriteItem
+from minstore.records import encode_record, make_record, make_tombstone
+from minstore.storage.indexes import parse_declarations
+storage = _load(sys.argv[1])(sys.argv[2])
+storage.open()
+storage.set_indexes(parse_declarations(sys.argv[4]))
+base = int(sys.argv[3])
+out = threading.Lock()
+def value(n):
+    kinds = [n % 3, str(n % 3), None, True, n % 3 + 0.0]
+    return {"g": kinds[n % 5], "h": n % 11, "k": {"x": n % 2}, "pad": "p" * 300}
+def writer(t):
+    n = base + t * 10**5
+    while True:
+        batch = []
+        for i in range(6):
+            n += 1
+            uid = "t%d-u%d" % (t, n % 30)
+            version = "%013d-%06d-crash" % (n, t)
+            if n % 13 == 0:
+                batch.append(WriteItem("crash", uid, encode_record(make_tombstone("crash", uid, version, float(n))), True, version, True, None))
+            else:
+                batch.append(WriteItem("crash", uid, encode_record(make_record("crash", uid, value(n), version, float(n))), False, version, True, None))
+        storage.write(batch)
+        with out:
+            sys.stdout.write("%d %d\n" % (t, n))
+            sys.stdout.flush()
+for t in (1, 2):
+    threading.Thread(target=writer, args=(t,), daemon=True).start()
+while True:
+    if not storage.build_indexes(7):
+        time.sleep(0.01)
 """

@@ -691,10 +691,12 @@ class ListTests(APITestCase):
         self.assertEqual([r["uid"] for r in self.get("/books/").json()["items"]], ["r000", "r002"])
 
     def test_bad_parameters(self):
-        """limit outside 1..1000, a non-number or an unknown parameter answer 400."""
+        """limit outside 1..1000, a non-number or a field not indexed answer 400."""
         self.fill(2)
-        for query in ["limit=0", "limit=1001", "limit=abc", "limit=-1", "limit=1.5", "colour=red"]:
+        for query in ["limit=0", "limit=1001", "limit=abc", "limit=-1", "limit=1.5"]:
             self.assertError(self.get("/books/?" + query), 400, "bad_parameter")
+        # A parameter that is neither a listing's nor an indexed field's.
+        self.assertError(self.get("/books/?colour=red"), 400, "field_not_indexed")
         self.assertEqual(len(self.get("/books/?limit=1000").json()["items"]), 2)
         self.assertEqual(len(self.get("/books/?limit=1").json()["items"]), 1)
 
@@ -732,17 +734,18 @@ class ErrorShapeTests(APITestCase):
             )
 
     def test_collection_without_slash(self):
-        """A collection path without its trailing slash is redirected there, never a 500."""
+        """
+        A collection path without its trailing slash is a JSON 404 naming the
+        listing's path: never a redirect, which a client would follow with
+        its method and body to another route.
+        """
         self.post("/books/a", 1)
-        response = self.get("/books?limit=5", allow_redirects=False)
-        self.assertEqual(response.code, 308)
-        self.assertEqual(response.header(b"location"), BASE.encode() + b"/books/?limit=5")
-        self.assertEqual(response.header(b"content-type"), JSON_TYPE)
-        self.assertEqual(response.json()["error"], "moved")
-        response = self.request("POST", "/books", json={"value": 1}, allow_redirects=False)
-        self.assertEqual((response.code, response.header(b"location")), (308, BASE.encode() + b"/books/"))
-        # A client that follows the redirect gets the listing.
-        self.assertEqual([r["uid"] for r in self.get("/books?limit=5").json()["items"]], ["a"])
+        for method in ("GET", "POST"):
+            response = self.request(method, "/books?limit=5", json={"value": 1}, allow_redirects=False)
+            self.assertError(response, 404, "not_found")
+            self.assertIsNone(response.header(b"location"))
+            self.assertIn("/books/", response.json()["message"])
+        self.assertEqual([r["uid"] for r in self.get("/books/").json()["items"]], ["a"])
 
     def test_errors_are_json(self):
         """Every failure is a JSON body with error and message, as application/json."""
@@ -754,7 +757,8 @@ class ErrorShapeTests(APITestCase):
             (self.raw("POST", "/books/x", b"{", "application/json"), 400, "invalid_json"),
             (self.raw("POST", "/books/x", b"x", "text/plain"), 415, "unsupported_media_type"),
             (self.get("/books/?limit=0"), 400, "bad_parameter"),
-            (self.get("/nothing/at/all/here/"), 404, "not_found"),
+            (self.get("/nothing/at/all/here/"), 400, "bad_path"),
+            (self.get("/nothing"), 404, "not_found"),
             (self.get("/_cluster/nothing"), 404, "not_found"),
             (self.request("OPTIONS", "/_node/status"), 405, "method_not_allowed"),
         ]
@@ -1009,14 +1013,28 @@ class DirectRecordPathTests(APITestCase):
     routing: the same answers, errors included, as through Klein.
     """
 
-    def test_plain_record_path(self):
-        from minstore.api import _plain_record_path
+    def test_parse_path(self):
+        """One parser gives the route, collection and uid of every raw path."""
+        from minstore.api import parse_path
 
-        self.assertEqual(_plain_record_path(b"/books/a"), "books")
-        self.assertEqual(_plain_record_path(b"/b%C3%BCcher/a%2Fb"), "b\u00fccher")
-        for path in [b"/books/", b"/books", b"/", b"/books/a/b", b"/books//a", b"//a",
-                     b"/_node/health", b"/_cluster/replicas", b"/b%FF/a"]:
-            self.assertIsNone(_plain_record_path(path), path)
+        self.assertEqual(parse_path(b"/books/a"), ("record", "books", "a"))
+        self.assertEqual(parse_path(b"/b%C3%BCcher/a%2Fb"), ("record", "b\u00fccher", "a/b"))
+        self.assertEqual(parse_path(b"/books/a/b"), ("record", "books", "a/b"))
+        self.assertEqual(parse_path(b"/books/"), ("collection", "books", None))
+        self.assertEqual(parse_path(b"/"), ("root", None, None))
+        self.assertEqual(parse_path(b"/_node/health"), ("health", None, None))
+        self.assertEqual(parse_path(b"/_cluster/replicas"), ("replicas", None, None))
+        self.assertEqual(parse_path(b"/_cluster/lookup/books/%2F"), ("lookup", "books", "/"))
+        self.assertEqual(parse_path(b"/_cluster/lookup/books/a/b"), ("lookup", "books", "a/b"))
+        for path in [b"//a", b"//", b"/books//a", b"/books/a/", b"/books/a//b", b"///x",
+                     b"/_cluster/lookup/books//a", b"/b%FF/a", b"/books/%C3"]:
+            with self.assertRaises(Exception) as caught:
+                parse_path(path)
+            self.assertEqual((caught.exception.code, caught.exception.error), (400, "bad_path"), path)
+        for path in [b"/books", b"/_cluster/", b"/_cluster/nope", b"/_cluster/lookup/books"]:
+            with self.assertRaises(Exception) as caught:
+                parse_path(path)
+            self.assertEqual(caught.exception.code, 404, path)
 
     def test_exception_in_handler_is_json_500(self):
         def broken(*args, **kwargs):
@@ -1060,8 +1078,8 @@ class DirectRecordPathTests(APITestCase):
         self.assertEqual(channel.transport.written.getvalue(), b"")
         self.assertEqual(self.get("/books/a").json()["value"], 1)
 
-    def test_same_answers_as_klein_for_other_paths(self):
-        """A uid with a slash, a reserved name, or an empty uid still go through Klein."""
+    def test_uids_with_raw_slashes(self):
+        """A uid may hold raw slashes between non-empty segments; %2F stays distinct from none."""
         self.post("/books/a", 1)
         self.assertEqual(self.get("/books/a%2Fb").code, 404)
         self.assertEqual(self.request("POST", "/books/a/b", json={"value": 2}).code, 200)
@@ -1139,16 +1157,17 @@ class NodeRouteTests(APITestCase):
     def test_openapi_documents_every_public_route(self):
         """Every public route and method of the app has its path and operation in the document."""
         document = self.get("/openapi.json").json()
-        rules = list(RecordAPI.app.url_map.iter_rules())
-        self.assertGreaterEqual(len(rules), 8)
+        from minstore.api import _FIXED_ROUTES
+
+        paths = {route: path.decode() for path, route in _FIXED_ROUTES.items()}
+        paths.update(collection="/{collection}/", record="/{collection}/{uid}")
         checked = 0
-        for rule in rules:
-            if rule.rule.startswith("/_cluster/"):
+        for route, (_, methods) in self.api.routes().items():
+            if route == "lookup" or paths.get(route, "").startswith("/_cluster/"):
                 continue  # inter-node routes, not public
-            path = re.sub(r"<(?:[^:>]+:)?([^>]+)>", r"{\1}", rule.rule)
-            self.assertIn(path, document["paths"], rule.rule)
-            for method in rule.methods - {"HEAD", "OPTIONS"}:
-                self.assertIn(method.lower(), document["paths"][path], "%s %s" % (method, path))
+            self.assertIn(paths[route], document["paths"], route)
+            for method in methods:
+                self.assertIn(method.decode().lower(), document["paths"][paths[route]], "%s %s" % (method, route))
                 checked += 1
         self.assertGreaterEqual(checked, 10)
 
@@ -1199,3 +1218,164 @@ class ClusterRouteTests(APITestCase):
         self.assertEqual(lookups.asked[0], ("GET", "books", "a", ["n2", "n3"], None))
         self.assertEqual([uid for _, _, uid, _, _ in lookups.asked], uids + ["/x"])
         self.assertEqual(lookups.asked[-1], ("DELETE", "books", "/x", [], '"v1"'))
+
+
+class BadRequestTests(APITestCase):
+    """
+    Defects found by fuzzing /openapi.json (issue 12): each bad request is a
+    clear JSON 4xx, never a 500, a silent close, a redirect or a guess.
+    """
+
+    def test_numeric_parameters_take_ascii_digits_only(self):
+        """limit with a superscript, Arabic-Indic or fullwidth digit: 400 bad_parameter, not 500 or a number."""
+        for i in range(3):
+            self.post("/books/%d" % i, i)
+        for limit in ["%C2%B2", "%D9%A1", "%EF%BC%92", "%E2%91%A0", "1%C2%B2", "+1", "-1", "1.0", " 1"]:
+            self.assertError(self.get("/books/?limit=" + limit), 400, "bad_parameter")
+        self.assertEqual(len(self.get("/books/?limit=2").json()["items"]), 2)
+
+    def test_content_length_takes_ascii_digits_only(self):
+        """A Content-Length of non-ASCII digits is not taken as a number."""
+        from minstore.api import ascii_digits
+
+        self.assertTrue(ascii_digits(b"123") and ascii_digits("0"))
+        for text in ["\u00b2", "\u0661", "\uff12", "", "1 ", b"\xd9\xa1", "1e3"]:
+            self.assertFalse(ascii_digits(text), text)
+
+    def test_deep_json_is_400(self):
+        """
+        A JSON body nested deeper than MAX_JSON_DEPTH (2 KB, 1,000 deep):
+        400 invalid_json, not a RecursionError 500; MAX_JSON_DEPTH is taken.
+        """
+        for body in [b'{"value": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+                     b'{"value": ' + b'{"a":' * 1000 + b"1" + b"}" * 1000 + b"}",
+                     b"[" * 100000]:
+            response = self.raw("POST", "/books/deep", body, "application/json")
+            self.assertError(response, 400, "invalid_json")
+        from minstore.api import MAX_JSON_DEPTH
+
+        too_deep = b'{"value": ' + b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH + b"}"
+        self.assertError(self.raw("POST", "/books/deep", too_deep, "application/json"), 400, "invalid_json")
+        value = json.loads(b"[" * (MAX_JSON_DEPTH - 1) + b"]" * (MAX_JSON_DEPTH - 1))
+        self.assertRecord(self.post("/books/deep", value), "books", "deep", value)
+        # Brackets inside strings do not nest; many siblings are not deep.
+        wide = {"text": "[" * 5000, "items": [[i] for i in range(1000)]}
+        self.assertRecord(self.post("/books/wide", wide), "books", "wide", wide)
+        self.assertEqual(self.get("/books/").code, 200)
+
+    def test_cache_without_dependants_is_a_client_error(self):
+        """cache=1 on a node with no dependants: 400 no_dependants, not 502."""
+        self.post("/books/a", 1)
+        for method, path in [("GET", "/books/a"), ("PUT", "/books/a"), ("POST", "/books/b"),
+                             ("DELETE", "/books/a"), ("POST", "/books/"), ("GET", "/books/"), ("GET", "/")]:
+            response = self.request(method, path + "?cache=1", json={"value": 2})
+            self.assertError(response, 400, "no_dependants")
+        self.assertEqual(self.get("/books/a").json()["value"], 1)
+
+    def test_empty_segment_is_bad_path(self):
+        """
+        //a/x, //x, /books//x, /books/x/ and an empty segment of a lookup
+        are 400 bad_path: no merged slashes, no redirect, nothing stored.
+        """
+        for method, path in [("POST", "//a/x"), ("POST", "//x"), ("POST", "/books//x"),
+                             ("POST", "/books/x/"), ("PUT", "//a/x"), ("GET", "//a/x"),
+                             ("DELETE", "/books//x"), ("GET", "//"), ("GET", "/_cluster/lookup/books//x")]:
+            response = self.request(method, path, json={"value": 1}, allow_redirects=False)
+            self.assertError(response, 400, "bad_path")
+            self.assertIsNone(response.header(b"location"))
+        self.assertEqual(self.node.storage.collections(), [])
+        # A uid that starts with, ends with or holds a slash is percent-encoded.
+        self.assertRecord(self.post("/a/%2Fx", 1), "a", "/x", 1)
+        self.assertRecord(self.post("/books/x%2F", 1), "books", "x/", 1)
+
+    def test_root_varies_on_accept(self):
+        """GET / negotiates HTML or JSON, and says so: Vary: Accept on both."""
+        for accept in ["text/html", "application/json"]:
+            response = self.get("/", headers={"Accept": accept})
+            self.assertEqual(response.code, 200)
+            self.assertEqual(response.header(b"vary"), b"Accept")
+
+    def test_disk_full_is_507(self):
+        """A write the disk has no room for: 507 insufficient_storage, not 500."""
+        import errno
+
+        self.node.create = lambda *args: fail(OSError(errno.ENOSPC, "No space left on device"))
+        self.assertError(self.post("/books/a", 1), 507, "insufficient_storage")
+
+    def test_client_gone_cancels_a_read(self):
+        """A client that hangs up while its GET asks the peers cancels that work."""
+        from twisted.internet.error import ConnectionDone
+        from twisted.web.server import NOT_DONE_YET
+        from twisted.web.test.requesthelper import DummyChannel
+
+        cancelled = []
+
+        class Remote:
+            def get(self, collection, uid):
+                return Deferred(lambda d: cancelled.append(uid))
+
+        self.node.remote = Remote()
+        channel = DummyChannel()
+        from twisted.web.server import Request
+
+        request = Request(channel, False)
+        request.method, request.uri, request.path = b"GET", b"/books/far", b"/books/far"
+        request.args, request.prepath, request.postpath = {}, [], [b"books", b"far"]
+        self.assertIs(self.api.resource().render(request), NOT_DONE_YET)
+        self.threads.flush()
+        self.assertEqual(cancelled, [])
+        request.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(cancelled, ["far"])
+        self.assertEqual(channel.transport.written.getvalue(), b"")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class ChannelLimitTests(SynchronousTestCase):
+    """Request lines and headers over the limits: a JSON 414 or 431, then the connection closes."""
+
+    def answer(self, data):
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from minstore.service import QuietSite
+
+        node = Node(MemoryStorage(), node_id="node1")
+        node.open()
+        site = QuietSite(RecordAPI(node).resource(), reactor=Clock())
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(data)
+        self.addCleanup(channel.connectionLost, None)
+        return transport
+
+    def assertRefused(self, transport, code, error):
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 %d " % code), head)
+        self.assertIn(b"Content-Type: " + JSON_TYPE, head)
+        self.assertEqual(json.loads(body)["error"], error)
+        self.assertTrue(transport.disconnecting)
+
+    def test_request_line_over_16k_is_414(self):
+        MAX_REQUEST_LINE = 16 * 1024
+        line = b"GET /books/" + b"a" * MAX_REQUEST_LINE + b" HTTP/1.1\r\n"
+        self.assertRefused(self.answer(line + b"Host: x\r\n\r\n"), 414, "uri_too_long")
+        # Not even its end received: still 414.
+        self.assertRefused(self.answer(line[: MAX_REQUEST_LINE * 2]), 414, "uri_too_long")
+        self.assertRefused(self.answer(b"GET /" + b"a" * (4 * MAX_REQUEST_LINE)), 414, "uri_too_long")
+
+    def test_headers_over_16k_are_431(self):
+        MAX_HEADER_BYTES, MAX_HEADERS = 16 * 1024, 100
+        start = b"GET /books/ HTTP/1.1\r\nHost: x\r\n"
+        one_long = start + b"X-Big: " + b"b" * MAX_HEADER_BYTES + b"\r\n\r\n"
+        self.assertRefused(self.answer(one_long), 431, "headers_too_large")
+        many = start + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 1000) for i in range(20)) + b"\r\n"
+        self.assertRefused(self.answer(many), 431, "headers_too_large")
+        lines = start + b"".join(b"X-%d: v\r\n" % i for i in range(MAX_HEADERS + 1)) + b"\r\n"
+        self.assertRefused(self.answer(lines), 431, "headers_too_large")
+
+    def test_within_the_limits_is_served(self):
+        start = b"GET /books/?prefix=" + b"p" * 15000 + b" HTTP/1.1\r\nHost: x\r\n"
+        transport = self.answer(start + b"X-Big: " + b"b" * 15000 + b"\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), transport.value()[:100])
+        self.assertFalse(transport.disconnecting)

@@ -387,6 +387,28 @@ class OptionTests(NodeTestMixin, TestCase):
         self.assertIn("notaport", line)
 
     @deferred_test
+    async def test_port_in_use(self):
+        """
+        A real twistd start on a port in use: exit status 2, one line naming
+        the endpoint, and no data directory created.
+        """
+        import socket
+
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        data = os.path.abspath(os.path.join(self.mktemp(), "data"))
+        node = await self.run_node_to_exit(timeout=15, port=port, data_dir=data)
+        self.assertEqual(node.exit_code, 2, node.output())
+        lines = node.output_lines()
+        self.assertEqual(len(lines), 1, node.output())
+        self.assertIn("tcp:%d:interface=127.0.0.1" % port, lines[0])
+        self.assertIn("in use", lines[0])
+        self.assertFalse(os.path.exists(data))
+
+    @deferred_test
     async def test_missing_servers_file(self):
         missing = os.path.abspath(os.path.join(self.mktemp(), "servers.list"))
         line = await self.refused(args=["--servers", missing])

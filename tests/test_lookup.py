@@ -293,6 +293,48 @@ class LookupTests(SynchronousTestCase):
         self.assertEqual((response.code, body), (200, newer))
 
 
+class MalformedPeerTests(SynchronousTestCase):
+    """A peer answering a lookup 200 with something that is not the record asked for."""
+
+    def setUp(self):
+        from twisted.web.resource import Resource
+
+        self.cluster = Cluster(self)
+        bodies = self.bodies = [b"<html>not json</html>"]
+
+        class Liar(Resource):
+            isLeaf = True
+
+            def render(self, request):
+                request.setHeader(b"content-type", b"application/json")
+                return bodies[0]
+
+        self.cluster.net.add(url("liar"), Liar())
+
+    def test_malformed_answer_is_that_peer_missing(self):
+        """
+        It counts as that peer missing (404 when nobody else holds it, the
+        record when another peer does), is logged, and is counted in /metrics;
+        never a 500.
+        """
+        b = self.cluster.add("b")
+        a = self.cluster.add("a", peers=["liar"])
+        for body in [b"<html>not json</html>", b"[1, 2]", b'{"version": "1"}',
+                     json.dumps({"collection": "c", "uid": "other", "version": "1"}).encode()]:
+            self.bodies[0] = body
+            response, answer = a.request("GET", "/c/x")
+            self.assertEqual((response.code, json.loads(answer)["error"]), (404, "not_found"), body)
+        self.assertEqual(a.request("DELETE", "/c/x")[0].code, 404)
+        metrics = a.request("GET", "/metrics")[1].decode()
+        self.assertIn('minstore_lookup_bad_answers_total{peer="%s"} 5.0' % url("liar"), metrics)
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+        # Another peer's hit still wins.
+        c = self.cluster.add("c", peers=["liar", "b"])
+        data = b.write("x", 1)
+        response, body = c.request("GET", "/c/x")
+        self.assertEqual((response.code, body), (200, data))
+
+
 class NewerThanTests(SynchronousTestCase):
     """
     A lookup counts a peer's answer only when it is newer than what this

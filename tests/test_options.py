@@ -8,8 +8,6 @@ import json
 import os
 import sys
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -21,7 +19,8 @@ from minstore.node import run_inline
 from minstore.service import NodeRoot
 from minstore.storage.files import FileStorage
 from minstore.storage.memory import MemoryStorage
-from minstore.tap import Options, listens_beyond_loopback, makeService
+from minstore.api import BoundedChannel
+from minstore.tap import ListeningService, Options, listens_beyond_loopback, makeService
 
 
 class OptionsTestCase(SynchronousTestCase):
@@ -176,7 +175,8 @@ class GoodOptionTests(OptionsTestCase):
         )
         self.assertEqual(options["server_list"].peers, ())
         self.assertFalse(options["server_list"].bridge)
-        self.assertTrue(os.path.isdir(self.data))
+        # Parsing creates nothing: makeService makes the data directory.
+        self.assertFalse(os.path.exists(self.data))
         # lang scores in the node itself, in the thread pool: no child to start.
         lang = options["process_list"][0]
         self.assertTrue(lang.threaded)
@@ -203,7 +203,9 @@ class MakeServiceTests(OptionsTestCase):
         """
         makeService wires, without starting, a NodeRoot holding the thread
         pool, the node, the cluster and the HTTP server on the --port
-        endpoint; nothing listens and no thread runs before it starts.
+        endpoint, already bound (before the data directory is made: a busy
+        port stops the start with nothing created); no thread runs before it
+        starts, and nothing is read from the port before the reactor runs.
         """
         options = self.parse("--port", "tcp:0:interface=127.0.0.1", "--max-record-size", "500")
         reactor = MemoryReactorClock()
@@ -217,18 +219,21 @@ class MakeServiceTests(OptionsTestCase):
         self.assertIsInstance(node.storage, FileStorage)
         self.assertEqual(node.storage.root, os.path.join(self.data, "records"))
         self.assertEqual(node.processes, [])
-        self.assertIsInstance(root.port, StreamServerEndpointService)
-        site = root.port.factory
-        self.assertIs(site.requestFactory, BoundedRequest)
-        self.assertEqual(site.max_body, 500)
+        self.assertIsInstance(root.port, ListeningService)
         self.assertFalse(root.port.running)
-        self.assertEqual(reactor.tcpServers, [])  # nothing listens before the service starts
+        [(port, site, _, interface)] = reactor.tcpServers
+        self.assertEqual((port, interface), (0, "127.0.0.1"))
+        self.assertIs(site.requestFactory, BoundedRequest)
+        self.assertIs(site.protocol, BoundedChannel)
+        self.assertEqual(site.max_body, 500)
 
     def test_start_and_stop_in_order(self):
         """
-        Started, the node opens its storage before the port listens; at stop
-        the port is closed first, then the writes drain, replication saves its
-        checkpoints, the storage closes, and the thread pool stops last.
+        Started, the node opens its storage before the port is served (it is
+        bound since makeService, but read only once the reactor runs, after
+        the start); at stop the port is closed first, then the writes drain,
+        replication saves its checkpoints, the storage closes, and the thread
+        pool stops last.
         """
         options = self.parse("--port", "tcp:0:interface=127.0.0.1", "--storage", "sqlite")
         reactor = MemoryReactorClock()
@@ -238,7 +243,7 @@ class MakeServiceTests(OptionsTestCase):
         real_open, real_close = storage.open, storage.close
 
         def opened():
-            events.append(("open", len(reactor.tcpServers)))
+            events.append(("open", root.port.running))
             real_open()
 
         def closed():
@@ -251,10 +256,38 @@ class MakeServiceTests(OptionsTestCase):
         root.node.in_thread = run_inline
         root.cluster.replication.in_thread = run_inline
         root.startService()
-        self.assertEqual(events, ["pool start", ("open", 0)])
-        self.assertEqual(len(reactor.tcpServers), 1)
+        self.assertEqual(events, ["pool start", ("open", False)])
+        self.assertTrue(root.port.running)
         self.successResultOf(root.stopService())
         self.assertEqual(events[2:], [("close", False), "pool stop"])
+
+    def test_port_in_use(self):
+        """
+        A port in use stops the start with one line naming the endpoint and
+        exit status 2, before anything is created: no data directory.
+        """
+        import socket
+
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        endpoint = "tcp:%d:interface=127.0.0.1" % busy.getsockname()[1]
+        options = self.parse("--port", endpoint, "--storage", "memory")
+        from twisted.internet import reactor
+
+        e = self.assertRaises(SystemExit, makeService, options, reactor=reactor)
+        self.assertEqual(e.code, 2)
+        text = self.stderr.getvalue()
+        self.assertEqual(text.count("\n"), 1, text)
+        self.assertTrue(text.startswith("minstore: error: --port: cannot listen on " + endpoint), text)
+        self.assertFalse(os.path.exists(self.data))
+
+    def test_ascii_digits_only(self):
+        """Whole-number options and --port take ASCII digits only, not other Unicode digits."""
+        for option, value in [("--threads", "\u0661\u0660"), ("--max-record-size", "\uff15"),
+                              ("--threads", "\u00b2"), ("--port", "\u0668\u0660\u0660\u0661")]:
+            self.assertBad(option, value, includes=[option])
 
     def test_processes_start_and_stop_with_the_node(self):
         """A process's start() runs when the node starts, its stop() after the node's last write."""
@@ -309,3 +342,25 @@ class LoopbackTests(SynchronousTestCase):
                          "tcp:8001:interface=localhost", "tcp:8001:interface=127.0.0.2",
                          "ssl:8443:privateKey=k.pem:interface=127.0.0.1", "unix:/tmp/minstore.sock"]:
             self.assertFalse(listens_beyond_loopback(endpoint), endpoint)
+
+
+class IndexOptionTests(OptionsTestCase):
+    def test_indexes_parsed_and_passed_to_the_node(self):
+        """--indexes COLLECTION:FIELD,... (with *) becomes the node's declarations."""
+        options = self.parse("--indexes", "books:value.year, *:lang,books:value.author.name,books:value.year")
+        self.assertEqual(
+            [str(d) for d in options["index_list"]], ["books:value.year", "*:lang", "books:value.author.name"]
+        )
+        root = makeService(options, MemoryReactorClock())
+        self.assertEqual([str(d) for d in root.node.indexes], ["books:value.year", "*:lang", "books:value.author.name"])
+        self.assertEqual(self.parse()["index_list"], [])
+
+    def test_bad_indexes(self):
+        """A declaration that is not COLLECTION:FIELD, or names a listing parameter, stops the start naming it."""
+        for bad in ["books", "bad/name:x", "books:", "books:value..year", "books:limit", "books:min_x", "_x:y"]:
+            self.assertBad("--indexes", bad, includes=["--indexes"])
+
+    def test_help_documents_indexes(self):
+        text = str(Options())
+        self.assertIn("--indexes", text)
+        self.assertIn("--index-build-rate", text)

@@ -152,11 +152,16 @@ class StoreIntegrationTests(NodeTestMixin, TestCase):
             from tests.harness import sleep
 
             writers = [ensureDeferred(writer(w)) for w in range(16)]
-            await sleep(1.5, reactor)
+            # Kill once writes are flowing (bounded: at most 30 s).
+            for _ in range(300):
+                if len(acknowledged) >= 40:
+                    break
+                await sleep(0.1, reactor)
+            await sleep(0.2, reactor)
             await node.kill9()
             stop[0] = True
             await gatherResults(writers, consumeErrors=True)
-            self.assertGreater(len(acknowledged), 50)
+            self.assertGreaterEqual(len(acknowledged), 40)
             await node.restart()
             for uid, n in sorted(acknowledged.items()):
                 code, _, body = await self.call("GET", node.url + "/c/" + uid + "?local=1")

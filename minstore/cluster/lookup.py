@@ -81,6 +81,20 @@ def first_hit(deferreds):
     return result
 
 
+def _is_record_of(data, collection, uid):
+    """Whether a peer's answer is a record (or tombstone) of ``collection/uid``."""
+    try:
+        record = json.loads(data)
+    except (ValueError, TypeError):
+        return False
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("version"), str)
+        and record.get("collection") == collection
+        and record.get("uid") == uid
+    )
+
+
 class Lookups:
     log = Logger()
 
@@ -136,8 +150,24 @@ class Lookups:
                 self.log.debug("lookup on {peer} failed: {e}", peer=peer, e=failure.getErrorMessage())
                 return None
 
-            d.addCallback(newer_only, newer_than)
-            calls.append(d.addErrback(unreachable))
+            def checked(data, peer=peer):
+                if data is None or _is_record_of(data, collection, uid):
+                    return data
+                # Not the client's error, nor a hit: that peer misses it.
+                self.log.warn(
+                    "lookup of {collection}/{uid} on {peer}: the answer is not that record;"
+                    " counted as a miss",
+                    collection=collection,
+                    uid=uid,
+                    peer=peer,
+                )
+                metrics = getattr(self.node, "metrics", None)
+                if metrics is not None:
+                    metrics.lookup_bad_answers.labels(peer).inc()
+                return None
+
+            d.addCallbacks(checked, unreachable)
+            calls.append(d.addCallback(newer_only, newer_than))
         hit = first_hit(calls)
         hit.addTimeout(timeout, self.clock, onTimeoutCancel=lambda _result, _timeout: None)
         return hit

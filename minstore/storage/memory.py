@@ -1,6 +1,8 @@
 """
 The ``memory`` engine: records, the change feed and checkpoints in Python
-containers, lost when the node stops (tests and cache fronts).
+containers, lost when the node stops (tests and cache fronts).  Each
+secondary index is a sorted list of ``(key, uid)`` per collection and field,
+kept by the write under the same lock as the records.
 """
 
 import bisect
@@ -10,6 +12,7 @@ from zope.interface import implementer
 
 from minstore.interfaces import ABSENT, NEWER, Change, IStorage
 from minstore.storage._index import KeyIndex
+from minstore.storage.indexes import Declaration, fields_by_collection, record_keys
 
 
 @implementer(IStorage)
@@ -25,6 +28,9 @@ class MemoryStorage:
         self._checkpoints = {}
         self._last_seq = 0
         self._max_version = None
+        self._entries = {}  # (collection, field) -> sorted list of (key, uid)
+        self._states = {}  # "COLLECTION:FIELD" -> [collection, field, state, seq, until_seq]
+        self._fields = fields_by_collection([])
 
     def open(self):
         pass
@@ -52,6 +58,9 @@ class MemoryStorage:
                 seq = self._last_seq
                 if held is not None:
                     del self._by_seq[held.seq]
+                fields = self._fields(collection)
+                if fields:
+                    self._reindex(collection, uid, fields, held.data if held is not None and not held.deleted else None, None if deleted else data)
                 self._rows[key] = Change(seq, collection, uid, version, bool(deleted), bool(forward), data)
                 self._by_seq[seq] = key
                 self._seqs.append(seq)
@@ -64,6 +73,97 @@ class MemoryStorage:
             if checkpoints is not None:
                 self._checkpoints = dict(checkpoints)
         return results
+
+    def _reindex(self, collection, uid, fields, old, new):
+        old_keys = record_keys(old, fields) if old is not None else {}
+        new_keys = record_keys(new, fields) if new is not None else {}
+        for field in fields:
+            before, after = old_keys.get(field), new_keys.get(field)
+            entries = self._entries.setdefault((collection, field), [])
+            if before is not None and before != after:
+                i = bisect.bisect_left(entries, (before, uid))
+                if i < len(entries) and entries[i] == (before, uid):
+                    del entries[i]
+            if after is not None:
+                self._insert(entries, (after, uid))
+
+    @staticmethod
+    def _insert(entries, entry):
+        i = bisect.bisect_left(entries, entry)
+        if i == len(entries) or entries[i] != entry:
+            entries.insert(i, entry)
+
+    # -- secondary indexes ---------------------------------------------------
+
+    def set_indexes(self, declarations):
+        declarations = [Declaration(*d) for d in declarations]
+        with self._lock:
+            wanted = dict((str(d), d) for d in declarations)
+            for spec, (collection, field, _, _, _) in list(self._states.items()):
+                if spec in wanted:
+                    continue
+                del self._states[spec]
+                if Declaration("*", field) in declarations:
+                    continue
+                if collection == "*":
+                    kept = set(d.collection for d in declarations if d.field == field)
+                    for c, f in list(self._entries):
+                        if f == field and c not in kept:
+                            del self._entries[(c, f)]
+                elif Declaration(collection, field) not in declarations:
+                    self._entries.pop((collection, field), None)
+            for spec, d in wanted.items():
+                if spec in self._states:
+                    continue
+                everywhere = self._states.get(str(Declaration("*", d.field)))
+                ready = self._last_seq == 0 or (everywhere is not None and everywhere[2] == "ready")
+                self._states[spec] = [d.collection, d.field, "ready" if ready else "building", 0, self._last_seq]
+            self._fields = fields_by_collection([Declaration(c, f) for c, f, _, _, _ in self._states.values()])
+
+    def build_indexes(self, limit):
+        with self._lock:
+            building = [s for s in self._states.values() if s[2] == "building"]
+            if not building:
+                return False
+            state = building[0]
+            collection, field, _, seq, until_seq = state
+            top = min(until_seq, seq + limit)
+            i = bisect.bisect_right(self._seqs, seq)
+            while i < len(self._seqs) and self._seqs[i] <= top:
+                key = self._by_seq.get(self._seqs[i])
+                i += 1
+                if key is None or (collection != "*" and key[0] != collection):
+                    continue
+                row = self._rows[key]
+                if row.deleted:
+                    continue
+                k = record_keys(row.data, (field,)).get(field)
+                if k is not None:
+                    self._insert(self._entries.setdefault((key[0], field), []), (k, key[1]))
+            state[2:4] = ["ready" if top >= until_seq else "building", top]
+            return state[2] == "building" or len(building) > 1
+
+    def index_states(self):
+        with self._lock:
+            return dict(
+                (spec, {"state": state, "seq": seq, "until_seq": until_seq})
+                for spec, (_, _, state, seq, until_seq) in self._states.items()
+            )
+
+    def find(self, collection, field, start, stop, after, limit):
+        with self._lock:
+            entries = self._entries.get((collection, field), [])
+            i = 0 if start is None else bisect.bisect_left(entries, (start,))
+            if after is not None:
+                i = max(i, bisect.bisect_right(entries, tuple(after)))
+            out = []
+            while i < len(entries) and len(out) < limit:
+                key, uid = entries[i]
+                if stop is not None and key >= stop:
+                    break
+                out.append((key, self._rows[(collection, uid)].data))
+                i += 1
+            return out
 
     def list(self, collection, after, prefix, limit):
         with self._lock:
@@ -96,6 +196,22 @@ class MemoryStorage:
                 for seq, key in self._by_seq.items()
                 if seq > after and (not forwarded_only or self._rows[key].forward)
             )
+
+    def scan_versions(self, after, upto, limit):
+        # Keys are never removed, so a key list as long as the rows is current.
+        with self._lock:
+            keys = getattr(self, "_sorted_keys", None)
+            if keys is None or len(keys) != len(self._rows):
+                keys = self._sorted_keys = sorted(self._rows)
+            i = 0 if after is None else bisect.bisect_right(keys, tuple(after))
+            out = []
+            while i < len(keys) and len(out) < limit:
+                key = keys[i]
+                if upto is not None and key > tuple(upto):
+                    break
+                out.append((key[0], key[1], self._rows[key].version))
+                i += 1
+            return out
 
     def checkpoints(self):
         with self._lock:

@@ -159,6 +159,10 @@ def migrate_files_layout(storage):
         for peer, old in checkpoints.items():
             delivered = sum(1 for old_seq, _ in owed if old_seq <= old)
             _run(conn, "INSERT INTO checkpoints VALUES (?, ?)", (peer, base + delivered))
+        _run(
+            conn,
+            "INSERT OR REPLACE INTO live_counts SELECT collection, COUNT(*) FROM records WHERE deleted = 0 GROUP BY collection",
+        )
         _run(conn, "INSERT OR REPLACE INTO meta VALUES ('files_seq', ?)", (seq,))
         _run(conn, "INSERT OR REPLACE INTO meta VALUES ('layout', 'catalog')")
         # The files the old log's replay wrote are durable before the catalog says so.

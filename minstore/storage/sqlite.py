@@ -15,9 +15,21 @@ number, so the rows after a number are exactly the newest change of each
 uid written since (CouchDB's by-sequence index).  Listings read the
 ``(collection, uid)`` index.
 
-Counts (live records per collection), the highest sequence number and the
-highest version held are kept in memory, read once at open and updated
-after each commit, so the node can ask them on the reactor thread.
+Secondary indexes (L{minstore.storage.indexes}): a table ``idx`` keyed by
+``(collection, field, key, uid)``, ``key`` the sortable bytes of the field's
+value, so a filtered listing is one range of its primary key joined to the
+records; ``idx_state`` says which declarations exist and how far the build
+of each is.  A write keeps the entries of every declared index in the
+batch's transaction (the old entry out, the new one in); a build indexes
+the records held from before a declaration in steps, each a transaction of
+its own under the write lock, and records how far it went in that same
+transaction.
+
+Counts (live records per collection, also kept in a table updated in each
+batch's transaction), the highest sequence number and the highest version
+held are kept in memory, read once at open and updated after each commit,
+so the node can ask them on the reactor thread, and opening takes the same
+time at any size.
 
 On PyPy every cursor is read to its end and closed before the next
 statement: an unfinished SELECT makes COMMIT fail there with "SQL
@@ -33,10 +45,13 @@ from zope.interface import implementer
 
 from minstore.errors import StorageFailed
 from minstore.interfaces import ABSENT, NEWER, Change, IStorage
+from minstore.storage.indexes import Declaration, fields_by_collection, record_keys
 
 log = Logger("minstore.storage.sqlite")
 
-SCHEMA_VERSION = 1
+#: 2: the index tables (a database of version 1 is upgraded at open; a
+#: minstore that knows only 1 refuses a 2, whose indexes it would not keep).
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -51,6 +66,22 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE TABLE IF NOT EXISTS checkpoints (peer TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
+CREATE TABLE IF NOT EXISTS live_counts (collection TEXT PRIMARY KEY, live INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS idx (
+    collection TEXT NOT NULL,
+    field TEXT NOT NULL,
+    key BLOB NOT NULL,
+    uid TEXT NOT NULL,
+    PRIMARY KEY (collection, field, key, uid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idx_state (
+    spec TEXT PRIMARY KEY,
+    collection TEXT NOT NULL,
+    field TEXT NOT NULL,
+    state TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    until_seq INTEGER NOT NULL
+);
 """
 
 
@@ -94,6 +125,8 @@ class SQLiteStorage:
         self._last_seq = 0
         self._max_version = None
         self._live = {}  # collection -> live records
+        self._states = {}  # "COLLECTION:FIELD" -> [collection, field, state, seq, until_seq]
+        self._fields = fields_by_collection([])  # collection -> the fields indexed there
 
     # -- connections ------------------------------------------------------
 
@@ -133,6 +166,8 @@ class SQLiteStorage:
         rows = _rows(conn, "SELECT value FROM meta WHERE key = 'schema_version'")
         if not rows:
             _run(conn, "INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        elif rows[0][0] == 1:
+            _run(conn, "UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
         elif rows[0][0] != SCHEMA_VERSION:
             raise StorageFailed(
                 "%s: schema version %r, this minstore knows %d" % (self.path, rows[0][0], SCHEMA_VERSION)
@@ -142,9 +177,21 @@ class SQLiteStorage:
         self._last_seq = _rows(conn, "SELECT COALESCE(MAX(seq), 0) FROM records")[0][0]
         rows = _rows(conn, "SELECT value FROM meta WHERE key = 'max_version'")
         self._max_version = rows[0][0] if rows else None
-        self._live = dict(
-            _rows(conn, "SELECT collection, COUNT(*) FROM records WHERE deleted = 0 GROUP BY collection")
-        )
+        # Kept in the batch's own transaction: counting the rows at open took
+        # seconds at a million records.
+        self._live = dict(_rows(conn, "SELECT collection, live FROM live_counts"))
+        if not self._live and _rows(conn, "SELECT 1 FROM records LIMIT 1"):
+            # A database from before the counts table: count once.
+            _run(conn, "INSERT OR REPLACE INTO live_counts SELECT collection, COUNT(*) FROM records NOT INDEXED WHERE deleted = 0 GROUP BY collection")
+            self._live = dict(_rows(conn, "SELECT collection, live FROM live_counts"))
+        # The indexes declared last are kept by every write from now, even
+        # before set_indexes: entries never drift from their records.
+        self._load_states(conn)
+
+    def _load_states(self, conn):
+        rows = _rows(conn, "SELECT spec, collection, field, state, seq, until_seq FROM idx_state ORDER BY rowid")
+        self._states = dict((row[0], list(row[1:])) for row in rows)
+        self._fields = fields_by_collection([Declaration(c, f) for c, f, _, _, _ in self._states.values()])
 
     def close(self):
         self._close_all()
@@ -213,6 +260,21 @@ class SQLiteStorage:
         sql = "SELECT COUNT(*) FROM records WHERE seq > ?" + (" AND forward = 1" if forwarded_only else "")
         return _rows(self._reader(), sql, (after,))[0][0]
 
+    def scan_versions(self, after, upto, limit):
+        sql = "SELECT collection, uid, version FROM records"
+        where, args = [], []
+        if after is not None:
+            where.append("(collection, uid) > (?, ?)")
+            args.extend(after)
+        if upto is not None:
+            where.append("(collection, uid) <= (?, ?)")
+            args.extend(upto)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY collection, uid LIMIT ?"
+        args.append(limit)
+        return _rows(self._reader(), sql, args)
+
     def checkpoints(self):
         return dict(_rows(self._reader(), "SELECT peer, seq FROM checkpoints"))
 
@@ -232,9 +294,12 @@ class SQLiteStorage:
         try:
             _run(conn, "BEGIN IMMEDIATE")
             for collection, uid, data, deleted, version, forward, condition in batch:
+                fields = self._fields(collection)
                 held = _rows(
                     conn,
-                    "SELECT deleted, version FROM records WHERE collection = ? AND uid = ?",
+                    "SELECT deleted, version, data FROM records WHERE collection = ? AND uid = ?"
+                    if fields
+                    else "SELECT deleted, version FROM records WHERE collection = ? AND uid = ?",
                     (collection, uid),
                 )
                 was_live = bool(held) and not held[0][0]
@@ -252,12 +317,20 @@ class SQLiteStorage:
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (seq, collection, uid, version, int(bool(deleted)), int(bool(forward)), data),
                 )
+                if fields:
+                    self._reindex(conn, collection, uid, fields, held[0][2] if was_live else None, None if deleted else data)
                 delta = (not deleted) - was_live
                 if delta:
                     live[collection] = live.get(collection, 0) + delta
                 if max_version is None or version > max_version:
                     max_version = version
                 results.append(seq)
+            for collection, delta in live.items():
+                _run(
+                    conn,
+                    "INSERT INTO live_counts VALUES (?, ?) ON CONFLICT (collection) DO UPDATE SET live = live + ?",
+                    (collection, delta, delta),
+                )
             if max_version != self._max_version:
                 _run(conn, "INSERT OR REPLACE INTO meta VALUES ('max_version', ?)", (max_version,))
             if checkpoints is not None:
@@ -277,6 +350,25 @@ class SQLiteStorage:
             self._live[collection] = self._live.get(collection, 0) + delta
         self._after_commit(batch, results, existed)
         return results
+
+    @staticmethod
+    def _reindex(conn, collection, uid, fields, old, new):
+        """Move a uid's index entries from its old record's keys to its new one's (None: no record)."""
+        old_keys = record_keys(old, fields) if old is not None else {}
+        new_keys = record_keys(new, fields) if new is not None else {}
+        for field in fields:
+            before, after = old_keys.get(field), new_keys.get(field)
+            if before is not None and before != after:
+                _run(
+                    conn,
+                    "DELETE FROM idx WHERE collection = ? AND field = ? AND key = ? AND uid = ?",
+                    (collection, field, before, uid),
+                )
+            if after is not None:
+                # Even when the key is unchanged: while an index is building,
+                # the old record may not have its entry yet, and once moved
+                # past the build's mark the build would not give it one.
+                _run(conn, "INSERT OR IGNORE INTO idx VALUES (?, ?, ?, ?)", (collection, field, after, uid))
 
     def _after_commit(self, batch, results, existed):
         """A subclass's work once the batch is durable, still under the write lock."""
@@ -302,6 +394,137 @@ class SQLiteStorage:
                 if isinstance(e, sqlite3.Error):
                     raise StorageFailed("%s: %s" % (self.path, e))
                 raise
+
+    # -- secondary indexes ---------------------------------------------------
+
+    def _transaction(self, f, *args):
+        """``f(conn, *args)`` in one write transaction, under the write lock held by the caller."""
+        conn = self._writer
+        try:
+            _run(conn, "BEGIN IMMEDIATE")
+            result = f(conn, *args)
+            _run(conn, "COMMIT")
+            return result
+        except BaseException as e:
+            try:
+                _run(conn, "ROLLBACK")
+            except sqlite3.Error:
+                pass
+            if isinstance(e, sqlite3.Error):
+                raise StorageFailed("%s: %s" % (self.path, e))
+            raise
+
+    def set_indexes(self, declarations):
+        declarations = [Declaration(*d) for d in declarations]
+        with self._lock:
+            try:
+                self._transaction(self._set_indexes, declarations)
+            finally:
+                self._load_states(self._writer)
+
+    def _set_indexes(self, conn, declarations):
+        wanted = dict((str(d), d) for d in declarations)
+        held = dict(
+            (spec, (collection, field, state))
+            for spec, collection, field, state in _rows(conn, "SELECT spec, collection, field, state FROM idx_state")
+        )
+        for spec, (collection, field, _) in held.items():
+            if spec in wanted:
+                continue
+            _run(conn, "DELETE FROM idx_state WHERE spec = ?", (spec,))
+            if Declaration("*", field) in declarations:
+                continue  # its entries are the other declaration's too
+            if collection == "*":
+                kept = [d.collection for d in declarations if d.field == field]
+                _run(
+                    conn,
+                    "DELETE FROM idx WHERE field = ? AND collection NOT IN (%s)" % ",".join("?" * len(kept)),
+                    [field] + kept,
+                )
+            elif Declaration(collection, field) not in declarations:
+                _run(conn, "DELETE FROM idx WHERE collection = ? AND field = ?", (collection, field))
+            log.info("index {spec} dropped (no longer declared)", spec=spec)
+        for spec, d in wanted.items():
+            if spec in held:
+                continue
+            everywhere = held.get(str(Declaration("*", d.field)))
+            if self._last_seq == 0 or (everywhere is not None and everywhere[2] == "ready"):
+                state = "ready"
+            else:
+                state = "building"
+                log.info("index {spec} declared over {n} sequence numbers: building it", spec=spec, n=self._last_seq)
+            _run(
+                conn,
+                "INSERT INTO idx_state (spec, collection, field, state, seq, until_seq) VALUES (?, ?, ?, ?, 0, ?)",
+                (spec, d.collection, d.field, state, self._last_seq),
+            )
+
+    def build_indexes(self, limit):
+        with self._lock:
+            building = [(spec, s) for spec, s in self._states.items() if s[2] == "building"]
+            if not building:
+                return False
+            spec, (collection, field, _, seq, until_seq) = building[0]
+            top = min(until_seq, seq + limit)
+            state = "ready" if top >= until_seq else "building"
+            self._transaction(self._build_step, spec, collection, field, seq, top, state)
+            self._states[spec][2:4] = [state, top]
+            if state == "ready":
+                log.info("index {spec} built", spec=spec)
+            return state == "building" or len(building) > 1
+
+    @staticmethod
+    def _build_step(conn, spec, collection, field, seq, top, state):
+        sql = "SELECT collection, uid, data FROM records WHERE seq > ? AND seq <= ? AND deleted = 0"
+        args = [seq, top]
+        if collection != "*":
+            sql += " AND collection = ?"
+            args.append(collection)
+        for c, uid, data in _rows(conn, sql, args):
+            key = record_keys(data, (field,)).get(field)
+            if key is not None:
+                _run(conn, "INSERT OR IGNORE INTO idx VALUES (?, ?, ?, ?)", (c, field, key, uid))
+        _run(conn, "UPDATE idx_state SET seq = ?, state = ? WHERE spec = ?", (top, state, spec))
+
+    def index_states(self):
+        return dict(
+            (spec, {"state": state, "seq": seq, "until_seq": until_seq})
+            for spec, (_, _, state, seq, until_seq) in list(self._states.items())
+        )
+
+    def find(self, collection, field, start, stop, after, limit):
+        base = (
+            "SELECT i.key, r.data FROM idx i JOIN records r ON r.collection = i.collection AND r.uid = i.uid"
+            " WHERE i.collection = ? AND i.field = ?"
+        )
+        queries = []
+        if after is not None:
+            key, uid = after
+            # Two seeks of the primary key, not one range filtered row by row:
+            # the rest of the cursor's key (uids after its uid), then the keys above.
+            if (start is None or key >= start) and (stop is None or key < stop):
+                queries.append((base + " AND i.key = ? AND i.uid > ?", [collection, field, key, uid]))
+            if start is None or start <= key:
+                start = key + b"\x00"
+        sql, args = base, [collection, field]
+        if start is not None:
+            sql += " AND i.key >= ?"
+            args.append(start)
+        if stop is not None:
+            sql += " AND i.key < ?"
+            args.append(stop)
+        queries.append((sql, args))
+        conn = self._reader()
+        found = []
+        _run(conn, "BEGIN")  # one snapshot for both
+        try:
+            for sql, args in queries:
+                if len(found) < limit:
+                    rows = _rows(conn, sql + " ORDER BY i.key, i.uid LIMIT ?", args + [limit - len(found)])
+                    found.extend((bytes(k), bytes(d)) for k, d in rows)
+        finally:
+            _run(conn, "COMMIT")
+        return found
 
     # -- memory -----------------------------------------------------------
 
