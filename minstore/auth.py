@@ -309,7 +309,7 @@ class ClusterKey:
 # -- the decisions --------------------------------------------------------
 
 
-_LOOPBACK = {}  # host text -> bool (parsing an address costs more than the rest of a check)
+_LOOPBACK: "dict[str, bool]" = {}  # host text -> bool (parsing an address costs more than the rest of a check)
 
 
 def _is_loopback(address):

@@ -4,13 +4,18 @@ machine code of the JSON error body (DESIGN section 3).
 """
 
 
+from typing import Dict, Optional
+
+
 class MinstoreError(Exception):
     code = 500
     error = "internal_error"
     #: Headers the answer carries beside its JSON body (Allow, Retry-After).
-    headers = {}
+    headers: Dict[str, str] = {}
 
-    def __init__(self, error=None, message="", headers=None):
+    def __init__(
+        self, error: Optional[str] = None, message: str = "", headers: Optional[Dict[str, str]] = None
+    ) -> None:
         Exception.__init__(self, message)
         if error is not None:
             self.error = error
@@ -18,7 +23,7 @@ class MinstoreError(Exception):
         if headers:
             self.headers = headers
 
-    def to_json(self):
+    def to_json(self) -> Dict[str, str]:
         return {"error": self.error, "message": self.message}
 
 

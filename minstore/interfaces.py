@@ -3,6 +3,7 @@ The two extension points of a node: storage engines and processes.
 """
 
 from collections import namedtuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from zope.interface import Attribute, Interface
 
@@ -53,20 +54,22 @@ class IStorage(Interface):
 
     name = Attribute("The engine's name, as given to --storage.")
 
-    def open():
+    def open() -> None:
         """
         I{blocking}, once before use: create or recover the engine's files.
         Damage that cannot be recovered past raises L{minstore.errors.StorageFailed}
         with a one-line reason naming the file.
         """
 
-    def close():
+    def close() -> None:
         """I{blocking}, once when the node stops: release files."""
 
-    def get(collection, uid):
+    def get(collection: str, uid: str) -> Optional[bytes]:
         """I{blocking}: the stored bytes of a record or tombstone, or None."""
 
-    def write(batch, checkpoints=None):
+    def write(
+        batch: Sequence["WriteItem"], checkpoints: Optional[Dict[str, int]] = None
+    ) -> List[Optional[int]]:
         """
         I{blocking}: store a list of L{WriteItem}s in one durable step, with
         ``checkpoints`` (``{peer: seq}``) when given.  Returns a list with,
@@ -78,14 +81,16 @@ class IStorage(Interface):
         I/O error: then nothing of the batch is stored.
         """
 
-    def list(collection, after, prefix, limit):
+    def list(collection: str, after: Optional[str], prefix: Optional[str], limit: int) -> List[bytes]:
         """
         I{blocking}: up to ``limit`` live records (bytes) of a collection, in
         uid order, with uids greater than ``after`` (or from the start when
         None) that start with ``prefix`` (any when None).
         """
 
-    def changes(after, limit, forwarded_only=False, collection=None):
+    def changes(
+        after: int, limit: int, forwarded_only: bool = False, collection: Optional[str] = None
+    ) -> Tuple[List["Change"], int]:
         """
         I{blocking}: ``(changes, scanned)``: up to ``limit`` L{Change}s with a
         sequence number above ``after``, in sequence order (the newest change
@@ -96,7 +101,9 @@ class IStorage(Interface):
         found, else the highest number stored when the read began.
         """
 
-    def scan_versions(after, upto, limit):
+    def scan_versions(
+        after: Optional[Tuple[str, str]], upto: Optional[Tuple[str, str]], limit: int
+    ) -> List[Tuple[str, str, str]]:
         """
         I{blocking}: up to ``limit`` ``(collection, uid, version)`` of the
         records and tombstones held, in ``(collection, uid)`` order (code
@@ -105,30 +112,30 @@ class IStorage(Interface):
         fingerprints and compares (L{minstore.cluster.sync}).
         """
 
-    def count_changes(after, forwarded_only=False):
+    def count_changes(after: int, forwarded_only: bool = False) -> int:
         """I{blocking}: how many L{Change}s L{changes} would give after ``after``, without a limit."""
 
-    def checkpoints():
+    def checkpoints() -> Dict[str, int]:
         """I{blocking}: the saved ``{peer: seq}`` checkpoints."""
 
-    def save_checkpoints(checkpoints):
+    def save_checkpoints(checkpoints: Dict[str, int]) -> None:
         """I{blocking}: replace the saved checkpoints with ``{peer: seq}``, durably."""
 
-    def last_seq():
+    def last_seq() -> int:
         """I{memory}: the highest sequence number stored (0 when none)."""
 
-    def max_version():
+    def max_version() -> Optional[str]:
         """I{memory}: the highest version held, record or tombstone (None when empty)."""
 
-    def count():
+    def count() -> int:
         """I{memory}: the number of live records held."""
 
-    def collections():
+    def collections() -> List[str]:
         """I{memory}: the names of the collections holding at least one live record."""
 
     # -- secondary indexes (see minstore.storage.indexes) ------------------
 
-    def set_indexes(declarations):
+    def set_indexes(declarations: Sequence[Any]) -> None:
         """
         I{blocking}: declare the secondary indexes, a list of
         L{minstore.storage.indexes.Declaration}s (``(collection or "*",
@@ -148,7 +155,7 @@ class IStorage(Interface):
         (declared again later, it is built again).
         """
 
-    def build_indexes(limit):
+    def build_indexes(limit: int) -> bool:
         """
         I{blocking}: index up to ``limit`` sequence numbers' worth of the
         records held from before a building declaration was made, in one
@@ -156,14 +163,21 @@ class IStorage(Interface):
         while some declaration is still building, False when all are ready.
         """
 
-    def index_states():
+    def index_states() -> Dict[str, Dict[str, Any]]:
         """
         I{memory}: ``{"COLLECTION:FIELD": {"state": "ready"|"building",
         "seq": n, "until_seq": m}}`` of the declarations (a build has
         indexed up to sequence ``seq`` of the ``until_seq`` it must reach).
         """
 
-    def find(collection, field, start, stop, after, limit):
+    def find(
+        collection: str,
+        field: str,
+        start: Optional[bytes],
+        stop: Optional[bytes],
+        after: Optional[Tuple[bytes, str]],
+        limit: int,
+    ) -> List[Tuple[bytes, bytes]]:
         """
         I{blocking}: up to ``limit`` ``(key, data)`` of the live records of a
         collection whose entry for ``field`` has ``start <= key < stop``
@@ -188,7 +202,7 @@ class IProcess(Interface):
         "process followed by one that is not runs in the thread pool."
     )
 
-    def __call__(record):
+    def __call__(record: Dict[str, Any]) -> Any:
         """
         Return the record (a dict), transformed, or (a process that is not
         threaded only) a Deferred of it.  Raise L{minstore.errors.Rejected}
@@ -211,5 +225,5 @@ class IProcessFactory(Interface):
 
     name = Attribute("The process's name.")
 
-    def __call__(options):
+    def __call__(options: Dict[str, Any]) -> Any:
         """An L{IProcess}, given the node's parsed options (a dict)."""

@@ -11,6 +11,7 @@ import json
 import re
 import threading
 import time
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from minstore.errors import BadRequest
 
@@ -22,12 +23,12 @@ _dumps_canonical = json.JSONEncoder(
 ).encode
 
 
-def canonical_json(value):
+def canonical_json(value: Any) -> bytes:
     """The canonical JSON bytes of a value: sorted keys, no spaces, UTF-8."""
     return _dumps_canonical(value).encode("utf-8")
 
 
-def check_collection(name):
+def check_collection(name: Any) -> str:
     if not isinstance(name, str) or not COLLECTION_RE.match(name):
         raise BadRequest(
             "bad_collection",
@@ -36,7 +37,7 @@ def check_collection(name):
     return name
 
 
-def check_uid(uid):
+def check_uid(uid: Any) -> str:
     if not isinstance(uid, str) or not uid:
         raise BadRequest("bad_uid", "a uid is a non-empty string")
     try:
@@ -50,7 +51,7 @@ def check_uid(uid):
     return uid
 
 
-def make_record(collection, uid, value, version, timestamp):
+def make_record(collection: str, uid: str, value: Any, version: str, timestamp: float) -> Dict[str, Any]:
     """A new record dict with the fields every record carries."""
     body = canonical_json(value)
     return {
@@ -64,7 +65,7 @@ def make_record(collection, uid, value, version, timestamp):
     }
 
 
-def make_tombstone(collection, uid, version, timestamp):
+def make_tombstone(collection: str, uid: str, version: str, timestamp: float) -> Dict[str, Any]:
     """What a delete leaves behind, so an old replica cannot revive a record."""
     return {
         "uid": uid,
@@ -75,13 +76,14 @@ def make_tombstone(collection, uid, version, timestamp):
     }
 
 
-def encode_record(record):
+def encode_record(record: Dict[str, Any]) -> bytes:
     """The stored and served bytes of a record."""
     return canonical_json(record)
 
 
-def decode_record(data):
-    return json.loads(data)
+def decode_record(data: bytes) -> Dict[str, Any]:
+    record: Dict[str, Any] = json.loads(data)
+    return record
 
 
 class HybridLogicalClock:
@@ -102,17 +104,17 @@ class HybridLogicalClock:
     #: one node with a wild clock must not drag every other node's versions.
     MAX_DRIFT_MS = 60_000
 
-    def __init__(self, node_id, now=time.time):
+    def __init__(self, node_id: str, now: Callable[[], float] = time.time) -> None:
         self.node_id = node_id
         self._now = now
         self._lock = threading.Lock()
         self._physical = 0
         self._logical = 0
 
-    def _format(self):
+    def _format(self) -> str:
         return "%013d-%06d-%s" % (self._physical, self._logical, self.node_id)
 
-    def now(self):
+    def now(self) -> str:
         """A new version, greater than every version issued or observed."""
         with self._lock:
             wall = int(self._now() * 1000)
@@ -127,14 +129,16 @@ class HybridLogicalClock:
             return self._format()
 
     @staticmethod
-    def _parse(version):
+    def _parse(version: Optional[str]) -> Optional[Tuple[int, int]]:
+        if not isinstance(version, str):
+            return None
         try:
             physical, logical = version.split("-", 2)[:2]
             return int(physical), int(logical)
         except (ValueError, AttributeError):
             return None
 
-    def resume(self, version):
+    def resume(self, version: Optional[str]) -> None:
         """At start: the next version sorts after ``version``, the highest held."""
         parsed = self._parse(version)
         if parsed is not None:
@@ -142,7 +146,7 @@ class HybridLogicalClock:
                 if parsed > (self._physical, self._logical):
                     self._physical, self._logical = parsed
 
-    def observe(self, version):
+    def observe(self, version: Optional[str]) -> None:
         """Fold in a version made elsewhere."""
         parsed = self._parse(version)
         if parsed is None or parsed[0] > self._now() * 1000 + self.MAX_DRIFT_MS:
@@ -152,6 +156,6 @@ class HybridLogicalClock:
                 self._physical, self._logical = parsed
 
 
-def version_timestamp(version):
+def version_timestamp(version: str) -> float:
     """The wall-clock seconds carried by a version."""
     return int(version.split("-", 1)[0]) / 1000.0
