@@ -517,6 +517,15 @@ class RecordAPI:
         return self._json(request, 200, dict(info, collections=self.node.storage.collections()))
 
     def health(self, request, collection=None, uid=None):
+        # An engine over a database (postgresql) says when it last failed to reach it.
+        unavailable = getattr(self.node.storage, "unavailable", None)
+        if unavailable:
+            return self._json(
+                request,
+                503,
+                {"error": "storage_unavailable", "message": "the storage cannot be reached: %s" % (unavailable,),
+                 "status": "unavailable", "node_id": self.node.node_id},
+            )
         return self._json(request, 200, {"status": "ok", "node_id": self.node.node_id})
 
     def status(self, request, collection=None, uid=None):

@@ -149,8 +149,11 @@ def _base_document():
             },
             "/_node/health": {
                 "get": {
-                    "summary": "Liveness",
-                    "responses": _responses(_200=_json_ok("the node answers")),
+                    "summary": "Liveness, and whether the storage can be reached",
+                    "responses": _responses(
+                        _200=_json_ok("the node answers"),
+                        _503=_error("the storage cannot be reached (a postgresql engine's database is down)"),
+                    ),
                 }
             },
             "/_node/status": {

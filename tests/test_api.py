@@ -1094,6 +1094,16 @@ class NodeRouteTests(APITestCase):
         self.assertEqual((response.code, response.header(b"content-type")), (200, JSON_TYPE))
         self.assertEqual(response.json(), {"status": "ok", "node_id": "node1"})
 
+    def test_health_says_the_storage_is_unreachable(self):
+        """An engine that cannot reach its database (postgresql's ``unavailable``) makes health 503, and 200 once back."""
+        self.node.storage.unavailable = "connection refused"
+        response = self.get("/_node/health")
+        self.assertEqual(response.code, 503)
+        self.assertEqual(response.json()["error"], "storage_unavailable")
+        self.assertIn("connection refused", response.json()["message"])
+        self.node.storage.unavailable = None
+        self.assertEqual(self.get("/_node/health").code, 200)
+
     def test_status(self):
         """GET /_node/status gives the node id, version, uptime and record count."""
         self.post("/books/a", 1)
