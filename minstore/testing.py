@@ -23,11 +23,9 @@ C{fill_disk(storage)} and C{free_disk(storage)} to test a full disk::
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
 from zope.interface.verify import verifyObject
 
@@ -656,25 +654,9 @@ class DurableStorageContract:
         the records.
         """
         module_class, data_dir = self.engine_spec()
-        for round, delay in enumerate((0.15, 0.3, 0.5)):
-            errors = open(data_dir + ".stderr", "w+b")
-            child = subprocess.Popen(
-                [sys.executable, "-c", _CRASH_WRITER, module_class, data_dir, str(round * 10**6)],
-                stdout=subprocess.PIPE,
-                stderr=errors,
-            )
-            try:
-                # Wait until it has written something, then let it run on a bit.
-                first = child.stdout.readline()
-                errors.seek(0)
-                self.assertTrue(first, errors.read())
-                time.sleep(delay)
-                child.send_signal(signal.SIGKILL)
-                out = first + child.stdout.read()
-            finally:
-                child.wait()
-                child.stdout.close()
-                errors.close()
+        # Killed after 25, 100 and 250 acknowledged batches of 8.
+        for round, lines in enumerate((200, 800, 2000)):
+            out = self._kill_writer(_CRASH_WRITER, [module_class, data_dir, str(round * 10**6)], data_dir, lines)
             acknowledged = {}
             for line in out.splitlines():
                 if line.count(b" ") == 1:
@@ -727,26 +709,10 @@ class DurableStorageContract:
         filtered in Python says, and a filter on each value agrees.
         """
         module_class, data_dir = self.engine_spec()
-        for round, (delay, specs) in enumerate(
-            [(0.2, "crash:value.g"), (0.3, "crash:value.g,*:value.h"), (0.4, "crash:value.g,*:value.h,crash:value.k")]
+        for round, (lines, specs) in enumerate(
+            [(20, "crash:value.g"), (40, "crash:value.g,*:value.h"), (80, "crash:value.g,*:value.h,crash:value.k")]
         ):
-            errors = open(data_dir + ".stderr", "w+b")
-            child = subprocess.Popen(
-                [sys.executable, "-c", _CRASH_INDEX_WRITER, module_class, data_dir, str(round * 10**6), specs],
-                stdout=subprocess.PIPE,
-                stderr=errors,
-            )
-            try:
-                first = child.stdout.readline()
-                errors.seek(0)
-                self.assertTrue(first, errors.read())
-                time.sleep(delay)
-                child.send_signal(signal.SIGKILL)
-                child.stdout.read()
-            finally:
-                child.wait()
-                child.stdout.close()
-                errors.close()
+            self._kill_writer(_CRASH_INDEX_WRITER, [module_class, data_dir, str(round * 10**6), specs], data_dir, lines)
             storage = self._open_spec(module_class, data_dir)
             try:
                 storage.set_indexes(parse_declarations(specs))
@@ -762,6 +728,28 @@ class DurableStorageContract:
                     self.assertEqual(sorted(found(storage, "crash", "value.g", {"eq": g})), sorted(expected), g)
             finally:
                 storage.close()
+
+    def _kill_writer(self, script, args, data_dir, lines):
+        """
+        Run a writer child; SIGKILL it once it has printed ``lines`` lines
+        (acknowledged batches), so the kill lands while it goes on writing.
+        All it printed.
+        """
+        errors = open(data_dir + ".stderr", "w+b")
+        child = subprocess.Popen([sys.executable, "-c", script] + args, stdout=subprocess.PIPE, stderr=errors)
+        try:
+            out = [child.stdout.readline()]
+            errors.seek(0)
+            self.assertTrue(out[0], errors.read())
+            while len(out) < lines and out[-1]:
+                out.append(child.stdout.readline())
+            child.send_signal(signal.SIGKILL)
+            out.append(child.stdout.read())
+        finally:
+            child.wait()
+            child.stdout.close()
+            errors.close()
+        return b"".join(out)
 
     def _open_spec(self, module_class, data_dir):
         storage = _load(module_class)(data_dir)
@@ -802,7 +790,7 @@ while True:
 #: 30 uids each (a tombstone now and then; values of several types), while
 #: the main thread builds the indexes declared, in small steps.
 _CRASH_INDEX_WRITER = r"""
-import sys, threading, time
+import sys, threading
 from minstore.testing import _load
 from minstore.interfaces import WriteItem
 from minstore.records import encode_record, make_record, make_tombstone
@@ -833,7 +821,7 @@ def writer(t):
             sys.stdout.flush()
 for t in (1, 2):
     threading.Thread(target=writer, args=(t,), daemon=True).start()
-while True:
-    if not storage.build_indexes(7):
-        time.sleep(0.01)
+while storage.build_indexes(7):
+    pass
+threading.Event().wait()  # built: the writers go on until the kill
 """

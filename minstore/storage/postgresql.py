@@ -75,7 +75,6 @@ database with L{minstore.errors.StorageFailed} (507).
 
 import os
 import threading
-import time
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from twisted.logger import Logger
@@ -485,7 +484,8 @@ class PostgreSQLStorage:
             attempt += 1
             if attempt > RETRIES:
                 raise StorageFailed("%s: %s: gave up after %d retries" % (self.describe(), what, RETRIES))
-            time.sleep(min(0.2, 0.002 * 2 ** attempt))
+            # In the storage thread, never the reactor's; close() cuts the wait short.
+            self._stop.wait(min(0.2, 0.002 * 2 ** attempt))
 
     # -- open and close -------------------------------------------------------
 
