@@ -285,71 +285,64 @@ class SQLiteStorage:
             return self._write_locked(batch, checkpoints)
 
     def _write_locked(self, batch, checkpoints):
-        conn = self._writer
-        seq = self._last_seq
-        max_version = self._max_version
-        results = []
-        existed = []  # per item: whether the uid was held before (record or tombstone)
-        live = {}  # collection -> change in live count
-        try:
-            _run(conn, "BEGIN IMMEDIATE")
-            for collection, uid, data, deleted, version, forward, condition in batch:
-                fields = self._fields(collection)
-                held = _rows(
-                    conn,
-                    "SELECT deleted, version, data FROM records WHERE collection = ? AND uid = ?"
-                    if fields
-                    else "SELECT deleted, version FROM records WHERE collection = ? AND uid = ?",
-                    (collection, uid),
-                )
-                was_live = bool(held) and not held[0][0]
-                existed.append(bool(held))
-                if condition == ABSENT and was_live:
-                    results.append(None)
-                    continue
-                if condition == NEWER and held and held[0][1] >= version:
-                    results.append(None)
-                    continue
-                seq += 1
-                _run(
-                    conn,
-                    "INSERT OR REPLACE INTO records (seq, collection, uid, version, deleted, forward, data)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (seq, collection, uid, version, int(bool(deleted)), int(bool(forward)), data),
-                )
-                if fields:
-                    self._reindex(conn, collection, uid, fields, held[0][2] if was_live else None, None if deleted else data)
-                delta = (not deleted) - was_live
-                if delta:
-                    live[collection] = live.get(collection, 0) + delta
-                if max_version is None or version > max_version:
-                    max_version = version
-                results.append(seq)
-            for collection, delta in live.items():
-                _run(
-                    conn,
-                    "INSERT INTO live_counts VALUES (?, ?) ON CONFLICT (collection) DO UPDATE SET live = live + ?",
-                    (collection, delta, delta),
-                )
-            if max_version != self._max_version:
-                _run(conn, "INSERT OR REPLACE INTO meta VALUES ('max_version', ?)", (max_version,))
-            if checkpoints is not None:
-                self._replace_checkpoints(conn, checkpoints)
-            _run(conn, "COMMIT")
-        except BaseException as e:
-            try:
-                _run(conn, "ROLLBACK")
-            except sqlite3.Error:
-                pass
-            if isinstance(e, (sqlite3.Error, OSError)):
-                raise StorageFailed("%s: %s" % (self.path, e))
-            raise
+        seq, max_version, results, existed, live = self._transaction(self._store_batch, batch, checkpoints)
         self._last_seq = seq
         self._max_version = max_version
         for collection, delta in live.items():
             self._live[collection] = self._live.get(collection, 0) + delta
         self._after_commit(batch, results, existed)
         return results
+
+    def _store_batch(self, conn, batch, checkpoints):
+        """The batch's rows, in the caller's transaction; what the memory state becomes once it commits."""
+        seq = self._last_seq
+        max_version = self._max_version
+        results = []
+        existed = []  # per item: whether the uid was held before (record or tombstone)
+        live = {}  # collection -> change in live count
+        for collection, uid, data, deleted, version, forward, condition in batch:
+            fields = self._fields(collection)
+            held = _rows(
+                conn,
+                "SELECT deleted, version, data FROM records WHERE collection = ? AND uid = ?"
+                if fields
+                else "SELECT deleted, version FROM records WHERE collection = ? AND uid = ?",
+                (collection, uid),
+            )
+            was_live = bool(held) and not held[0][0]
+            existed.append(bool(held))
+            if condition == ABSENT and was_live:
+                results.append(None)
+                continue
+            if condition == NEWER and held and held[0][1] >= version:
+                results.append(None)
+                continue
+            seq += 1
+            _run(
+                conn,
+                "INSERT OR REPLACE INTO records (seq, collection, uid, version, deleted, forward, data)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (seq, collection, uid, version, int(bool(deleted)), int(bool(forward)), data),
+            )
+            if fields:
+                self._reindex(conn, collection, uid, fields, held[0][2] if was_live else None, None if deleted else data)
+            delta = (not deleted) - was_live
+            if delta:
+                live[collection] = live.get(collection, 0) + delta
+            if max_version is None or version > max_version:
+                max_version = version
+            results.append(seq)
+        for collection, delta in live.items():
+            _run(
+                conn,
+                "INSERT INTO live_counts VALUES (?, ?) ON CONFLICT (collection) DO UPDATE SET live = live + ?",
+                (collection, delta, delta),
+            )
+        if max_version != self._max_version:
+            _run(conn, "INSERT OR REPLACE INTO meta VALUES ('max_version', ?)", (max_version,))
+        if checkpoints is not None:
+            self._replace_checkpoints(conn, checkpoints)
+        return seq, max_version, results, existed, live
 
     @staticmethod
     def _reindex(conn, collection, uid, fields, old, new):
@@ -381,19 +374,7 @@ class SQLiteStorage:
 
     def save_checkpoints(self, checkpoints):
         with self._lock:
-            conn = self._writer
-            try:
-                _run(conn, "BEGIN IMMEDIATE")
-                self._replace_checkpoints(conn, checkpoints)
-                _run(conn, "COMMIT")
-            except BaseException as e:
-                try:
-                    _run(conn, "ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                if isinstance(e, sqlite3.Error):
-                    raise StorageFailed("%s: %s" % (self.path, e))
-                raise
+            self._transaction(self._replace_checkpoints, checkpoints)
 
     # -- secondary indexes ---------------------------------------------------
 
@@ -410,7 +391,7 @@ class SQLiteStorage:
                 _run(conn, "ROLLBACK")
             except sqlite3.Error:
                 pass
-            if isinstance(e, sqlite3.Error):
+            if isinstance(e, (sqlite3.Error, OSError)):
                 raise StorageFailed("%s: %s" % (self.path, e))
             raise
 
