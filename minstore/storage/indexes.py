@@ -227,3 +227,33 @@ def decode_index_cursor(cursor):
     if len(key) != m or not uid:
         raise ValueError("not a filtered listing's cursor")
     return field, key, uid
+
+
+def find_queries(base, collection, field, start, stop, after, mark="?"):
+    """
+    The SQL reads of a filtered page, for the engines over SQL: ``[(sql,
+    args)]``, each to be ordered by ``(i.key, i.uid)`` and limited by the
+    caller.  ``base`` selects from the index table aliased ``i`` with
+    ``i.collection`` and ``i.field`` bound to the first two marks; ``mark``
+    is the driver's placeholder.
+
+    After a cursor ``(key, uid)``: two seeks of the index's primary key,
+    not one range filtered row by row: the rest of the cursor's key (uids
+    after its uid), then the keys above.
+    """
+    queries = []
+    if after is not None:
+        key, uid = after
+        if (start is None or key >= start) and (stop is None or key < stop):
+            queries.append((base + " AND i.key = %s AND i.uid > %s" % (mark, mark), [collection, field, key, uid]))
+        if start is None or start <= key:
+            start = key + b"\x00"
+    sql, args = base, [collection, field]
+    if start is not None:
+        sql += " AND i.key >= " + mark
+        args.append(start)
+    if stop is not None:
+        sql += " AND i.key < " + mark
+        args.append(stop)
+    queries.append((sql, args))
+    return queries

@@ -82,7 +82,7 @@ from zope.interface import implementer
 
 from minstore.errors import ServiceUnavailable, StorageFailed
 from minstore.interfaces import ABSENT, NEWER, Change, IStorage
-from minstore.storage.indexes import Declaration, fields_by_collection, record_keys
+from minstore.storage.indexes import Declaration, fields_by_collection, find_queries, record_keys
 
 log = Logger("minstore.storage.postgresql")
 
@@ -965,23 +965,7 @@ class PostgreSQLStorage:
             " JOIN minstore_records r ON r.collection = i.collection AND r.uid = i.uid"
             " WHERE i.collection = %s AND i.field = %s"
         )
-        queries = []
-        if after is not None:
-            key, uid = after
-            # Two seeks of the primary key, not one range filtered row by row:
-            # the rest of the cursor's key (uids after its uid), then the keys above.
-            if (start is None or key >= start) and (stop is None or key < stop):
-                queries.append((base + " AND i.key = %s AND i.uid > %s", [collection, field, key, uid]))
-            if start is None or start <= key:
-                start = key + b"\x00"
-        sql, args = base, [collection, field]
-        if start is not None:
-            sql += " AND i.key >= %s"
-            args.append(start)
-        if stop is not None:
-            sql += " AND i.key < %s"
-            args.append(stop)
-        queries.append((sql, args))
+        queries = find_queries(base, collection, field, start, stop, after, "%s")
 
         def read(conn):
             found = []
