@@ -43,6 +43,7 @@ sys.path.insert(0, HERE)
 
 from run import (  # noqa: E402  (bench/run.py, beside this file)
     REPO,
+    THREAD_ID_LUA,
     TEXT,
     BenchError,
     Server,
@@ -57,12 +58,7 @@ COLLECTION = "bench"
 TARGET_RATIO = 1.5
 
 # GET /bench/seed-{i}{suffix}, i rotating over 1..count, each thread at its own offset.
-GET_LUA = r"""
-local threads = 0
-function setup(thread)
-  threads = threads + 1
-  thread:set("id", threads)
-end
+GET_LUA = THREAD_ID_LUA + r"""
 function init(args)
   count = tonumber(args[1])
   suffix = args[2] or ""

@@ -73,13 +73,17 @@ TEXT = (
     "durable on a modest machine with two cores and one disk"
 )
 
-# A new record per request: uids unique per run (prefix), thread and request.
-POST_LUA = r"""
+#: The preamble of wrk scripts that number their threads (``id``, from 1).
+THREAD_ID_LUA = r"""
 local threads = 0
 function setup(thread)
   threads = threads + 1
   thread:set("id", threads)
 end
+"""
+
+# A new record per request: uids unique per run (prefix), thread and request.
+POST_LUA = THREAD_ID_LUA + r"""
 function init(args)
   prefix = args[1] or "r"
   text = args[2] or "x"
@@ -96,12 +100,7 @@ end
 
 # A changed value for an existing record, rotating over the seeded uids; each
 # thread starts at its own offset.
-PUT_LUA = r"""
-local threads = 0
-function setup(thread)
-  threads = threads + 1
-  thread:set("id", threads)
-end
+PUT_LUA = THREAD_ID_LUA + r"""
 function init(args)
   prefix = args[1] or "r"
   text = args[2] or "x"
@@ -140,12 +139,7 @@ end
 """
 
 # A put of a new key per request (as POST_LUA's uids) with a ~200-byte value.
-ETCD_POST_LUA = _B64_LUA + r"""
-local threads = 0
-function setup(thread)
-  threads = threads + 1
-  thread:set("id", threads)
-end
+ETCD_POST_LUA = _B64_LUA + THREAD_ID_LUA + r"""
 function init(args)
   prefix = args[1] or "r"
   text = args[2] or "x"
@@ -161,12 +155,7 @@ end
 """
 
 # A put of a new value for a seeded key, rotating over them.
-ETCD_PUT_LUA = _B64_LUA + r"""
-local threads = 0
-function setup(thread)
-  threads = threads + 1
-  thread:set("id", threads)
-end
+ETCD_PUT_LUA = _B64_LUA + THREAD_ID_LUA + r"""
 function init(args)
   prefix = args[1] or "r"
   text = args[2] or "x"

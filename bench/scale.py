@@ -60,19 +60,14 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
-from run import BenchError, Server, free_port, parse_wrk, request  # noqa: E402
+from run import THREAD_ID_LUA, BenchError, Server, free_port, parse_wrk, request  # noqa: E402
 
 COLLECTION = "c"
 VALUE_BYTES = 200
 FILL_FORMAT = 1  # bump when the fill changes: cached directories are rebuilt
 TARGETS = {"startup_s": 10.0, "rss_mb": 400.0, "get_p99_ratio": 1.5, "list_ratio": 2.0}
 
-GET_LUA = r"""
-local threads = 0
-function setup(thread)
-  threads = threads + 1
-  thread:set("id", threads)
-end
+GET_LUA = THREAD_ID_LUA + r"""
 function init(args)
   n = tonumber(args[1])
   math.randomseed(os.time() * 1000 + id * 7919)
@@ -83,12 +78,7 @@ function request()
 end
 """
 
-LIST_LUA = r"""
-local threads = 0
-function setup(thread)
-  threads = threads + 1
-  thread:set("id", threads)
-end
+LIST_LUA = THREAD_ID_LUA + r"""
 function init(args)
   math.randomseed(os.time() * 1000 + id * 104729)
   for i = 1, 10 do math.random() end
