@@ -393,3 +393,31 @@ class FileStorageTests(SynchronousTestCase):
         self.assertEqual(second.count(), 0)
         self.assertEqual(second.list("books", None, None, 10), [])
         self.assertTrue(json.loads(second.get("books", uid))["deleted"])
+
+
+class FilesOpenOnFullDiskTests(SynchronousTestCase):
+    def test_record_files_that_cannot_be_written_do_not_stop_the_open(self):
+        """
+        At open, a record file that cannot be written again (a full disk)
+        is logged and left for the next open: the engine opens and serves
+        every record from its catalog.
+        """
+        data = os.path.abspath(self.mktemp())
+        storage = FileStorage(data)
+        storage.open()
+        record_data = record("books", "a", 1)
+        storage.write([w("books", "a", record_data)])
+        storage._writer.execute("DELETE FROM meta WHERE key = 'files_seq'").close()
+        storage._writer.close()
+        storage._writer = None
+
+        reopened = FileStorage(data)
+
+        def full(*args):
+            raise OSError(28, "No space left on device")
+
+        reopened._write_record_file = full
+        reopened.open()
+        self.addCleanup(reopened.close)
+        self.assertEqual(reopened.get("books", "a"), record_data)
+        self.assertEqual(len(self.flushLoggedErrors()), 0)

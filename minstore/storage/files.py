@@ -161,14 +161,21 @@ class FileStorage(SQLiteStorage):
     def _rewrite_files_after(self, seq):
         """Write the files of every change after ``seq`` again (after a crash: they may be older)."""
         written = 0
-        while True:
-            changes, scanned = self.changes(seq, 1000)
-            for change in changes:
-                self._write_record_file(change.collection, change.uid, change.data, True)
-                written += 1
-            if not changes:
-                break
-            seq = scanned
+        try:
+            while True:
+                changes, scanned = self.changes(seq, 1000)
+                for change in changes:
+                    self._write_record_file(change.collection, change.uid, change.data, True)
+                    written += 1
+                if not changes:
+                    break
+                seq = scanned
+        except OSError as e:
+            # The catalog holds every record, and the node serves from it: a
+            # full disk must not keep it from starting.  Tried again next start.
+            log.error("could not write the record files again ({error}); the catalog has them, the files are written at the next start", error=e)
+            self._files_broken = True
+            return
         if written:
             log.info("wrote {n} record files again from the catalog (changes after the last checkpoint)", n=written)
         self.checkpoint()
