@@ -63,12 +63,13 @@ import time
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application.service import Service
-from twisted.internet.defer import ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from minstore._util import fsync_dir
 from minstore.interfaces import WriteItem
+from minstore.records import version_timestamp
 
 #: Tombstones purged per storage call, and at most per run.
 BATCH = 500
@@ -197,14 +198,22 @@ class Purger:
                     (k, v) for k, v in entry.items() if k in ("synced", "contact", "first_seen") and type(v) in (int, float)
                 )
         self._see_peers(peers)
-        contacts = [e["contact"] for e in self.known.values() if "contact" in e]
+        # The last contact: with a peer (a completed sync, an acknowledged
+        # send), or the last write held (a version carries its time).
+        marks = [e["contact"] for e in self.known.values() if "contact" in e]
+        held = self.storage.max_version()
+        if held is not None:
+            try:
+                marks.append(version_timestamp(held))
+            except ValueError:
+                pass
         now = self.clock.seconds()
-        if contacts and now - max(contacts) > self.grace:
+        if peers and marks and now - max(marks) > self.grace:
             self.rejoining = set(peers)
             self.log.warn(
-                "no contact with any peer for {age:.0f}s (more than --tombstone-grace {grace:g}s): rejoining; "
-                "syncs only pull until one has completed with every peer ({peers})",
-                age=now - max(contacts),
+                "no contact with any peer nor write for {age:.0f}s (more than --tombstone-grace {grace:g}s): "
+                "rejoining; syncs only pull until one has completed with every peer ({peers})",
+                age=now - max(marks),
                 grace=self.grace,
                 peers=", ".join(peers),
             )
@@ -268,15 +277,17 @@ class Purger:
 
     def run(self):
         """Deferred count purged by one run (a run already going is joined)."""
-        if self._running is None:
-            self._running = ensureDeferred(self._run())
+        if self._running is not None:
+            d = Deferred()
+            self._running.addBoth(lambda result: (d.callback(result), result)[1])
+            return d
+        d = self._running = ensureDeferred(self._run())
 
-            def done(result):
-                self._running = None
-                return result
+        def done(result):
+            self._running = None
+            return result
 
-            self._running.addBoth(done)
-        return self._running
+        return d.addBoth(done)
 
     async def _run(self):
         self.runs += 1
