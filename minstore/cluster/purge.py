@@ -476,5 +476,7 @@ class PurgeService(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        running = self.purger._running
-        return running if running is not None else succeed(None)
+        if self.purger._running is None:
+            return succeed(None)
+        # The run under way finishes (its storage call is in the pool) before the storage closes.
+        return self.purger.run().addBoth(lambda _: None)
