@@ -750,6 +750,27 @@ class Node:
         w = _Write(collection, uid, version, data, deleted, forward, condition=NEWER)
         return self._commits.submit(w).addCallback(lambda outcome: isinstance(outcome, Entry))
 
+    def forget(self, keys):
+        """``[(collection, uid)]`` no longer held at all (purged tombstones): out of the read cache."""
+        for key in keys:
+            self._cache.pop(key)
+
+    def retire(self, collection, uid, version):
+        """
+        Replace the live record held at exactly ``version`` by a tombstone of
+        that same version, not passed on (a rejoining node's record that a
+        peer purged: L{minstore.cluster.purge}).  Deferred bool: replaced.
+        """
+        return self._locked((collection, uid), self._retire, collection, uid, version)
+
+    async def _retire(self, collection, uid, version):
+        current = await self.read(collection, uid)
+        if current is None or current.deleted or current.version != version:
+            return False
+        tombstone = encode_record(make_tombstone(collection, uid, version, self.now()))
+        await self._commit(collection, uid, tombstone, True, version, forward=False)
+        return True
+
     # -- reads ----------------------------------------------------------
 
     def get(self, collection, uid, local=False):
@@ -767,7 +788,17 @@ class Node:
                 # Deleted here: a peer's copy counts only if written after the delete
                 # (one made before is a replica the tombstone has not reached yet).
                 d.addCallback(newer_than, entry)
+            else:
+                d.addCallback(not_purged)
             return d
+
+        def not_purged(remote):
+            # Not held: a copy at or below the purge horizon may be of a record
+            # whose tombstone was purged here (minstore.cluster.purge).
+            purged = self.storage.purged_version()
+            if purged is not None and remote.version <= purged:
+                raise NotFound(message="no record %s/%s (deleted)" % (collection, uid))
+            return remote
 
         def newer_than(remote, tombstone):
             if remote.version <= tombstone.version:

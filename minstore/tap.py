@@ -28,6 +28,7 @@ from minstore.cluster.peers import PeerClient, make_http_client
 from minstore.cluster.replication import Replication
 from minstore.cluster.servers import ServerList, ServersFileError, read_servers
 from minstore.cluster.service import ClusterService
+from minstore.cluster.purge import STATE_FILE, FileState, Purger, PurgeService
 from minstore.cluster.sync import Sync, SyncIndex, SyncService
 from minstore.node import Node
 from minstore.process import DEFAULT as DEFAULT_PROCESSES
@@ -122,7 +123,7 @@ class Options(usage.Options):
         ["indexes", None, "", "Secondary indexes, COLLECTION:FIELD,... (COLLECTION * for every collection; FIELD a dotted path into the record: lang, value.year, value.author.name): listings filter on them (GET /books/?value.year=1965, min_value.year=1960). One declared over records already held is built in the background at start (503 index_building until done); one no longer declared is dropped."],
         ["index-build-rate", None, 0, "Records a second an index build at start goes through at most (0: as fast as one thread goes).", _seconds("index-build-rate")],
         ["sync-interval", None, 0.0, "Seconds between two syncs with every peer in turn (compare and synchronise: what replication missed, a new peer's full copy); 0: only on POST /_node/sync.", _seconds("sync-interval")],
-        ["tombstone-grace", None, 7 * 86400.0, "Least seconds a tombstone is kept. This version never purges tombstones (so a deleted record can never come back, whichever node was away): the value is accepted and not used yet.", _positive_float("tombstone-grace")],
+        ["tombstone-grace", None, 7 * 86400.0, "Least seconds a tombstone is kept: one older is purged once every peer has confirmed holding it (a completed sync, or its replication checkpoint); never while a peer is down. A node that was away longer (or a backup put back) rejoins: its syncs only pull until one has completed with every peer. Never purged with --storage postgresql (a shared database).", _positive_float("tombstone-grace")],
         ["cache-stale-if-error", None, 0.0, "cache=1: seconds past its freshness that a stale record is still served (with a Warning header) while no dependant answers; 0: never.", _seconds("cache-stale-if-error")],
     ]
 
@@ -387,12 +388,26 @@ def makeService(config, reactor=None):
     node.status_sections["peers"] = replication.status
     node.metrics.registry.register(replication)
 
+    sync_index = SyncIndex(storage)
+    purger = Purger(
+        node,
+        sync_index,
+        lambda: cluster.servers.peers,
+        lambda: {url: r.checkpoint for url, r in replication.peers.items()},
+        lambda: {url: r.last_success for url, r in replication.peers.items()},
+        reactor,
+        in_thread,
+        config["tombstone-grace"],
+        FileState(os.path.join(data_dir, STATE_FILE)),
+    )
     node_sync = Sync(
-        node, SyncIndex(storage), client, lambda: cluster.servers.peers, reactor, in_thread,
-        timeout=config["replication-timeout"],
+        node, sync_index, client, lambda: cluster.servers.peers, reactor, in_thread,
+        timeout=config["replication-timeout"], purge=purger,
     )
     node.status_sections["sync"] = node_sync.status
+    node.status_sections["purge"] = purger.status
     node.metrics.registry.register(node_sync)
+    node.metrics.registry.register(purger)
 
     front = CacheFront(
         client,
@@ -420,7 +435,7 @@ def makeService(config, reactor=None):
         node,
         cluster,
         ListeningService(port),
-        extras=[tokens_service, SyncService(node_sync, config["sync-interval"], reactor)],
+        extras=[tokens_service, PurgeService(purger, reactor), SyncService(node_sync, config["sync-interval"], reactor)],
         http_pool=http_pool,
         describe=describe,
     )

@@ -49,8 +49,14 @@ most L{MAX_ANSWER}; an answer it cannot parse, or one that does not fit the
 ranges asked, fails that sync with a L{SyncError}, logged and counted, and
 stores nothing more.
 
-Tombstones are never purged (so a deleted record cannot come back, however
-long a node was away): see the README.
+Tombstones (L{minstore.cluster.purge}).  Each answer of a round carries
+the peer's purge horizon (``"purged"``, the highest version of a tombstone
+it purged, when it has purged any); the initiator pushes none of its items
+that the peer does not hold at or below that horizon (they may be records
+deleted there), pulls none that it does not hold at or below its own, and
+while it rejoins (away longer than the grace period) only pulls, and takes
+such items of its own for deleted.  A completed sync confirms to the
+purge that the peer holds every tombstone this node held when it began.
 """
 
 import bisect
@@ -420,11 +426,13 @@ class Sync:
 
     log = Logger()
 
-    def __init__(self, node, index, client, peers, clock, in_thread, timeout=10.0, now=time.perf_counter):
+    def __init__(self, node, index, client, peers, clock, in_thread, timeout=10.0, now=time.perf_counter, purge=None):
         """
         @param peers: a callable giving the node's current peer URLs.
         @param timeout: seconds each request to a peer may take.
+        @param purge: the node's L{minstore.cluster.purge.Purger}, or None (tombstones never purged).
         """
+        self.purge = purge
         self.node = node
         self.index = index
         self.storage = node.storage
@@ -443,7 +451,8 @@ class Sync:
     def answer_ranges(self, body):
         ranges = parse_ranges_request(body)
         d = self.in_thread(self.index.answer, ranges)
-        return d.addCallback(lambda answers: json.dumps({"ranges": answers}).encode("utf-8"))
+        extra = self.purge.wire() if self.purge is not None else {}
+        return d.addCallback(lambda answers: json.dumps(dict(extra, ranges=answers)).encode("utf-8"))
 
     def answer_records(self, body):
         keys = parse_keys_request(body)
@@ -482,8 +491,12 @@ class Sync:
         run = _Run(peer)
         start = self.now()
         error = None
+        if self.purge is not None:
+            self.purge.sync_begins(run)
         try:
             await self._reconcile(run)
+            if self.purge is not None:
+                await self.purge.sync_completed(run)
         except Exception as e:
             error = self._describe(e)
             self.log.error("sync with {peer} failed: {error}", peer=peer, error=error)
@@ -537,9 +550,12 @@ class Sync:
             answer = await self._ask(run, self.client.sync_ranges, body)
             run.metadata_bytes += len(body) + len(answer)
             try:
-                answers = json.loads(answer)["ranges"]
+                message = json.loads(answer)
+                answers = message["ranges"]
                 if type(answers) is not list or len(answers) != len(batch):
                     raise ValueError("not one answer per range")
+                if self.purge is not None:
+                    self.purge.peer_said(run, message)
             except (ValueError, KeyError, TypeError) as e:
                 raise SyncError("malformed answer from %s: %s" % (run.peer, e))
             subranges = []
@@ -624,14 +640,15 @@ class Sync:
                 key = (c, u)
                 other = theirs.pop(key, None)
                 if other is None or v > other:
-                    run.to_push.append(key)
+                    if self.purge is None or self.purge.may_push(run, key, v, other):
+                        run.to_push.append(key)
                 elif v < other:
                     run.to_pull.append(key)
             if len(rows) < SCAN_CHUNK:
                 break
             after = (rows[-1][0], rows[-1][1])
             await self._transfer(run, final=False)
-        run.to_pull.extend(theirs)
+        run.to_pull.extend(theirs if self.purge is None else self.purge.may_pull(run, theirs))
 
     async def _transfer(self, run, final):
         while len(run.to_pull) >= TRANSFER_KEYS or (final and run.to_pull):

@@ -673,6 +673,19 @@ class PostgreSQLStorage:
         args.append(limit)
         return [tuple(row) for row in self._read("scan_versions", sql, args)]
 
+    # -- tombstone purge ------------------------------------------------------
+
+    def purge_tombstones(self, before_version, upto_seq, upto_forwarded_seq, limit):
+        # Deliberately none: the database is one store for every node that
+        # shares it, and each of them has its own peers.  This node's peers
+        # confirming a tombstone says nothing of the others' peers, and a
+        # tombstone removed here is removed for all of them: a peer of
+        # another node still holding the old record would bring it back.
+        return []
+
+    def purged_version(self):
+        return None
+
     def checkpoints(self):
         rows = self._read("checkpoints", "SELECT peer, seq FROM minstore_checkpoints WHERE node = %s", (self.node_id,))
         return dict(rows)
