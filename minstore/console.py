@@ -64,6 +64,7 @@ CONSOLE_HTML = b"""<!doctype html>
  .controls label { display: flex; flex-direction: column; min-width: 0; max-width: 100%; }
  .controls label.grow { flex: 1 1 8em; }
  select { font: inherit; max-width: 100%; }
+ .controls select, .controls input { height: 2em; box-sizing: border-box; }
  .hint { font-size: .85em; color: #555; margin: .3em 0 0; }
  #fstatus { font-size: .9em; margin: .3em 0; }
  #fstatus.wait { color: #a15c00; }
@@ -299,7 +300,7 @@ function showIndexFilter() {
   $("pager").hidden = !f;
   $("fieldcol").hidden = !f; $("fieldcol").textContent = f ? f.field : "";
   $("prefix").disabled = !!f;
-  $("prefix").title = f ? "a uid prefix does not combine with a filter on an indexed field" : "";
+  $("prefix").placeholder = f ? "not with a filter on an indexed field" : "any uid";
   $("filter").hidden = !!f || !(prefixes[collection] || "");
   if (!f) fstatus("");
 }
