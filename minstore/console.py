@@ -409,8 +409,9 @@ async function route() {
   if (!parts[0]) { await loadNode(); return; }
   const name = decodeURIComponent(parts[0]);
   const uid = parts.length > 1 ? decodeURIComponent(parts.slice(1).join("/")) : null;
-  const f = params.get("field") ? { field: params.get("field"), op: OPS[params.get("op")] ? params.get("op") : "eq",
-    value: params.get("value") || "" } : null;
+  const op = params.get("op");
+  const f = params.get("field") ?
+    { field: params.get("field"), op: Object.hasOwn(OPS, op) ? op : "eq", value: params.get("value") || "" } : null;
   const page = f ? params.get("after") || null : null;
   if (name !== collection || !sameFilter(f, filters[name])) trail = [];   // another filter: its first page is the start
   else if (page !== after) {   // another page of it: Next, Previous, Back, Forward
