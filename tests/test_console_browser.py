@@ -200,10 +200,10 @@ class ConsoleBrowserTests(NodeTestMixin, TestCase):
             code, _, body = await self.call("POST", node.url + url, json={"value": value})
             self.assertEqual(code, 200, body)
         # Restarted with indexes over those records: built in the background,
-        # slowly enough (10 records a second) that the first filter meets a 503.
+        # slowly enough (5 records a second, some 25 s) that the first filter meets a 503.
         await node.stop()
         node.args += [
-            "--indexes", "books:value.year,*:value.genre,films:value.director", "--index-build-rate", "10",
+            "--indexes", "books:value.year,*:value.genre,films:value.director", "--index-build-rate", "5",
         ]
         await node.restart()
         await deferToThread(self.drive_filter, node)
