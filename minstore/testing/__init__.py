@@ -1,4 +1,18 @@
 """
+What minstore's own tests use, shipped for the authors of engines and
+processes (the modules below import only the standard library, Twisted,
+treq and minstore):
+
+  - this module: the conformance suite of storage engines (below);
+  - L{minstore.testing.fakes}: L{FakeNetwork<minstore.testing.fakes.FakeNetwork>}
+    (a treq-like client that routes each host to an in-memory resource) and
+    L{Cluster<minstore.testing.fakes.Cluster>} (real nodes behind their real
+    API on one FakeNetwork and one Clock);
+  - L{minstore.launcher} (beside this package: standard library only): a
+    real ``twistd -n minstore`` child on a loopback port (its command line,
+    environment and health wait), used by the integration tests and by
+    C{bench/}.
+
 The conformance suite every storage engine passes
 (L{minstore.interfaces.IStorage}), shipped with the package so that the
 author of an engine runs the same tests as the built-in ones.
