@@ -195,7 +195,12 @@ class _PostgreSQLCase:
         return storage
 
     def sql(self, storage, statement):
-        storage._run(storage._conn(), statement)
+        with storage._lease() as conn:
+            storage._run(conn, statement)
+
+    def rows(self, storage, statement):
+        with storage._lease() as conn:
+            return storage._rows(conn, statement)
 
 
 class PostgreSQLContractTests(_PostgreSQLCase, StorageContract, DurableStorageContract, SynchronousTestCase):
@@ -420,7 +425,7 @@ class SharedDatabaseTests(_PostgreSQLCase, SynchronousTestCase):
             self.sql(a, statement)
         a.close()
         b = self.engine("b", refresh_interval=0)
-        self.assertEqual(b._rows(b._conn(), "SELECT version FROM minstore_schema"), [(2,)])
+        self.assertEqual(self.rows(b, "SELECT version FROM minstore_schema"), [(2,)])
         b.set_indexes(parse_declarations("c:value.g"))
         self.assertEqual(b.index_states()["c:value.g"]["state"], "building")
         build_all(b)
@@ -443,7 +448,7 @@ class SharedDatabaseTests(_PostgreSQLCase, SynchronousTestCase):
             " FOR EACH STATEMENT EXECUTE FUNCTION minstore_test_fail()",
         )
         self.assertEqual(a.write([item("c", "x"), item("c", "y")]), [1, 2])
-        self.assertEqual(a._rows(a._conn(), "SELECT last_value FROM minstore_test_failures")[0][0], 3)
+        self.assertEqual(self.rows(a, "SELECT last_value FROM minstore_test_failures")[0][0], 3)
         self.assertEqual([c.seq for c in a.changes(0, 10)[0]], [1, 2])
         self.assertEqual(a.write([item("c", "z")]), [3])
 
