@@ -184,12 +184,13 @@ def run_cluster(args, dsn, pg_data, work):
                     result.update(storage=storage, nodes=count, op=op, rep=rep)
                     results.append(result)
                     print(
-                        "  run %d %-10s x%d %-4s %7.0f req/s  node cpu %s us/req  db cpu %s us/req  batch %s  load %.1f-%.1f%s"
+                        "  run %d %-10s x%d %-4s %7.0f req/s  node cpu %s us/req  db cpu %s us/req  batch %s (write %s ms)  load %.1f-%.1f%s"
                         % (
                             rep + 1, storage, count, op, result["rps"],
                             "/".join("%.0f" % c for c in result["node_cpu_us"]),
                             "%.0f" % result["db_cpu_us"] if result["db_cpu_us"] is not None else "-",
                             "/".join("%.1f" % b for b in result["batch"]) or "-",
+                            "/".join("%.1f" % w for w in result["write_ms"]) or "-",
                             result["load"][0], result["load"][1],
                             "  ERRORS %d" % result["errors"] if result["errors"] else "",
                         ),
@@ -237,11 +238,12 @@ def measure(args, bench_run, nodes, op, lua, pg_data, tag):
             raise bench_run.BenchError("%s died:\n%s" % (n.name, n.log_tail()))
     requests = [f.get("requests", 0) for f in figures]
     total = sum(requests)
-    batches = []
+    batches, write_ms = [], []
     for n, before in zip(nodes, stats_before):
         deltas = bench_run.node_deltas(before, bench_run.node_stats(n.port))
         if op == "post" and "avg_batch" in deltas:
             batches.append(deltas["avg_batch"])
+            write_ms.append(deltas.get("avg_write_ms", float("nan")))
     return {
         "rps": sum(f["rps"] for f in figures),
         "requests": total,
@@ -253,6 +255,8 @@ def measure(args, bench_run, nodes, op, lua, pg_data, tag):
         "db_cpu_us": (db_after - db_before) * 1e6 / total if db_before is not None and db_after is not None and total else None,
         "p99": max(f.get("p99", 0) for f in figures),
         "batch": batches,
+        # A batch's storage write, its wait for the counter row's lock included.
+        "write_ms": write_ms,
         "load": (load_before, load_after),
     }
 
@@ -265,7 +269,7 @@ def cluster_table(results):
         return values[(len(values) - 1) // 2] if values else float("nan")
 
     lines = [
-        "| engine, nodes | op | req/s (all nodes) | node CPU us/req (each node) | database CPU us/req | p99 ms | POST batch | load avg | runs (req/s; node, db us/req) |",
+        "| engine, nodes | op | req/s (all nodes) | node CPU us/req (each node) | database CPU us/req | p99 ms | POST batch (its write) | load avg | runs (req/s; node, db us/req) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     keys = []
@@ -284,7 +288,10 @@ def cluster_table(results):
                 key[0], key[1], key[2].upper(), median([r["rps"] for r in runs]), node_us,
                 "%.0f" % median(db) if db else "-",
                 median([r["p99"] for r in runs]),
-                "%.1f" % median([sum(r["batch"]) / len(r["batch"]) for r in runs if r["batch"]]) if key[2] == "post" else "",
+                "%.1f (%.1f ms)" % (
+                    median([sum(r["batch"]) / len(r["batch"]) for r in runs if r["batch"]]),
+                    median([sum(r["write_ms"]) / len(r["write_ms"]) for r in runs if r["write_ms"]]),
+                ) if key[2] == "post" else "",
                 ", ".join("%.1f" % ((r["load"][0] + r["load"][1]) / 2) for r in runs),
                 "; ".join(
                     "%.0f: %s, %s" % (
