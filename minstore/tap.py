@@ -99,6 +99,8 @@ class Options(usage.Options):
         ["data", "d", "./minstore-data", "Data directory, created when missing."],
         ["storage", None, "files", "Storage engine: files (one JSON file per record beside a SQLite catalog), sqlite (one SQLite database), memory (lost at stop), or postgresql (with --dsn; several nodes may share its database); packages add more."],
         ["dsn", None, None, "--storage postgresql: the database, as a libpq URL (postgresql://user@host:5432/dbname) or key=value words; default $MINSTORE_DSN (keeps a password out of the process list)."],
+        ["db-pool", None, None, "--storage postgresql: most connections this node holds to the database (default: --threads); a storage thread finding them all busy waits for one up to --db-timeout, then answers 503 storage_busy.", _positive_int("db-pool")],
+        ["db-timeout", None, 10.0, "--storage postgresql: seconds one SQL statement may run or wait for a lock (the sessions' statement_timeout and lock_timeout) and a call may wait for a free connection of --db-pool; past it, 503 storage_unavailable (storage_busy for the pool).", _positive_float("db-timeout")],
         ["processes", None, DEFAULT_PROCESSES, "Comma-separated processes run on each client write, in order (lang, schema, or one a package adds); empty for none."],
         ["schemas", None, None, "Directory of {collection}.json JSON Schemas for the schema process."],
         ["max-record-size", None, DEFAULT_MAX_RECORD_SIZE, "Largest request body accepted, in bytes (larger: 413).", _positive_int("max-record-size")],
@@ -219,7 +221,11 @@ class Options(usage.Options):
         if self["storage"] != "postgresql":
             if self["dsn"]:
                 raise usage.UsageError("--dsn: only for --storage postgresql, not %s" % self["storage"])
+            if self["db-pool"] is not None:
+                raise usage.UsageError("--db-pool: only for --storage postgresql, not %s" % self["storage"])
             return
+        if self["db-pool"] is None:
+            self["db-pool"] = self["threads"]
         dsn = self["dsn"] = self["dsn"] or os.environ.get("MINSTORE_DSN", "")
         if not dsn:
             raise usage.UsageError("--storage postgresql needs --dsn postgresql://user@host:port/dbname (or $MINSTORE_DSN)")
@@ -332,7 +338,14 @@ def makeService(config, reactor=None):
     pool = ThreadPool(minthreads=2, maxthreads=config["threads"], name="minstore-io")
     node_id = _node_id(data_dir)
     in_thread = functools.partial(deferToThreadPool, reactor, pool)
-    options = {"dsn": config["dsn"], "node_id": node_id} if config.get("dsn") else {}
+    options = {}
+    if config.get("dsn"):
+        options = {
+            "dsn": config["dsn"],
+            "node_id": node_id,
+            "pool_size": config["db-pool"],
+            "statement_timeout": config["db-timeout"],
+        }
     storage = make_storage(config["storage"], data_dir, **options)
     node = Node(
         storage,
@@ -386,6 +399,8 @@ def makeService(config, reactor=None):
         "peers": list(cluster.servers.peers),
     }
     node.status_sections["peers"] = replication.status
+    if hasattr(storage, "pool_status"):
+        node.status_sections["database"] = storage.pool_status
     node.metrics.registry.register(replication)
 
     sync_index = SyncIndex(storage)
