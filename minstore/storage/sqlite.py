@@ -67,6 +67,11 @@ CREATE TABLE IF NOT EXISTS records (
 -- The tombstones, for their purge (minstore.cluster.purge): a partial index
 -- that writes of live records never touch.
 CREATE INDEX IF NOT EXISTS tombstones ON records (seq) WHERE deleted = 1;
+-- A collection's changes in sequence order (/_changes?collection=, an index
+-- build on one collection): without it SQLite reads them through the
+-- (collection, uid) index and sorts the whole collection, 0.1 s a request at
+-- 200,000 records and a build quadratic in the collection's size.
+CREATE INDEX IF NOT EXISTS records_collection_seq ON records (collection, seq);
 CREATE TABLE IF NOT EXISTS checkpoints (peer TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
 CREATE TABLE IF NOT EXISTS live_counts (collection TEXT PRIMARY KEY, live INTEGER NOT NULL);
@@ -502,10 +507,12 @@ class SQLiteStorage:
         if collection != "*":
             sql += " AND collection = ?"
             args.append(collection)
+        entries = []
         for c, uid, data in _rows(conn, sql, args):
             key = record_keys(data, (field,)).get(field)
             if key is not None:
-                _run(conn, "INSERT OR IGNORE INTO idx VALUES (?, ?, ?, ?)", (c, field, key, uid))
+                entries.append((c, field, key, uid))
+        conn.executemany("INSERT OR IGNORE INTO idx VALUES (?, ?, ?, ?)", entries).close()
         _run(conn, "UPDATE idx_state SET seq = ?, state = ? WHERE spec = ?", (top, state, spec))
 
     def index_states(self):
