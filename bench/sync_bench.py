@@ -108,8 +108,7 @@ def main():
         on_b.append(replica("only-b-%05d" % i, n + i))
         on_a.append(replica("u%07d" % next(picks), 10 ** 9 + i, "newer-a"))
         on_b.append(replica("u%07d" % next(picks), 10 ** 9 + i, "newer-b"))
-        on_a.append(tombstone("u%07d" % next(picks), 10 ** 9 + i))
-        on_b.append(tombstone("u%07d" % next(picks), 10 ** 9 + i))
+        (on_a if i % 2 else on_b).append(tombstone("u%07d" % next(picks), 10 ** 9 + i))
     for s, records in ((a, on_a), (b, on_b)):
         for data in records:
             s.node.apply_replica(data)

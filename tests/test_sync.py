@@ -342,25 +342,30 @@ class BadPeerTests(SynchronousTestCase):
         self.assertIn("500", body["peers"][0]["error"])
 
     def test_split_that_never_ends(self):
-        """A peer that splits forever is cut off at the depth limit."""
+        """A peer that cuts every range forever, never agreeing, is cut off after MAX_DEPTH rounds."""
 
         class Splitter(Resource):
             isLeaf = True
 
             def render_POST(self, request):
-                ranges = json.loads(request.content.read())["ranges"]
-                answers = []
-                for lo, hi, n, fp in ranges:
-                    mid = [lo[0], lo[1] + "\x00"] if lo else ["c", ""]
-                    if hi is not None and mid >= hi:
-                        answers.append(0)
+                message = sync_module.decode_message(request.content.read())
+                out = []
+                for lo, hi, mode, payload in message.entries:
+                    if mode == sync_module.FP and hi != sync_module.TOP:
+                        mid = (hi[0], hi[1][:-1]) if len(hi[1]) > 1 and (hi[0], hi[1][:-1]) > lo else None
+                    else:
+                        mid = ("c", (lo[1] if lo else "") + "m") if mode == sync_module.FP else None
+                    if mid is None or not lo < mid < hi:
+                        out.append((lo, hi, sync_module.FP, (5, 1)))
                         continue
-                    answers.append({"split": [[mid, 5, "0000000000000001"], [hi, 5, "0000000000000002"]]})
-                return json.dumps({"ranges": answers}).encode()
+                    out.append((lo, mid, sync_module.FP, (5, 1)))
+                    out.append((mid, hi, sync_module.FP, (5, 2)))
+                return sync_module.encode_message(message.salt, 0, out, [])
 
         self.net.net.add(url("b"), Splitter())
         report = self.successResultOf(self.a.sync.sync(url("b")))
-        self.assertIn("split", report["error"])
+        self.assertIn("no agreement", report["error"])
+        self.assertEqual(report["round_trips"], sync_module.MAX_DEPTH + 1)
 
     def test_timeout(self):
         """A peer that never answers fails the sync after the time-out, on the node's clock."""
@@ -428,14 +433,36 @@ class RouteTests(SynchronousTestCase):
 
     def test_malformed_requests(self):
         """The peer's side answers a malformed sync message 400 bad_sync_message."""
-        bodies = [b"nope", b'{"ranges": [[null, null, -1, "0000000000000000"]]}', b'{"ranges": [[["c", "b"], ["c", "a"], 0, "0000000000000000"]]}', b'{"keys": 3}']
-        for path, body in zip(["ranges", "ranges", "ranges", "records"], bodies):
-            d = self.b.http.post(self.b.url + "/_cluster/sync/" + path, data=body, headers=JSON)
+        good = sync_module.encode_message(3, 0, [(BOTTOM, TOP, sync_module.FP, (0, 0))], [])
+        bodies = [
+            b"",
+            b"nope",
+            b'{"ranges": [[null, null, 0, "0000000000000000"]]}',
+            good[:-1],  # cut short
+            good + b"\0",  # trailing bytes
+            good[:1] + (2).to_bytes(8, "big") + good[9:],  # an even salt
+            good[:10] + b"\0" + good[11:],  # no ranges
+            good.replace(b"\x01\x00\x00\x00\x00\x00\x00", b"\x07\x00\x00\x00\x00\x00\x00"),  # unknown mode
+            sync_module.encode_message(3, 0, [(BOTTOM, ("c", "b"), 1, (1, 1)), (("c", "b"), ("c", "a"), 1, (1, 1)), (("c", "a"), TOP, 0, None)], []),
+            sync_module.encode_message(3, 0, [(BOTTOM, ("c", "x"), 0, None)], []),  # does not end at the top
+        ]
+        for body in bodies:
+            d = self.b.http.post(self.b.url + "/_cluster/sync/ranges", data=body, headers=JSON)
             self.b.http.flush()
             response = self.successResultOf(d)
             self.assertEqual(response.code, 400, body)
             error = json.loads(self.successResultOf(response.content()))
-            self.assertEqual(error["error"], "bad_sync_message")
+            self.assertEqual(error["error"], "bad_sync_message", body)
+        self.assertEqual(self.b.storage.get("c", "x"), None)
+
+    def test_malformed_record_in_a_message(self):
+        """A record in a message that is not one: 400, nothing stored."""
+        body = sync_module.encode_message(3, 0, [(BOTTOM, TOP, sync_module.SKIP, None)], [b"{not a record"])
+        d = self.b.http.post(self.b.url + "/_cluster/sync/ranges", data=body, headers=JSON)
+        self.b.http.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 400)
+        self.assertEqual(json.loads(self.successResultOf(response.content()))["error"], "bad_replica")
 
 
 class PeriodicTests(SynchronousTestCase):
