@@ -79,7 +79,7 @@ FANOUT = 16
 #: A range holding at most this many items is answered with their ids.
 LEAF = 16
 #: A differing range holding at most this many is cut at item quantiles (read whole), not at blocks.
-SPLIT_BY_ITEMS = 2048
+SPLIT_BY_ITEMS = 512
 #: A list of ids (or wants) is settled against at most this many items held; more: the range is cut.
 SETTLE = 1024
 #: The modes of a range in a message.
