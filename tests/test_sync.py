@@ -270,6 +270,79 @@ class ReconcileTests(SynchronousTestCase):
         self.assertLess(self.b.index.scanned - scanned[1], 1500)
 
 
+class BudgetTests(SynchronousTestCase):
+    def test_many_differences_few_round_trips(self):
+        """
+        50 differences of each kind among 30,000 records converge in at
+        most 5 round trips and under 300 bytes of metadata a difference.
+        """
+        net = Net(self)
+        a, b = net.add("a", ["b"]), net.add("b", ["a"])
+        n, d = 30000, 50
+        common = [replica("u%06d" % i, i) for i in range(n)]
+        a.load(common)
+        b.load(common)
+        picks = iter(range(0, n, n // (4 * d + 1)))
+        for i in range(d):
+            a.put(replica("only-a-%03d" % i, n + i), replica("u%06d" % next(picks), 10 ** 7 + i, "newer-a"))
+            b.put(replica("only-b-%03d" % i, n + i), replica("u%06d" % next(picks), 10 ** 7 + i, "newer-b"))
+            (a if i % 2 else b).put(tombstone("u%06d" % next(picks), 10 ** 7 + i))
+        expected = newest(a, b)
+        report = a.sync_with(b)
+        self.assertIsNone(report["error"])
+        self.assertEqual((a.held(), b.held()), (expected, expected))
+        self.assertEqual((report["pulled"], report["pushed"]), (2.5 * d, 2.5 * d))
+        self.assertLessEqual(report["round_trips"], 5)
+        self.assertLess(report["metadata_bytes"], 300 * 5 * d)
+        self.assertEqual(b.sync_with(a)["round_trips"], 1)
+
+    def test_paced(self):
+        """With a pace, a sync waits on the node's clock after each chunk of work, as long as it took (times the pace)."""
+        net = Net(self)
+        a, b = net.add("a", ["b"]), net.add("b", ["a"])
+        a.load([replica("u%05d" % i, i) for i in range(3000)])
+        ticks = iter(range(10 ** 6))
+        a.sync.now = lambda: next(ticks) * 0.01
+        a.sync.pace = 2.0
+        d = a.sync.sync(b.url)
+        waited = 0
+        while not d.called:
+            self.assertLess(waited, 100)
+            net.clock.advance(0.02)
+            waited += 1
+        self.assertGreater(waited, 1)
+        self.assertEqual(self.successResultOf(d)["pushed"], 3000)
+        self.assertEqual(a.held(), b.held())
+
+
+class CodecTests(SynchronousTestCase):
+    def test_round_trip(self):
+        """A message decodes to what was encoded: bounds (front-coded, any text), modes, counts, ids, records."""
+        rng = random.Random(7)
+        uids = sorted(set("".join(rng.choice("ab\u00e9\U0001f600/ \x00z") for _ in range(rng.randrange(1, 6))) for _ in range(300)))
+        keys = sorted(("c%d" % rng.randrange(3), u) for u in uids)
+        bounds = [BOTTOM] + sorted(set(keys)) + [TOP]
+        entries = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            mode = rng.choice([sync_module.FP, sync_module.IDS, sync_module.WANT, sync_module.FP])
+            if mode == sync_module.FP:
+                payload = (rng.randrange(10 ** 7), rng.getrandbits(32))
+            else:
+                payload = [rng.getrandbits(32) for _ in range(rng.randrange(5))]
+            entries.append((lo, hi, mode, payload))
+        records = [replica("r%d" % i, i) for i in range(5)]
+        body = sync_module.encode_message(12345, 3, entries, records)
+        message = sync_module.decode_message(body)
+        self.assertEqual((message.salt, message.stored, message.records), (12345, 3, records))
+        self.assertEqual(message.entries, entries)
+
+    def test_skips_merge(self):
+        """Consecutive settled ranges travel as one."""
+        entries = [(BOTTOM, ("c", "a"), 0, None), (("c", "a"), ("c", "b"), 0, None), (("c", "b"), TOP, 0, None)]
+        message = sync_module.decode_message(sync_module.encode_message(1, 0, entries, []))
+        self.assertEqual(message.entries, [(BOTTOM, TOP, 0, None)])
+
+
 class IndexTests(SynchronousTestCase):
     def test_fingerprints_match_a_scan(self):
         """
@@ -323,6 +396,9 @@ class BadPeerTests(SynchronousTestCase):
             b'{"ranges": [{"split": [[null, 1, "00"]]}]}',
             b'{"ranges": [{"split": [[["c", "z"], 1, "0000000000000000"], [["c", "a"], 1, "0000000000000000"]]}]}',
             b"x" * (sync_module.MAX_ANSWER + 1),
+            b"\x02" + b"\x00" * 8,
+            sync_module.encode_message(1, 0, [(BOTTOM, TOP, sync_module.SKIP, None)], []),  # another salt
+            sync_module.encode_message(1, 0, [(BOTTOM, ("c", "m"), sync_module.SKIP, None)], []),
         ]
         for body in answers:
             peer = self.bad_peer(body)
