@@ -1,36 +1,45 @@
 """
 Compare and synchronise (DESIGN section 4): range-based set reconciliation
-between two peers, in the spirit of negentropy (A. Meyer), then a pull and a
-push of the records that differ, through the node's replica path.
+between two peers, in the spirit of negentropy (A. Meyer); the records that
+differ travel in the same messages, through the node's replica path.
 
 The set.  What a node holds is the set of ``(collection, uid, version)`` of
 its records and tombstones, in ``(collection, uid)`` order (the storage's
 L{minstore.interfaces.IStorage.scan_versions}).  A range ``(lo, hi]`` (lo
-excluded, hi included; None on the wire: unbounded) has a fingerprint: the
+excluded, hi included; BOTTOM and TOP: unbounded) has a fingerprint: the
 number of items in it and the XOR of the first 8 bytes of the SHA-256 of
 each item.  Equal fingerprints: the two sides hold the same versions there.
 
-The exchange (``POST /_cluster/sync/ranges``).  The node that syncs (the
-initiator) sends ranges with its fingerprints; the peer answers each range:
+The exchange (``POST /_cluster/sync/ranges``), after negentropy: both
+sides answer a message alike (L{SyncIndex.reply}), so each message goes one
+level further down.  A message (binary, L{encode_message}) covers the key
+space with consecutive ranges, each given by its upper bound (front-coded
+against the previous one) and a mode:
 
-* ``0``: same fingerprint, nothing to do;
-* ``{"items": [[collection, uid, version], ...], "more": key}``: its items
-  there, when it holds at most L{ITEMS} of them, or when the initiator holds
-  none (then in pages of L{PAGE}, ``more`` the key the next page follows);
-* ``{"split": [[hi, n, fingerprint], ...]}``: it holds many and they differ:
-  the range cut in up to L{FANOUT} consecutive sub-ranges at its own
-  boundaries, with its fingerprints; the initiator drops the sub-ranges that
-  match its own and sends the others in the next round;
-* ``null``: not answered (the answer reached its size cap): ask again.
+* ``SKIP``: settled, nothing to say;
+* ``FP`` (count, fingerprint): what the sender holds there.  The receiver
+  answers SKIP when it holds the same; all its records there when the
+  sender holds none; its ids (``IDS``) when it holds at most L{LEAF}; else
+  the range cut into up to L{FANOUT} sub-ranges (at its block boundaries,
+  or at item quantiles when few) with their fingerprints;
+* ``IDS`` (ids): the sender's items there.  The receiver settles the range:
+  it sends the records whose ids the sender lacks, and answers ``WANT``
+  with the sender's ids it lacks (or SKIP);
+* ``WANT`` (ids): send these.  The receiver sends its records whose ids
+  are asked, as held now (after storing the records the message carried:
+  one it has just received a newer version of is not sent back).
 
-A range answered with items is settled by the initiator alone: it pulls the
-keys where the peer's version is newer or only the peer's (``POST
-/_cluster/sync/records`` answers their bytes, NDJSON), and pushes those
-where its own is newer or only its own (``POST /_cluster/replicas``, as
-replication does).  Both sides store what they receive with
-L{minstore.node.Node.apply_replicas}: byte for byte, only when newer than
-what is held (a tombstone included), in the storage's feed.  The peer keeps
-no state between requests.
+A message also carries records (pushes one way, pulls the other), stored
+with L{minstore.node.Node.apply_replicas} before the answer is worked out
+(byte for byte, only when newer than what is held, a tombstone included, in
+the storage's feed), and how many of the previous message's records were
+stored (the initiator's ``pushed``).  Fingerprints and ids are 4 bytes: the
+64-bit hashes cut through a random odd salt each sync chooses
+(multiply-shift, a universal hash), so that two different sets agree by
+chance with a probability of about 2^-31 a range, never twice the same way.
+The initiator starts with its own answer to "the whole key space differs"
+and stops when its answer would say nothing (every range SKIP, no record).
+Identical nodes: one round trip.  The peer keeps no state between requests.
 
 The fingerprints (L{SyncIndex}).  Each node cuts its key space into blocks
 at content-defined boundaries (a key whose CRC-32 is a multiple of L{BLOCK}
@@ -43,11 +52,20 @@ indexed range read) the next time a fingerprint needs it.  The first
 fingerprint (at start, in the thread pool) reads the whole key space once.
 A range that cuts a block reads the part it covers.
 
-Bounds.  Every request has a time-out on the node's clock; a request body
-this node sends is at most L{MAX_MESSAGE} bytes, an answer it accepts at
-most L{MAX_ANSWER}; an answer it cannot parse, or one that does not fit the
-ranges asked, fails that sync with a L{SyncError}, logged and counted, and
-stores nothing more.
+Bounds.  Every request has a time-out on the node's clock; a request this
+node sends holds at most L{REQUEST_META} bytes of ranges and
+L{REQUEST_RECORDS} of records, an answer at most L{ANSWER_META} and
+L{ANSWER_RECORDS} (past them, ranges are answered with fingerprints: asked
+again next round); an answer over L{MAX_ANSWER} bytes, one it cannot parse
+(L{decode_message}: counts, lengths, order of the bounds, modes, trailing
+bytes, the salt) or that carries a record that is not one fails that sync
+with a L{SyncError}, logged and counted, and stores nothing more; a peer that
+goes L{MAX_DEPTH} rounds without a record does not converge.  A malformed
+request is a 400 ``bad_sync_message``.
+
+Pacing.  Each side works a message out in the thread pool L{CHUNK} ranges
+at a time, and waits (on the node's clock) ``pace`` times as long as each
+chunk took, so that clients keep their latency while a sync runs.
 
 Tombstones are never purged (so a deleted record cannot come back, however
 long a node was away): see the README.
