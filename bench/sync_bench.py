@@ -11,13 +11,23 @@ For ``--records`` N on both nodes it prints, as JSON lines:
 * ``build``: the first read of the fingerprints (what a node does at start);
 * ``identical``: a sync of identical nodes;
 * ``differences``: a sync where ``--differences`` D of every kind differ
-  (only on A, only on B, newer on A, newer on B, deleted on A, deleted on B),
-  and that both end equal;
+  (only on A, only on B, newer on A, newer on B, deleted on one side, A or
+  B in turn: 5 D in all), and that both end equal;
 * ``again``: one more sync once equal (the blocks the previous one dirtied
   are read again);
 * ``one``: a sync with a single record only on B.
 
+With ``--nodes``: the issue's figure with real nodes.  Copies of
+bench/scale.py's filled data directory (``--cache``; filled first when
+missing) for A and B, the same D of every kind written by the engine's
+``write(batch)`` before start, three ``twistd minstore`` nodes on loopback
+ports (C empty; A's servers.list holds B and C), ``POST /_node/sync`` on A
+with B (``differences``), again (``identical``), then wrk GET runs on A
+alternating without a sync and while A sends C a full copy (C stopped at
+the end of each such run), and the medians' ratio of their p99.
+
     python3 bench/sync_bench.py                       # 100k records, memory
+    python3 bench/sync_bench.py --nodes --records 1000000 --differences 100
     python3 bench/sync_bench.py --records 100000 --differences 100 --engine sqlite
 """
 
