@@ -42,17 +42,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from run import (  # noqa: E402  (bench/run.py, beside this file)
+    BENCH_ERRORS,
     REPO,
     THREAD_ID_LUA,
     TEXT,
     BenchError,
-    Server,
     _raise_exit,
     free_port,
     interpreter_info,
     parse_wrk,
     request,
 )
+
+from minstore.launcher import node_child  # noqa: E402  (run.py put the checkout on sys.path)
 
 COLLECTION = "bench"
 TARGET_RATIO = 1.5
@@ -69,16 +71,6 @@ function request()
   return wrk.format("GET", "/%(collection)s/seed-" .. i .. suffix)
 end
 """
-
-
-def node_argv(python, port, data, servers, extra=()):
-    return [
-        python, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-        "minstore",
-        "--port", "tcp:%d:interface=127.0.0.1" % port,
-        "--data", data,
-        "--servers", servers,
-    ] + list(extra)
 
 
 def seed_through(port, count, workers=8):
@@ -166,9 +158,6 @@ def main(argv=None):
     script = os.path.join(work, "get.lua")
     with open(script, "w") as f:
         f.write(GET_LUA % {"collection": COLLECTION})
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-
     ports = {name: free_port() for name in ("dep_a", "dep_b", "front", "miss_front")}
     while len(set(ports.values())) < len(ports):
         ports = {name: free_port() for name in ports}
@@ -185,10 +174,9 @@ def main(argv=None):
         "miss_front": (front_list, ["--storage", "memory", "--cache-size", "1"]),
     }
     servers = {
-        name: Server(
-            name,
-            node_argv(args.python, ports[name], os.path.join(work, name), servers_file, extra),
-            ports[name], os.path.join(work, name + ".log"), env, REPO,
+        name: node_child(
+            name, ports[name], os.path.join(work, name), os.path.join(work, name + ".log"),
+            servers=servers_file, args=extra, python=args.python, checkout=REPO,
         )
         for name, (servers_file, extra) in specs.items()
     }
@@ -198,7 +186,7 @@ def main(argv=None):
         for server in servers.values():
             server.start()
         for server in servers.values():
-            server.wait_ready("/_node/health")
+            server.wait_ready(timeout=60.0)
         log("== %s: dependants on %d and %d, fronts on %d (hits) and %d (misses)"
             % (info, ports["dep_a"], ports["dep_b"], ports["front"], ports["miss_front"]))
         t0 = time.monotonic()
@@ -230,7 +218,7 @@ def main(argv=None):
         miss_status = cache_status(ports["miss_front"])
         if miss_status["hits"]:
             raise BenchError("the miss front served %d hits" % miss_status["hits"])
-    except BenchError as e:
+    except BENCH_ERRORS as e:
         log("cache_bench.py: %s" % e)
         return 1
     except KeyboardInterrupt:

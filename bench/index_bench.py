@@ -18,9 +18,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,14 +27,9 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
 from minstore.interfaces import WriteItem  # noqa: E402
+from minstore.launcher import free_port, node_child  # noqa: E402
 from minstore.records import encode_record, make_record  # noqa: E402
 from minstore.storage import make_storage  # noqa: E402
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def seed(engine, data, n):
@@ -86,14 +78,12 @@ def run(engine, n, rounds, python):
     try:
         seconds = seed(engine, data, n)
         port = free_port()
-        argv = [python, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "minstore",
-                "--port", "tcp:%d:interface=127.0.0.1" % port, "--data", data, "--storage", engine,
-                "--processes", "", "--indexes", "bench:value.g"]
-        env = dict(os.environ, PYTHONPATH=REPO)
-        log = open(os.path.join(work, "node.log"), "wb")
+        node = node_child("node", port, data, os.path.join(work, "node.log"), python=python, checkout=REPO,
+                          args=["--storage", engine, "--processes", "", "--indexes", "bench:value.g"])
         started = time.perf_counter()
-        node = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        node.start()
         try:
+            node.wait_ready(timeout=600, interval=0.05)
             conn = None
             while True:
                 try:
@@ -114,9 +104,7 @@ def run(engine, n, rounds, python):
                     "filtered_p50_ms": round(filtered[0], 2), "filtered_p99_ms": round(filtered[1], 2),
                     "plain_p50_ms": round(plain[0], 2), "plain_p99_ms": round(plain[1], 2)}
         finally:
-            node.send_signal(signal.SIGTERM)
-            node.wait(30)
-            log.close()
+            node.stop(30)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

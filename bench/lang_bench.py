@@ -25,16 +25,17 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+
+from minstore.launcher import NodeStartError, free_port, node_child  # noqa: E402  (standard library only)
+
 SENTENCE = "The quick brown fox jumps over the lazy dog while the children are playing in the sunny garden."
 assert len(SENTENCE) == 95
 
@@ -108,31 +109,19 @@ def children(pid):
     return sorted(found)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def node_rss(args, processes):
     port = free_port()
     data = tempfile.mkdtemp(prefix="lang-bench-")
-    env = dict(os.environ, PYTHONPATH=args.checkout)
-    argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-            "--logfile", os.path.join(data, "node.log"), "minstore", "--port",
-            "tcp:%d:interface=127.0.0.1" % port, "--data", os.path.join(data, "d"), "--processes", processes]
-    node = subprocess.Popen(argv, env=env, cwd=data)  # not this directory: python -c puts it first on sys.path
-    url = "http://127.0.0.1:%d" % port
+    # In the data directory, not this one: python -c puts its directory first on sys.path.
+    node = node_child("node", port, os.path.join(data, "d"), os.path.join(data, "node.log"),
+                      args=["--processes", processes], checkout=args.checkout, cwd=data)
+    url = node.url
+    node.start()
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url + "/_node/health", timeout=1).read()
-                break
-            except OSError:
-                if time.time() > deadline or node.poll() is not None:
-                    raise SystemExit("the node did not start: see %s/node.log" % data)
-                time.sleep(0.2)
+        try:
+            node.wait_ready(timeout=60, interval=0.2)
+        except NodeStartError:
+            raise SystemExit("the node did not start: see %s/node.log" % data)
         body = json.dumps({"value": SENTENCE}).encode()
         request = urllib.request.Request(url + "/bench/1", data=body, method="POST",
                                          headers={"Content-Type": "application/json"})
@@ -145,12 +134,7 @@ def node_rss(args, processes):
                  ", ".join("%.1f MB" % (rss_kb(k) / 1024.0) for k in kids) or "none",
                  total / 1024.0, answer.get("lang")))
     finally:
-        node.send_signal(signal.SIGTERM)
-        try:
-            node.wait(30)
-        except subprocess.TimeoutExpired:
-            node.kill()
-            node.wait()
+        node.stop(30)
 
 
 def main():

@@ -65,7 +65,11 @@ CPU_RATIO_TARGET = 1.6
 
 sys.path.insert(0, HERE)
 from run import POST_LUA as _RUN_POST_LUA  # noqa: E402  (bench/run.py, beside this file)
-from run import TEXT, BenchError, parse_wrk  # noqa: E402  (one wrk parser, one error type)
+from run import BENCH_ERRORS, TEXT, BenchError, parse_wrk  # noqa: E402  (one wrk parser, one error type)
+
+# How to start a node, shared with the integration tests (run.py put the
+# checkout on sys.path).
+from minstore.launcher import Child, free_ports, node_argv, node_environ, write_servers  # noqa: E402
 
 #: New records with unique uids, the same script as bench/run.py's POST runs.
 POST_LUA = _RUN_POST_LUA % {"collection": COLLECTION}
@@ -96,19 +100,6 @@ def loadavg():
 # -- nodes ----------------------------------------------------------------
 
 
-def free_ports(n):
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def http_request(port, method, path, body=None, headers=None, timeout=10):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -129,61 +120,22 @@ def _die_with_parent():
         pass
 
 
-class Node:
-    """One ``twistd -n minstore`` child in its own session: SIGTERM, then SIGKILL."""
+class Node(Child):
+    """One ``twistd -n minstore`` child (L{minstore.launcher}) in its own session: SIGTERM, then SIGKILL."""
 
     def __init__(self, name, python, work, port, peers=(), bridge=False, processes=None, storage="files", extra=()):
-        self.name = name
-        self.port = port
         self.dir = os.path.join(work, name)
         os.makedirs(self.dir)
-        self.log_path = os.path.join(self.dir, "node.log")
-        self.argv = [
-            python, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-            "minstore",
-            "--port", "tcp:%d:interface=127.0.0.1" % port,
-            "--data", os.path.join(self.dir, "data"),
-            "--storage", storage,
-        ]
+        args = ["--storage", storage]
         if processes is not None:
-            self.argv.append("--processes=" + processes)
-        self.argv += list(extra)
-        if peers:
-            servers = os.path.join(self.dir, "servers.list")
-            with open(servers, "w") as f:
-                f.write(("*\n" if bridge else "") + "".join("http://127.0.0.1:%d\n" % p for p in peers))
-            self.argv += ["--servers", servers]
-        self.proc = None
-
-    def start(self, env):
-        with open(self.log_path, "wb") as out:
-            self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=env, cwd=self.dir, start_new_session=True, preexec_fn=_die_with_parent,
-            )
-
-    def log_tail(self, lines=15):
-        try:
-            with open(self.log_path, "rb") as f:
-                return b"\n".join(f.read().splitlines()[-lines:]).decode("utf-8", "replace")
-        except OSError:
-            return "(no log)"
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def wait_ready(self, timeout=60.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise BenchError("%s exited before answering:\n%s" % (self.name, self.log_tail()))
-            try:
-                if http_request(self.port, "GET", "/_node/health", timeout=2)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise BenchError("%s did not answer within %.0fs:\n%s" % (self.name, timeout, self.log_tail()))
+            args.append("--processes=" + processes)
+        args += list(extra)
+        servers = write_servers(os.path.join(self.dir, "servers.list"), peers, bridge) if peers else None
+        Child.__init__(
+            self, name, node_argv(port, os.path.join(self.dir, "data"), servers, args, python),
+            port, os.path.join(self.dir, "node.log"), node_environ(checkout=REPO), self.dir,
+            preexec_fn=_die_with_parent,
+        )
 
     def cpu_seconds(self):
         """User + system CPU time of the node so far (Linux /proc), or None."""
@@ -201,18 +153,7 @@ class Node:
         return json.loads(body)
 
     def stop(self, grace=20.0):
-        if not self.alive():
-            return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        Child.stop(self, grace)
 
 
 class Cluster:
@@ -239,14 +180,11 @@ class Cluster:
         return self.nodes[name]
 
     def __enter__(self):
-        env = dict(os.environ)
-        env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env.pop("PYTHONSTARTUP", None)
         try:
             for node in self.nodes.values():
-                node.start(env)
+                node.start()
             for node in self.nodes.values():
-                node.wait_ready()
+                node.wait_ready(timeout=60.0)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -767,7 +705,7 @@ def main(argv=None):
             with open(script, "w") as f:
                 f.write(POST_LUA)
             results["throughput"] = run_throughput(args, script)
-    except BenchError as e:
+    except BENCH_ERRORS as e:
         log("FAILED: %s" % e)
         return 1
     except KeyboardInterrupt:

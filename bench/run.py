@@ -54,7 +54,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -62,6 +61,11 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+
+# How to start a node (argv, environment, health wait): one place for the
+# benchmarks and the integration tests.  Standard library only.
+from minstore.launcher import Child, NodeStartError, free_port, node_argv, node_environ  # noqa: E402
 COLLECTION = "bench"
 OPERATIONS = ("get", "post", "put")
 DEFAULT_PYPY = "/tmp/pypy-venv/bin/python"
@@ -187,85 +191,17 @@ class BenchError(Exception):
     pass
 
 
+#: What a benchmark reports and stops on: its own errors, and a server that
+#: did not start (L{minstore.launcher.NodeStartError}).
+BENCH_ERRORS = (BenchError, NodeStartError)
+
+
 # -- processes ------------------------------------------------------------
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A child process in its own session, stopped with SIGTERM then SIGKILL."""
-
-    def __init__(self, name, argv, port, log_path, env=None, cwd=None):
-        self.name = name
-        self.argv = argv
-        self.port = port
-        self.log_path = log_path
-        self.env = env
-        self.cwd = cwd
-        self.proc = None
-
-    def start(self):
-        log = open(self.log_path, "wb")
-        try:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                cwd=self.cwd,
-                start_new_session=True,
-            )
-        finally:
-            log.close()
-        return self
-
-    def log_tail(self, lines=20):
-        try:
-            with open(self.log_path, "rb") as f:
-                return b"\n".join(f.read().splitlines()[-lines:]).decode("utf-8", "replace")
-        except OSError:
-            return "(no log)"
-
-    def wait_ready(self, path, timeout=60.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(
-                    "%s exited (status %s) before answering:\n%s"
-                    % (self.name, self.proc.returncode, self.log_tail())
-                )
-            try:
-                status, _ = request("127.0.0.1", self.port, "GET", path, timeout=2)
-                if status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise BenchError("%s did not answer within %ds:\n%s" % (self.name, timeout, self.log_tail()))
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, grace=20.0):
-        """Stop the process (and anything it started); True when it was running."""
-        if self.proc is None or self.proc.poll() is not None:
-            return False
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        return True
+#: A child process in its own session (a node, etcd, the bare app), its
+#: output in a log file, stopped with SIGTERM then SIGKILL.
+Server = Child
 
 
 def request(host, port, method, path, body=None, headers=None, timeout=10, conn=None):
@@ -530,23 +466,17 @@ def bench_interpreter(args, python, log):
         with open(os.path.join(lua_dir, name + ".lua"), "w") as f:
             f.write(text)
 
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.pop("PYTHONSTARTUP", None)
+    env = node_environ(checkout=REPO)
 
-    def node_argv(storage, data, port, profile):
-        argv = [python, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
+    def bench_node_argv(storage, data, port, profile):
+        twistd_args = []
         if profile:
-            argv += ["--profile", os.path.abspath(args.profile), "--profiler", "cprofile", "--savestats"]
-        argv += [
-            "minstore",
-            "--port", "tcp:%d:interface=127.0.0.1" % port,
-            "--data", os.path.join(work, data),
-            "--storage", storage,
-        ]
+            twistd_args = ["--profile", os.path.abspath(args.profile), "--profiler", "cprofile", "--savestats"]
+        extra = ["--storage", storage]
         if args.processes is not None:
-            argv.append("--processes=" + args.processes)
-        return argv + shlex.split(args.node_args or "")
+            extra.append("--processes=" + args.processes)
+        extra += shlex.split(args.node_args or "")
+        return node_argv(port, os.path.join(work, data), None, extra, python, twistd_args)
 
     # The nodes (the first with --storage, one more per --also-storage), then bare, then etcd.
     nodes = []
@@ -560,7 +490,7 @@ def bench_interpreter(args, python, log):
         for name, storage in nodes:
             port = free_port()
             servers[name] = Server(
-                "node (%s)" % storage, node_argv(storage, "data-" + name, port, args.profile and name == "node"),
+                "node (%s)" % storage, bench_node_argv(storage, "data-" + name, port, args.profile and name == "node"),
                 port, os.path.join(work, name + ".log"), env, REPO,
             )
         if "etcd" in targets:
@@ -579,7 +509,7 @@ def bench_interpreter(args, python, log):
         for server in servers.values():
             server.start()
         for name, server in servers.items():
-            server.wait_ready("/health" if name == "etcd" else "/_node/health")
+            server.wait_ready("/health" if name == "etcd" else "/_node/health", timeout=60.0)
             log("   %s up on 127.0.0.1:%d" % (server.name, server.port))
         for name, _ in nodes:
             t0 = time.monotonic()
@@ -924,7 +854,7 @@ def main(argv=None):
     try:
         for python in pythons:
             runs.append(bench_interpreter(args, python, log))
-    except BenchError as e:
+    except BENCH_ERRORS as e:
         log("run.py: %s" % e)
         return 1
     except KeyboardInterrupt:

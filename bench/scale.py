@@ -60,7 +60,9 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
-from run import THREAD_ID_LUA, BenchError, Server, free_port, parse_wrk, request  # noqa: E402
+from run import BENCH_ERRORS, THREAD_ID_LUA, BenchError, free_port, parse_wrk, request  # noqa: E402
+
+from minstore.launcher import node_child  # noqa: E402
 
 COLLECTION = "c"
 VALUE_BYTES = 200
@@ -191,35 +193,18 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / float(os.sysconf("SC_CLK_TCK"))
 
 
-def node_argv(python, engine, data_dir, port, extra=()):
-    return [python, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
-            "minstore", "--port", "tcp:%d:interface=127.0.0.1" % port, "--data", data_dir,
-            "--storage", engine, "--processes", ""] + list(extra)
-
-
 def start_node(args, engine, data_dir, work, name):
     """A started node and its start-up time (spawn to the first 200 of /_node/health)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    port = free_port()
-    server = Server(name, node_argv(args.python, engine, data_dir, port, shlex.split(args.node_args)), port,
-                    os.path.join(work, name + ".log"), env, REPO)
+    extra = ["--storage", engine, "--processes", ""] + shlex.split(args.node_args)
+    server = node_child(name, free_port(), data_dir, os.path.join(work, name + ".log"), args=extra,
+                        python=args.python, checkout=REPO)
     t0 = time.monotonic()
     server.start()
-    deadline = t0 + 120
-    while True:
-        if server.proc.poll() is not None:
-            raise BenchError("%s exited (%s):\n%s" % (name, server.proc.returncode, server.log_tail()))
-        try:
-            status, _ = request("127.0.0.1", port, "GET", "/_node/health", timeout=2)
-            if status == 200:
-                break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            server.stop()
-            raise BenchError("%s did not answer within 120 s:\n%s" % (name, server.log_tail()))
-        time.sleep(0.02)
+    try:
+        server.wait_ready(timeout=120, interval=0.02)
+    except BaseException:
+        server.stop()
+        raise
     return server, time.monotonic() - t0
 
 
@@ -499,7 +484,7 @@ def main(argv=None):
             log("== %s" % engine)
             results[engine] = bench_engine(args, engine, dirs[engine], work)
             summaries[engine] = summarise(results[engine])
-    except BenchError as e:
+    except BENCH_ERRORS as e:
         log("scale.py: %s" % e)
         return 1
     finally:

@@ -15,6 +15,7 @@ import uuid
 from email.parser import BytesParser
 from email.policy import HTTP
 from itertools import accumulate
+from typing import Any
 from urllib.parse import parse_qs, unquote_to_bytes
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -37,7 +38,7 @@ from minstore.errors import (
     UnsupportedMediaType,
     error_answer,
 )
-from minstore.node import DEFAULT_CHANGES_LIMIT, MAX_CHANGES_LIMIT, etag_matches
+from minstore.node import DEFAULT_CHANGES_LIMIT, MAX_CHANGES_LIMIT, Node, etag_matches
 from minstore.openapi import openapi_document
 from minstore.records import canonical_json
 
@@ -373,14 +374,14 @@ class RecordAPI:
 
     def __init__(
         self,
-        node,
-        max_record_size=DEFAULT_MAX_RECORD_SIZE,
-        front=None,
-        lookups=None,
-        replication=None,
-        sync_timeout=5.0,
-        node_sync=None,
-    ):
+        node: Node,
+        max_record_size: int = DEFAULT_MAX_RECORD_SIZE,
+        front: Any = None,
+        lookups: Any = None,
+        replication: Any = None,
+        sync_timeout: float = 5.0,
+        node_sync: Any = None,
+    ) -> None:
         self.node = node
         self.replication = replication
         self.sync_timeout = sync_timeout
@@ -392,7 +393,8 @@ class RecordAPI:
         self.front = front
         self.metrics = node.metrics
 
-    def resource(self):
+    def resource(self) -> Resource:
+        """The resource tree of the API (what a Site serves)."""
         return _Resource(self)
 
     def routes(self):

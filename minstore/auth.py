@@ -35,8 +35,10 @@ import secrets
 import signal
 import sys
 from collections import OrderedDict
+from typing import Tuple
 from urllib.parse import unquote_to_bytes
 
+import attr
 from prometheus_client.core import CounterMetricFamily
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -93,16 +95,19 @@ def format_scopes(scopes):
     return ",".join("admin" if kind == "admin" else "%s:%s" % (kind, glob) for kind, glob in scopes)
 
 
+def _scope_matchers(token):
+    return tuple(re.compile(fnmatch.translate(glob), re.DOTALL).match for _, glob in token.scopes)
+
+
+@attr.s(frozen=True, slots=True)
 class Token:
     """One line of the tokens file: a name, the token's SHA-256, its scopes."""
 
-    __slots__ = ("name", "digest", "scopes", "_match")
-
-    def __init__(self, name, digest, scopes):
-        self.name = name
-        self.digest = digest
-        self.scopes = scopes
-        self._match = [re.compile(fnmatch.translate(glob), re.DOTALL).match for _, glob in scopes]
+    name = attr.ib()
+    digest = attr.ib(repr=False)
+    #: ``(kind, collection glob)`` pairs (L{parse_scopes}).
+    scopes: Tuple[Tuple[str, str], ...] = attr.ib(converter=tuple)
+    _match = attr.ib(init=False, eq=False, repr=False, default=attr.Factory(_scope_matchers, takes_self=True))
 
     def allows(self, kind, collection=None):
         """

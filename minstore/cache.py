@@ -42,6 +42,7 @@ import json
 from collections import OrderedDict
 from urllib.parse import quote, urlencode
 
+import attr
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
 from twisted.internet.error import ConnectionRefusedError
@@ -86,30 +87,26 @@ def _flag(args, name):
     return bool(values) and values[-1].lower() in (b"1", b"true", b"yes")
 
 
+@attr.s(frozen=True, slots=True)
 class Meta:
     """What the cache keeps beside a record's bytes."""
 
-    __slots__ = ("etag", "version", "expires")
-
-    def __init__(self, etag, version, expires):
-        self.etag = etag
-        self.version = version
-        self.expires = expires
+    etag = attr.ib()
+    version = attr.ib()
+    expires = attr.ib()
 
 
+@attr.s(frozen=True, slots=True)
 class Answer:
     """A dependant's answer: status, the headers that matter, body."""
 
-    __slots__ = ("peer", "code", "etag", "content_type", "body", "replicas")
-
-    def __init__(self, peer, code, etag, content_type, body, replicas=()):
-        self.peer = peer
-        self.code = code
-        self.etag = etag
-        self.content_type = content_type
-        self.body = body
-        #: The Minstore-Replicas-* headers of a sync=1 write, as (name, value).
-        self.replicas = replicas
+    peer = attr.ib()
+    code = attr.ib()
+    etag = attr.ib()
+    content_type = attr.ib()
+    body = attr.ib(repr=False)
+    #: The Minstore-Replicas-* headers of a sync=1 write, as (name, value).
+    replicas = attr.ib(default=())
 
     @property
     def version(self):

@@ -11,7 +11,8 @@ from zope.interface import Attribute, Interface
 #: uid is held (a POST; a tombstone does not count).
 ABSENT = "absent"
 #: ``condition`` of a L{WriteItem}: store only when what is held of the uid
-#: (record or tombstone) has an older version, or nothing is held (a replica).
+#: (record or tombstone) has an older version, or nothing is held and the
+#: version is above L{IStorage.purged_version} (a replica).
 NEWER = "newer"
 
 #: One item of a batch given to L{IStorage.write}.  ``data`` is the record's
@@ -110,6 +111,34 @@ class IStorage(Interface):
         point order), with keys above ``after`` and at most ``upto`` (each a
         ``(collection, uid)`` tuple, or None: no bound).  What sync
         fingerprints and compares (L{minstore.cluster.sync}).
+        """
+
+    def purge_tombstones(
+        before_version: str, upto_seq: int, upto_forwarded_seq: int, limit: int
+    ) -> List[Tuple[str, str, str]]:
+        """
+        I{blocking}: remove, in one durable step, up to ``limit`` tombstones
+        (lowest sequence numbers first) whose version sorts below
+        ``before_version`` and whose sequence number is at most
+        ``upto_seq``, or at most ``upto_forwarded_seq`` for those stored
+        with ``forward``.  Returns their ``(collection, uid, version)``.
+        A removed tombstone is gone from L{get}, L{changes} and
+        L{scan_versions}; live counts and index entries do not change (a
+        tombstone has none); L{purged_version} becomes at least the highest
+        version removed, in the same step.  What decides that a tombstone
+        may go (every peer holds it) is L{minstore.cluster.purge}'s.
+
+        An engine whose store several nodes share (``shared`` true) removes
+        nothing and returns ``[]``: one node's peers confirming a tombstone
+        says nothing of the other nodes' peers.
+        """
+
+    def purged_version() -> Optional[str]:
+        """
+        I{memory}: the highest version of a tombstone L{purge_tombstones}
+        removed (None when none), kept durably.  A L{NEWER} item of a uid
+        that is not held is stored only when its version is above it: it
+        may be an older version of a record whose tombstone was purged.
         """
 
     def count_changes(after: int, forwarded_only: bool = False) -> int:

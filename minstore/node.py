@@ -27,7 +27,9 @@ import json
 import time
 import uuid
 from inspect import iscoroutine
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import attr
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -45,7 +47,7 @@ from minstore.errors import (
     ServiceUnavailable,
     StorageFailed,
 )
-from minstore.interfaces import ABSENT, NEWER, WriteItem
+from minstore.interfaces import ABSENT, NEWER, IStorage, WriteItem
 from minstore.lru import ByteLRU
 from minstore.metrics import NodeMetrics
 from minstore.process import run_pipeline
@@ -77,7 +79,7 @@ MAX_CHANGES_LIMIT = 1000
 INDEX_BUILD_STEP = 1000
 
 
-def run_inline(f, *args):
+def run_inline(f: Callable[..., Any], *args: Any) -> "Deferred[Any]":
     """Call ``f`` now, as a Deferred: the ``in_thread`` of unit tests."""
     try:
         return succeed(f(*args))
@@ -140,7 +142,7 @@ def _call(f, args):
     return ensureDeferred(result) if iscoroutine(result) else result
 
 
-def etag_matches(header, version):
+def etag_matches(header: str, version: str) -> bool:
     """Whether an If-Match / If-None-Match header value names this version."""
     for tag in header.split(","):
         tag = tag.strip()
@@ -153,11 +155,11 @@ def etag_matches(header, version):
     return False
 
 
-def encode_cursor(uid):
+def encode_cursor(uid: str) -> str:
     return base64.urlsafe_b64encode(uid.encode("utf-8")).decode("ascii").rstrip("=")
 
 
-def decode_cursor(cursor):
+def decode_cursor(cursor: str) -> str:
     try:
         uid = base64.b64decode(
             cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True
@@ -210,22 +212,22 @@ def _now(result):
     return result
 
 
+# Not frozen: one is made per request, and a frozen class's __init__ costs
+# about 2.5 times a plain one (object.__setattr__ per field).
+@attr.s(slots=True, auto_attribs=True)
 class Entry:
     """
     A stored record or tombstone as read: its bytes and what the node needs;
     ``seq``, the storage's sequence number, when this node just stored it.
     """
 
-    __slots__ = ("data", "version", "deleted", "seq")
-
-    def __init__(self, data, version, deleted, seq=None):
-        self.data = data
-        self.version = version
-        self.deleted = deleted
-        self.seq = seq
+    data: bytes = attr.ib(repr=False)
+    version: str
+    deleted: bool
+    seq: Optional[int] = None
 
     @classmethod
-    def parse(cls, data):
+    def parse(cls, data: bytes) -> "Entry":
         record = json.loads(data)
         return cls(data, record["version"], bool(record.get("deleted")))
 
@@ -235,19 +237,19 @@ class Node:
 
     def __init__(
         self,
-        storage,
-        processes=(),
-        node_id=None,
-        clock=None,
-        in_thread=run_inline,
-        metrics=None,
-        read_cache_bytes=32 * 1024 * 1024,
-        max_inflight_writes=2,
-        now=time.time,
-        indexes=(),
-        index_build_rate=0,
-        reactor=None,
-    ):
+        storage: IStorage,
+        processes: Iterable[Any] = (),
+        node_id: Optional[str] = None,
+        clock: Optional[HybridLogicalClock] = None,
+        in_thread: Callable[..., "Deferred[Any]"] = run_inline,
+        metrics: Optional[NodeMetrics] = None,
+        read_cache_bytes: int = 32 * 1024 * 1024,
+        max_inflight_writes: int = 2,
+        now: Callable[[], float] = time.time,
+        indexes: Iterable[Any] = (),
+        index_build_rate: float = 0,
+        reactor: Any = None,
+    ) -> None:
         self.storage = storage
         self.processes = list(processes)
         # The threaded processes at the end of the chain run in the writer
@@ -265,16 +267,17 @@ class Node:
         self.metrics = metrics or NodeMetrics()
         self.now = now
         self.started = now()
-        #: Called on the reactor thread after each stored batch, with the
-        #: L{WriteItem}s stored and their sequence numbers (replication).
-        self.commit_observers = []
+        #: Their ``committed(stored)`` is called on the reactor thread after
+        #: each stored batch, with the L{WriteItem}s stored and their
+        #: sequence numbers (replication, sync).
+        self.commit_observers: List[Any] = []
         #: Asks other nodes for what this one misses (set by the cluster);
         #: has ``get(collection, uid)`` and ``delete(collection, uid, if_match)``.
-        self.remote = None
+        self.remote: Any = None
         #: Extra sections of ``/_node/status``: name -> callable returning JSON.
-        self.status_sections = {}
+        self.status_sections: Dict[str, Callable[[], Any]] = {}
         self._locks = KeyedLock()
-        self._histograms = {}  # storage operation -> its histogram child
+        self._histograms: Dict[str, Any] = {}  # storage operation -> its histogram child
         self._cache = ByteLRU(read_cache_bytes)
         self._commit_seq = 0
         #: Group commit: writes that arrive while ``max_inflight_writes``
@@ -284,7 +287,7 @@ class Node:
         #: Threaded processes of the records that arrive together run in one hop.
         self._process_calls = BatchedCalls(in_thread)
         self._active = 0
-        self._drained = []
+        self._drained: List["Deferred[None]"] = []
         self.stopping = False
         #: The declared secondary indexes (L{minstore.storage.indexes.Declaration}s).
         self.indexes = list(indexes)
@@ -312,7 +315,7 @@ class Node:
         finally:
             histogram.observe(time.perf_counter() - start)
 
-    def open(self):
+    def open(self) -> None:
         """
         Open the storage (blocking: called once, before serving); versions
         continue from the later of the wall clock and the highest version held.
@@ -429,7 +432,9 @@ class Node:
         d = self._storage("find", self.storage.find, collection, field, start, stop, position, limit + 1)
         return d.addCallback(page)
 
-    def changes(self, since=0, limit=DEFAULT_CHANGES_LIMIT, collection=None):
+    def changes(
+        self, since: int = 0, limit: int = DEFAULT_CHANGES_LIMIT, collection: Optional[str] = None
+    ) -> "Deferred[Dict[str, Any]]":
         """
         Deferred ``{"changes": [...], "last_seq": n}``: this node's changes
         after ``since``, oldest first, each uid once at its newest.
@@ -451,12 +456,12 @@ class Node:
 
         return self._storage("changes", self.storage.changes, since, limit, False, collection).addCallback(answer)
 
-    def cached(self, collection, uid):
+    def cached(self, collection: str, uid: str) -> Optional[Entry]:
         """The L{Entry} of a uid when the read cache has it, else None."""
         hit = self._cache.get((collection, uid))
         return hit[1] if hit is not None else None
 
-    def read(self, collection, uid):
+    def read(self, collection: str, uid: str) -> "Deferred[Optional[Entry]]":
         """Deferred L{Entry} of a record or tombstone held here, or None."""
         key = (collection, uid)
         hit = self._cache.get(key)
@@ -602,7 +607,7 @@ class Node:
 
         return self._locks.run(key, f, *args).addBoth(finished)
 
-    def pending(self):
+    def pending(self) -> int:
         """Writes taken and not yet acknowledged."""
         return self._active + self._commits.queued()
 
@@ -612,14 +617,14 @@ class Node:
             for d in drained:
                 d.callback(None)
 
-    def drain(self):
+    def drain(self) -> "Deferred[None]":
         """A Deferred that fires once every write taken has been stored."""
-        d = Deferred()
+        d: "Deferred[None]" = Deferred()
         self._drained.append(d)
         self._check_drained()
         return d
 
-    def stop(self):
+    def stop(self) -> "Deferred[None]":
         """Refuse new writes and wait for those taken."""
         self.stopping = True
         if self._build_pause is not None:
@@ -648,7 +653,7 @@ class Node:
         condition = ABSENT if current is None else None
         return self._commits.submit(_Write(collection, uid, version, record=record, current=current, condition=condition))
 
-    def create(self, collection, uid, value):
+    def create(self, collection: str, uid: str, value: Any) -> "Deferred[Entry]":
         """POST: store a new record; Deferred L{Entry}."""
         check_collection(collection)
         check_uid(uid)
@@ -662,7 +667,7 @@ class Node:
             raise RecordExists(message="%s/%s exists already; PUT updates it" % (collection, uid))
         return self._new_version(collection, uid, value)
 
-    def update(self, collection, uid, value, if_match=None):
+    def update(self, collection: str, uid: str, value: Any, if_match: Optional[str] = None) -> "Deferred[Entry]":
         """PUT: replace an existing record's value; Deferred L{Entry}."""
         check_collection(collection)
         check_uid(uid)
@@ -681,7 +686,9 @@ class Node:
             return current  # unchanged: PUT is idempotent
         return await self._new_version(collection, uid, value, current)
 
-    def delete(self, collection, uid, if_match=None, local=False):
+    def delete(
+        self, collection: str, uid: str, if_match: Optional[str] = None, local: bool = False
+    ) -> "Deferred[Entry]":
         """DELETE: leave a tombstone; Deferred L{Entry} of the tombstone."""
         check_collection(collection)
         check_uid(uid)
@@ -708,7 +715,7 @@ class Node:
         tombstone = encode_record(make_tombstone(collection, uid, version, self.now()))
         return await self._commit(collection, uid, tombstone, True, version)
 
-    def apply_replica(self, data, forward=False):
+    def apply_replica(self, data: bytes, forward: bool = False) -> "Deferred[bool]":
         """
         Store a record or tombstone made on another node, as it is, when it
         is newer than what this node holds; pass it on to this node's peers
@@ -727,7 +734,7 @@ class Node:
             (collection, uid), self._apply, collection, uid, data, version, deleted, forward
         )
 
-    def apply_replicas(self, replicas, forward=False):
+    def apply_replicas(self, replicas: Iterable[bytes], forward: bool = False) -> "List[Deferred[bool]]":
         """
         L{apply_replica} for each of a peer's batch: those that need no read
         first are stored in one storage write.  A list of Deferreds.
@@ -750,9 +757,30 @@ class Node:
         w = _Write(collection, uid, version, data, deleted, forward, condition=NEWER)
         return self._commits.submit(w).addCallback(lambda outcome: isinstance(outcome, Entry))
 
+    def forget(self, keys):
+        """``[(collection, uid)]`` no longer held at all (purged tombstones): out of the read cache."""
+        for key in keys:
+            self._cache.pop(key)
+
+    def retire(self, collection, uid, version):
+        """
+        Replace the live record held at exactly ``version`` by a tombstone of
+        that same version, not passed on (a rejoining node's record that a
+        peer purged: L{minstore.cluster.purge}).  Deferred bool: replaced.
+        """
+        return self._locked((collection, uid), self._retire, collection, uid, version)
+
+    async def _retire(self, collection, uid, version):
+        current = await self.read(collection, uid)
+        if current is None or current.deleted or current.version != version:
+            return False
+        tombstone = encode_record(make_tombstone(collection, uid, version, self.now()))
+        await self._commit(collection, uid, tombstone, True, version, forward=False)
+        return True
+
     # -- reads ----------------------------------------------------------
 
-    def get(self, collection, uid, local=False):
+    def get(self, collection: str, uid: str, local: bool = False) -> "Deferred[Entry]":
         """Deferred L{Entry} of a live record, looked up on peers when missing."""
         check_collection(collection)
         check_uid(uid)
@@ -767,7 +795,17 @@ class Node:
                 # Deleted here: a peer's copy counts only if written after the delete
                 # (one made before is a replica the tombstone has not reached yet).
                 d.addCallback(newer_than, entry)
+            else:
+                d.addCallback(not_purged)
             return d
+
+        def not_purged(remote):
+            # Not held: a copy at or below the purge horizon may be of a record
+            # whose tombstone was purged here (minstore.cluster.purge).
+            purged = self.storage.purged_version()
+            if purged is not None and remote.version <= purged:
+                raise NotFound(message="no record %s/%s (deleted)" % (collection, uid))
+            return remote
 
         def newer_than(remote, tombstone):
             if remote.version <= tombstone.version:
@@ -776,7 +814,14 @@ class Node:
 
         return self.read(collection, uid).addCallback(found)
 
-    def list(self, collection, limit=100, after=None, prefix=None, filters=()):
+    def list(
+        self,
+        collection: str,
+        limit: int = 100,
+        after: Optional[str] = None,
+        prefix: Optional[str] = None,
+        filters: Sequence[Tuple[str, str]] = (),
+    ) -> "Deferred[Tuple[List[bytes], Optional[str]]]":
         """
         Deferred ``(records as bytes, next cursor or None)``, in uid order;
         with ``filters`` (``[(parameter name, text)]``: ``value.year``,
@@ -799,7 +844,7 @@ class Node:
         d = self._storage("list", self.storage.list, collection, after_uid, prefix, limit + 1)
         return d.addCallback(page)
 
-    def status(self):
+    def status(self) -> Dict[str, Any]:
         status = {
             "node_id": self.node_id,
             "version": __version__,

@@ -28,6 +28,7 @@ from minstore.cluster.peers import PeerClient, make_http_client
 from minstore.cluster.replication import Replication
 from minstore.cluster.servers import ServerList, ServersFileError, read_servers
 from minstore.cluster.service import ClusterService
+from minstore.cluster.purge import STATE_FILE, FileState, Purger, PurgeService
 from minstore.cluster.sync import Sync, SyncIndex, SyncService
 from minstore.node import Node
 from minstore.process import DEFAULT as DEFAULT_PROCESSES
@@ -103,6 +104,8 @@ class Options(usage.Options):
         ["data", "d", "./minstore-data", "Data directory, created when missing."],
         ["storage", None, "files", "Storage engine: files (one JSON file per record beside a SQLite catalog), sqlite (one SQLite database), memory (lost at stop), or postgresql (with --dsn; several nodes may share its database); packages add more."],
         ["dsn", None, None, "--storage postgresql: the database, as a libpq URL (postgresql://user@host:5432/dbname) or key=value words; default $MINSTORE_DSN (keeps a password out of the process list)."],
+        ["db-pool", None, None, "--storage postgresql: most connections this node holds to the database (default: --threads); a storage thread finding them all busy waits for one up to --db-timeout, then answers 503 storage_busy.", _positive_int("db-pool")],
+        ["db-timeout", None, 10.0, "--storage postgresql: seconds one SQL statement may run or wait for a lock (the sessions' statement_timeout and lock_timeout) and a call may wait for a free connection of --db-pool; past it, 503 storage_unavailable (storage_busy for the pool).", _positive_float("db-timeout")],
         ["processes", None, DEFAULT_PROCESSES, "Comma-separated processes run on each client write, in order (lang, schema, or one a package adds); empty for none."],
         ["schemas", None, None, "Directory of {collection}.json JSON Schemas for the schema process."],
         ["max-record-size", None, DEFAULT_MAX_RECORD_SIZE, "Largest request body accepted, in bytes (larger: 413).", _positive_int("max-record-size")],
@@ -127,7 +130,7 @@ class Options(usage.Options):
         ["indexes", None, "", "Secondary indexes, COLLECTION:FIELD,... (COLLECTION * for every collection; FIELD a dotted path into the record: lang, value.year, value.author.name): listings filter on them (GET /books/?value.year=1965, min_value.year=1960). One declared over records already held is built in the background at start (503 index_building until done); one no longer declared is dropped."],
         ["index-build-rate", None, 0, "Records a second an index build at start goes through at most (0: as fast as one thread goes).", _seconds("index-build-rate")],
         ["sync-interval", None, 0.0, "Seconds between two syncs with every peer in turn (compare and synchronise: what replication missed, a new peer's full copy); 0: only on POST /_node/sync.", _seconds("sync-interval")],
-        ["tombstone-grace", None, 7 * 86400.0, "Least seconds a tombstone is kept. This version never purges tombstones (so a deleted record can never come back, whichever node was away): the value is accepted and not used yet.", _positive_float("tombstone-grace")],
+        ["tombstone-grace", None, 7 * 86400.0, "Least seconds a tombstone is kept: one older is purged once every peer has confirmed holding it (a completed sync, or its replication checkpoint); never while a peer is down. A node that was away longer (or a backup put back) rejoins: its syncs only pull until one has completed with every peer. Never purged with --storage postgresql (a shared database).", _positive_float("tombstone-grace")],
         ["cache-stale-if-error", None, 0.0, "cache=1: seconds past its freshness that a stale record is still served (with a Warning header) while no dependant answers; 0: never.", _seconds("cache-stale-if-error")],
     ]
 
@@ -223,7 +226,11 @@ class Options(usage.Options):
         if self["storage"] != "postgresql":
             if self["dsn"]:
                 raise usage.UsageError("--dsn: only for --storage postgresql, not %s" % self["storage"])
+            if self["db-pool"] is not None:
+                raise usage.UsageError("--db-pool: only for --storage postgresql, not %s" % self["storage"])
             return
+        if self["db-pool"] is None:
+            self["db-pool"] = self["threads"]
         dsn = self["dsn"] = self["dsn"] or os.environ.get("MINSTORE_DSN", "")
         if not dsn:
             raise usage.UsageError("--storage postgresql needs --dsn postgresql://user@host:port/dbname (or $MINSTORE_DSN)")
@@ -336,7 +343,14 @@ def makeService(config, reactor=None):
     pool = ThreadPool(minthreads=2, maxthreads=config["threads"], name="minstore-io")
     node_id = _node_id(data_dir)
     in_thread = functools.partial(deferToThreadPool, reactor, pool)
-    options = {"dsn": config["dsn"], "node_id": node_id} if config.get("dsn") else {}
+    options = {}
+    if config.get("dsn"):
+        options = {
+            "dsn": config["dsn"],
+            "node_id": node_id,
+            "pool_size": config["db-pool"],
+            "statement_timeout": config["db-timeout"],
+        }
     storage = make_storage(config["storage"], data_dir, **options)
     node = Node(
         storage,
@@ -390,14 +404,30 @@ def makeService(config, reactor=None):
         "peers": list(cluster.servers.peers),
     }
     node.status_sections["peers"] = replication.status
+    if hasattr(storage, "pool_status"):
+        node.status_sections["database"] = storage.pool_status
     node.metrics.registry.register(replication)
 
+    sync_index = SyncIndex(storage)
+    purger = Purger(
+        node,
+        sync_index,
+        lambda: cluster.servers.peers,
+        lambda: {url: r.checkpoint for url, r in replication.peers.items()},
+        lambda: {url: r.last_success for url, r in replication.peers.items()},
+        reactor,
+        in_thread,
+        config["tombstone-grace"],
+        FileState(os.path.join(data_dir, STATE_FILE)),
+    )
     node_sync = Sync(
-        node, SyncIndex(storage), client, lambda: cluster.servers.peers, reactor, in_thread,
-        timeout=config["replication-timeout"], pace=SYNC_PACE,
+        node, sync_index, client, lambda: cluster.servers.peers, reactor, in_thread,
+        timeout=config["replication-timeout"], pace=SYNC_PACE, purge=purger,
     )
     node.status_sections["sync"] = node_sync.status
+    node.status_sections["purge"] = purger.status
     node.metrics.registry.register(node_sync)
+    node.metrics.registry.register(purger)
 
     front = CacheFront(
         client,
@@ -425,7 +455,7 @@ def makeService(config, reactor=None):
         node,
         cluster,
         ListeningService(port),
-        extras=[tokens_service, SyncService(node_sync, config["sync-interval"], reactor)],
+        extras=[tokens_service, PurgeService(purger, reactor), SyncService(node_sync, config["sync-interval"], reactor)],
         http_pool=http_pool,
         describe=describe,
     )

@@ -23,7 +23,7 @@ from minstore.cluster.peers import PeerClient
 from minstore.node import Node
 from minstore.service import QuietSite
 from minstore.storage.memory import MemoryStorage
-from tests.fakes import FakeNetwork
+from minstore.testing.fakes import FakeNetwork
 
 DEPENDANT = "http://127.0.0.1:9101"
 DOWN = "http://127.0.0.1:9102"

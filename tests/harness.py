@@ -44,12 +44,14 @@ Every node made through L{NodeTestMixin} is stopped at the end of its test
 pool is closed, so trial sees a clean reactor.  A node's output goes to
 ``node.output()`` and to ``<its temp dir>/node.log`` (kept under
 ``_trial_temp``) for debugging.
+
+The command line, environment and health check of a node come from
+L{minstore.launcher}, which the benchmarks in ``bench/`` use too.
 """
 
 import functools
 import json as _json
 import os
-import socket
 import sys
 
 import treq
@@ -61,32 +63,23 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from minstore.launcher import (  # noqa: F401  (free_port, node_url, NodeStartError: for the tests)
+    HEALTH_PATH,
+    START_TIMEOUT,
+    STOP_TIMEOUT,
+    NodeStartError,
+    free_port,
+    node_argv,
+    node_environ,
+    node_url,
+    write_servers,
+)
+
 #: The checkout under test: its ``minstore`` package and ``twisted/plugins``
 #: come first on the children's PYTHONPATH.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: How long a node may take to answer ``GET /_node/health`` after spawning
-#: (about 1 s on an idle machine; generous for loaded CI runners).
-START_TIMEOUT = 30.0
-#: How long a SIGTERMed node may take to exit before it is SIGKILLed.
-STOP_TIMEOUT = 15.0
-
 _NO_JSON = object()
-
-
-def free_port():
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
-
-
-def node_url(port):
-    """The base URL of a node listening on 127.0.0.1:port."""
-    return "http://127.0.0.1:%d" % (port,)
 
 
 def deferred_test(f):
@@ -102,10 +95,6 @@ def deferred_test(f):
     return wrapper
 
 
-class NodeStartError(Exception):
-    """A node exited, or never answered its health check, while starting."""
-
-
 class NodeProcessTimeout(Exception):
     """A node did not exit in the time it was given."""
 
@@ -113,20 +102,6 @@ class NodeProcessTimeout(Exception):
 def sleep(seconds, reactor=None):
     """A Deferred that fires after ``seconds`` on the reactor."""
     return task.deferLater(reactor or _global_reactor, seconds, lambda: None)
-
-
-def _servers_text(servers, bridge=False):
-    """servers.list content from a string, or a list of URLs / ports / nodes."""
-    if isinstance(servers, str):
-        return servers
-    lines = ["*"] if bridge else []
-    for peer in servers:
-        if isinstance(peer, int):
-            peer = node_url(peer)
-        elif isinstance(peer, NodeProcess):
-            peer = peer.url
-        lines.append(peer)
-    return "\n".join(lines) + "\n"
 
 
 class _NodeProtocol(ProcessProtocol):
@@ -228,34 +203,16 @@ class NodeProcess:
 
     def set_servers(self, servers, bridge=False):
         """(Re)write this node's servers.list; send L{hup} to make a running node re-read it."""
-        self.servers_path = os.path.join(self.base_dir, "servers.list")
-        with open(self.servers_path, "w", encoding="utf-8") as f:
-            f.write(_servers_text(servers, bridge))
+        if not isinstance(servers, str):
+            servers = [peer.url if isinstance(peer, NodeProcess) else peer for peer in servers]
+        self.servers_path = write_servers(os.path.join(self.base_dir, "servers.list"), servers, bridge)
 
     def argv(self):
-        """The child's full argument vector."""
-        argv = [
-            sys.executable,
-            "-c",
-            "from twisted.scripts.twistd import run; run()",
-            "-n",
-            "--pidfile=",
-            "minstore",
-            "--port",
-            self.port_arg or "tcp:%d:interface=127.0.0.1" % (self.port,),
-            "--data",
-            self.data_dir,
-        ]
-        if self.servers_path is not None:
-            argv += ["--servers", self.servers_path]
-        return argv + self.args
+        """The child's full argument vector (L{minstore.launcher.node_argv})."""
+        return node_argv(self.port, self.data_dir, self.servers_path, self.args, port_arg=self.port_arg)
 
     def environ(self):
-        env = dict(os.environ)
-        path = env.get("PYTHONPATH")
-        env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + path if path else "")
-        env["PYTHONUNBUFFERED"] = "1"
-        return env
+        return node_environ(checkout=REPO_ROOT)
 
     # -- process state --------------------------------------------------
 
@@ -328,9 +285,7 @@ class NodeProcess:
                         % (self.name, self.exit_code, self.exit_signal, self.output())
                     )
                 try:
-                    response = await self._client().get(
-                        self.url + "/_node/health", timeout=1.0
-                    )
+                    response = await self._client().get(self.url + HEALTH_PATH, timeout=1.0)
                     await response.content()
                     if response.code == 200:
                         return
@@ -340,8 +295,8 @@ class NodeProcess:
                 if self.reactor.seconds() >= deadline:
                     await self.kill9()
                     raise NodeStartError(
-                        "%s did not answer /_node/health within %.0fs (last: %s):\n%s"
-                        % (self.name, timeout, last, self.output())
+                        "%s did not answer %s within %.0fs (last: %s):\n%s"
+                        % (self.name, HEALTH_PATH, timeout, last, self.output())
                     )
                 await sleep(0.1, self.reactor)
         finally:

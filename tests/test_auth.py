@@ -34,7 +34,7 @@ from minstore.cluster.lookup import Lookups
 from minstore.cluster.peers import PeerClient, PeerError
 from minstore.node import Node
 from minstore.storage.memory import MemoryStorage
-from tests.fakes import FakeNetwork
+from minstore.testing.fakes import FakeNetwork
 
 KEY = b"k" * 40
 OTHER_KEY = b"o" * 40

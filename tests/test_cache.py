@@ -15,7 +15,7 @@ from minstore.cluster.peers import PeerClient
 from minstore.lru import ByteLRU
 from minstore.node import Node
 from minstore.storage.memory import MemoryStorage
-from tests.fakes import Cluster, url
+from minstore.testing.fakes import Cluster, url
 
 A = url("a")
 B = url("b")

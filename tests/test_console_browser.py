@@ -2,7 +2,9 @@
 The HTML console in headless Chromium, against two real nodes that mirror
 each other: the cluster view, create, edit, a 412 conflict (reload and
 overwrite), delete, deep links, the per-collection prefix filter and a
-420 px wide window.
+420 px wide window; and, against a node with ``--indexes``, the filter on
+an indexed field (its 503 while the index is built, equality, ranges, pages,
+deep links, per collection, 400 px wide).
 
 Needs Debian's ``chromium`` and ``chromium-driver`` and Selenium from PyPI
 (.ci/run installs them); skipped elsewhere, failed under CI when missing.
@@ -182,6 +184,178 @@ class ConsoleBrowserTests(NodeTestMixin, TestCase):
             # 420 px wide: nothing wider than the window.
             width, inner = driver.execute_script(
                 "return [document.documentElement.scrollWidth, window.innerWidth]")
+            self.assertLessEqual(width, inner)
+        finally:
+            driver.quit()
+
+    @deferred_test
+    async def test_filter_on_an_indexed_field(self):
+        node = await self.start_node(args=["--processes", ""])
+        # 120 books with a numeric year, one whose year is the string "1965".
+        for i in range(120):
+            value = {"year": 1900 + i, "genre": ("sf", "fantasy", "crime")[i % 3]}
+            code, _, body = await self.call("POST", node.url + "/books/b%03d" % i, json={"value": value})
+            self.assertEqual(code, 200, body)
+        for url, value in (("/books/s1965", {"year": "1965"}), ("/films/alien", {"director": "Scott", "genre": "sf"})):
+            code, _, body = await self.call("POST", node.url + url, json={"value": value})
+            self.assertEqual(code, 200, body)
+        # Restarted with indexes over those records: built in the background,
+        # slowly enough (5 records a second, some 25 s) that the first filter meets a 503.
+        await node.stop()
+        node.args += [
+            "--indexes", "books:value.year,*:value.genre,films:value.director", "--index-build-rate", "5",
+        ]
+        await node.restart()
+        await deferToThread(self.drive_filter, node)
+
+    def drive_filter(self, node):
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+        from selenium.webdriver.support import expected_conditions as EC
+        from selenium.webdriver.support.ui import Select, WebDriverWait
+
+        driver = self.browser()
+        try:
+            wait = WebDriverWait(driver, 20)
+            find = lambda id: driver.find_element(By.ID, id)  # noqa: E731
+
+            def text_in(id, text, within=wait):
+                within.until(EC.text_to_be_present_in_element((By.ID, id), text))
+
+            def rows():
+                return driver.execute_script(
+                    "return Array.from(document.querySelectorAll('#records tr')).map((tr) => tr.dataset.uid)")
+
+            def rows_are(expected, within=wait):
+                try:
+                    within.until(lambda d: rows() == expected)
+                except Exception:
+                    self.fail("rows %r, expected %r; %s" % (rows(), expected, find("fstatus").text))
+
+            def options(id):
+                return [o.get_attribute("value") for o in Select(find(id)).options]
+
+            def hash():
+                return driver.execute_script("return location.hash")
+
+            def books(first, last):
+                return ["b%03d" % (year - 1900) for year in range(first, last + 1)]
+
+            # A deep link to a filter whose index is still being built: the
+            # 503 is said with its countdown, then retried until it answers.
+            driver.get(node.url + "/#/books?field=value.year&op=eq&value=1965")
+            text_in("fstatus", "is being built: retrying in")
+            self.assertTrue(find("fretry").is_displayed())
+            self.assertEqual(rows(), [])
+            rows_are(["b065"], within=WebDriverWait(driver, 90))
+            text_in("fstatus", "value.year = 1965: 1 record")
+            self.assertFalse(find("fretry").is_displayed())
+            self.assertEqual(find("fvalue").get_attribute("value"), "1965")
+            self.assertEqual(find("fieldcol").text, "value.year")
+
+            # Only the fields indexed in this collection are offered (a *
+            # declaration included, not another collection's), so the UI
+            # cannot ask for field_not_indexed; every control has a label.
+            self.assertEqual(options("ffield"), ["value.genre", "value.year"])
+            self.assertEqual(options("fop"), ["eq", "min", "max", "gt", "lt"])
+            unlabelled = driver.execute_script(
+                "return Array.from(document.querySelectorAll('#indexfilter select, #indexfilter input'))"
+                ".filter((e) => !e.labels.length).map((e) => e.id)")
+            self.assertEqual(unlabelled, [])
+            self.assertIn("the number 2", find("fhint").text)
+
+            # The value is sent as typed: "1965" in quotes is the string.
+            find("fvalue").clear()
+            find("fvalue").send_keys('"1965"' + Keys.ENTER)
+            rows_are(["s1965"])
+            self.assertIn("value=%221965%22", hash())
+
+            # A range (keyboard only: the operator chosen with the arrow keys).
+            find("fop").send_keys(Keys.END)
+            self.assertEqual(Select(find("fop")).first_selected_option.get_attribute("value"), "lt")
+            find("fvalue").clear()
+            find("fvalue").send_keys("1930" + Keys.ENTER)
+            rows_are(books(1900, 1929))
+            self.assertEqual(
+                driver.find_element(By.CSS_SELECTOR, '#records tr[data-uid="b003"] td:nth-child(2)').text, "1903")
+
+            # Another field, on the other index: equality on a string typed bare.
+            Select(find("ffield")).select_by_value("value.genre")
+            Select(find("fop")).select_by_value("eq")
+            find("fvalue").clear()
+            find("fvalue").send_keys("crime")
+            find("fapply").click()
+            rows_are(["b%03d" % i for i in range(2, 120, 3)])
+
+            # Pages: at least 1940 is 80 numbers then the string (strings
+            # order after numbers), 50 a page, Next and Previous by cursor.
+            Select(find("ffield")).select_by_value("value.year")
+            Select(find("fop")).select_by_value("min")
+            find("fvalue").clear()
+            find("fvalue").send_keys("1940" + Keys.ENTER)
+            rows_are(books(1940, 1989))
+            self.assertFalse(find("prev").is_enabled())
+            first_page = hash()
+            find("next").click()
+            second = books(1990, 2019) + ["s1965"]
+            rows_are(second)
+            self.assertFalse(find("next").is_enabled())
+            self.assertIn("after=", hash())
+            # A reload of the page's URL shows the same filtered page.
+            second_page = hash()
+            driver.refresh()
+            rows_are(second)
+            self.assertEqual(Select(find("fop")).first_selected_option.get_attribute("value"), "min")
+            self.assertEqual(find("fvalue").get_attribute("value"), "1940")
+            find("prev").click()
+            rows_are(books(1940, 1989))
+            self.assertEqual(hash(), first_page)
+            # The browser's Back and Forward walk the pages too.
+            find("next").click()
+            rows_are(second)
+            driver.back()
+            rows_are(books(1940, 1989))
+            driver.forward()
+            rows_are(second)
+            self.assertEqual(hash(), second_page)
+
+            # A record opened from a filtered page keeps the filter in the URL.
+            driver.find_element(By.CSS_SELECTOR, '#records a[href^="#/books/b100?"]').send_keys(Keys.ENTER)
+            wait.until(lambda d: find("uid").get_attribute("value") == "b100")
+            self.assertEqual(rows(), second)
+
+            # The filter belongs to its collection: films has its own fields
+            # and no filter; books gets its filter back (from its link).
+            driver.find_element(By.CSS_SELECTOR, '#collections a[href="#/films"]').send_keys(Keys.ENTER)
+            rows_are(["alien"])
+            self.assertEqual(options("ffield"), ["value.director", "value.genre"])
+            self.assertEqual(find("fvalue").get_attribute("value"), "")
+            self.assertFalse(find("pager").is_displayed())
+            driver.find_element(By.CSS_SELECTOR, '#collections a[href^="#/books?"]').send_keys(Keys.ENTER)
+            rows_are(books(1940, 1989))
+            self.assertEqual(find("fvalue").get_attribute("value"), "1940")
+
+            # A hand-written link naming a field not indexed shows the 400.
+            driver.execute_script("location.hash = '#/books?field=value.title&op=eq&value=Dune'")
+            text_in("fstatus", "field_not_indexed")
+            self.assertEqual(rows(), [])
+
+            # Clear: the whole collection in uid order again.
+            driver.execute_script("location.hash = '#/books?field=value.year&op=max&value=1902'")
+            rows_are(["b000", "b001", "b002"])
+            find("fclear").click()
+            wait.until(lambda d: hash() == "#/books")
+            wait.until(lambda d: rows()[:2] == ["b000", "b001"] and len(rows()) == 50)
+            self.assertTrue(find("more").is_displayed())
+            self.assertFalse(find("pager").is_displayed())
+
+            # 400 px wide, filtered: nothing wider than the window.
+            driver.execute_script("location.hash = '#/books?field=value.year&op=min&value=1940'")
+            rows_are(books(1940, 1989))
+            driver.set_window_size(400, 900)
+            width, inner = driver.execute_script(
+                "return [document.documentElement.scrollWidth, window.innerWidth]")
+            self.assertLessEqual(inner, 400)
             self.assertLessEqual(width, inner)
         finally:
             driver.quit()

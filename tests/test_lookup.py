@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from minstore.cluster.lookup import first_hit
 from minstore.errors import NotFound, PreconditionFailed
-from tests.fakes import Cluster, url
+from minstore.testing.fakes import Cluster, url
 
 
 class FirstHitTests(SynchronousTestCase):

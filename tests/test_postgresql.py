@@ -195,7 +195,12 @@ class _PostgreSQLCase:
         return storage
 
     def sql(self, storage, statement):
-        storage._run(storage._conn(), statement)
+        with storage._lease() as conn:
+            storage._run(conn, statement)
+
+    def rows(self, storage, statement):
+        with storage._lease() as conn:
+            return storage._rows(conn, statement)
 
 
 class PostgreSQLContractTests(_PostgreSQLCase, StorageContract, DurableStorageContract, SynchronousTestCase):
@@ -420,7 +425,7 @@ class SharedDatabaseTests(_PostgreSQLCase, SynchronousTestCase):
             self.sql(a, statement)
         a.close()
         b = self.engine("b", refresh_interval=0)
-        self.assertEqual(b._rows(b._conn(), "SELECT version FROM minstore_schema"), [(2,)])
+        self.assertEqual(self.rows(b, "SELECT version FROM minstore_schema"), [(2,)])
         b.set_indexes(parse_declarations("c:value.g"))
         self.assertEqual(b.index_states()["c:value.g"]["state"], "building")
         build_all(b)
@@ -443,7 +448,7 @@ class SharedDatabaseTests(_PostgreSQLCase, SynchronousTestCase):
             " FOR EACH STATEMENT EXECUTE FUNCTION minstore_test_fail()",
         )
         self.assertEqual(a.write([item("c", "x"), item("c", "y")]), [1, 2])
-        self.assertEqual(a._rows(a._conn(), "SELECT last_value FROM minstore_test_failures")[0][0], 3)
+        self.assertEqual(self.rows(a, "SELECT last_value FROM minstore_test_failures")[0][0], 3)
         self.assertEqual([c.seq for c in a.changes(0, 10)[0]], [1, 2])
         self.assertEqual(a.write([item("c", "z")]), [3])
 
@@ -472,6 +477,139 @@ class SharedDatabaseTests(_PostgreSQLCase, SynchronousTestCase):
         self.assertEqual(a.write([item("c", "y")]), [2])
         self.assertIsNotNone(a.get("c", "x"))
         self.assertIsNone(a.unavailable)
+
+
+class PoolTests(_PostgreSQLCase, SynchronousTestCase):
+    """--db-pool bounds the connections; --db-timeout the statements and the wait for a connection."""
+
+    def _in_threads(self, count, call):
+        """``call(i)`` in ``count`` threads at once: their results, or the first exception."""
+        results, errors = [None] * count, []
+        start = threading.Barrier(count)
+
+        def run(i):
+            try:
+                start.wait(10)
+                results[i] = call(i)
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        self.assertFalse([t for t in threads if t.is_alive()], "a thread hung")
+        if errors:
+            raise errors[0]
+        return results
+
+    def test_pool_of_one_serves_many_threads(self):
+        """With one connection, eight threads writing and reading at once all succeed, over one session."""
+        a = self.engine("a", pool_size=1, refresh_interval=0)
+
+        def work(i):
+            seqs = []
+            for n in range(10):
+                seqs.extend(a.write([item("c", "t%d-%d" % (i, n))]))
+                self.assertIsNotNone(a.get("c", "t%d-%d" % (i, n)))
+            return seqs
+
+        seqs = sorted(sum(self._in_threads(8, work), []))
+        self.assertEqual(seqs, list(range(1, 81)))
+        self.assertEqual(a.count(), 80)
+        status = a.pool_status()
+        self.assertEqual((status["pool_size"], status["connections"], status["leased"]), (1, 1, 0))
+        self.assertEqual(status["pool_timeouts"], 0)
+
+    def test_pool_grows_up_to_its_size(self):
+        """Connections are made as calls need them, never more than the pool's size."""
+        a = self.engine("a", pool_size=3, refresh_interval=0)
+        gate = threading.Event()
+        all_held = threading.Barrier(4)
+        held = []
+
+        def hold(i):
+            with a._lease() as conn:
+                held.append(conn)
+                all_held.wait(10)
+                gate.wait(10)
+
+        threads = [threading.Thread(target=hold, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            all_held.wait(10)
+            self.assertEqual(len(set(map(id, held))), 3)
+            self.assertEqual(a.pool_status()["leased"], 3)
+        finally:
+            gate.set()
+            for t in threads:
+                t.join(10)
+        a.write([item("c", "x")])
+        self.assertEqual(a.pool_status()["connections"], 3)
+
+    def test_waiting_for_a_connection_is_bounded(self):
+        """Every connection leased past pool_timeout: 503 storage_busy, the database still healthy."""
+        a = self.engine("a", pool_size=1, pool_timeout=0.3, refresh_interval=0)
+        a.write([item("c", "x")])
+        got, release = threading.Event(), threading.Event()
+
+        def hold():
+            with a._lease():
+                got.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        try:
+            self.assertTrue(got.wait(10))
+
+            def busy(i):
+                try:
+                    (a.get, a.write)[i % 2](*(("c", "x") if i % 2 == 0 else ([item("c", "y")],)))
+                except ServiceUnavailable as e:
+                    return e
+                return None
+
+            errors = self._in_threads(2, busy)
+        finally:
+            release.set()
+            holder.join(10)
+        for e in errors:
+            self.assertIsInstance(e, ServiceUnavailable)
+            self.assertEqual((e.code, e.error), (503, "storage_busy"))
+            self.assertIn("all 1 connections", e.message)
+            self.assertEqual(e.headers, {b"retry-after": b"1"})
+        self.assertIsNone(a.unavailable)  # busy is not down: /_node/health stays 200
+        self.assertEqual(a.pool_status()["pool_timeouts"], 2)
+        self.assertEqual(a.write([item("c", "y")]), [2])
+
+    def test_statement_timeout(self):
+        """A statement running past statement_timeout is cancelled: 503, and the next call works."""
+        a = self.engine("a", statement_timeout=0.2, refresh_interval=0)
+        e = self.assertRaises(ServiceUnavailable, a._read, "sleep", "SELECT pg_sleep(5)")
+        self.assertEqual(e.error, "storage_unavailable")
+        self.assertIn("statement timeout", e.message)
+        a.write([item("c", "x")])
+        self.assertIsNotNone(a.get("c", "x"))
+
+    def test_lock_timeout_bounds_a_write_behind_a_stuck_node(self):
+        """A node holding the counter row's lock (stuck mid-transaction) fails other nodes' writes within the time-out."""
+        stuck = self.engine("stuck", refresh_interval=0)
+        a = self.engine("a", statement_timeout=0.3, refresh_interval=0)
+        with stuck._lease() as conn:
+            stuck._run(conn, "BEGIN")
+            stuck._run(conn, "SELECT seq FROM minstore_state WHERE id = 1 FOR UPDATE")
+            try:
+                e = self.assertRaises(ServiceUnavailable, a.write, [item("c", "x")])
+                self.assertEqual((e.code, e.error), (503, "storage_unavailable"))
+            finally:
+                stuck._run(conn, "ROLLBACK")
+        self.assertEqual(a.write([item("c", "x")]), [1])
+
+    def test_pool_size_is_checked(self):
+        self.assertRaises(ValueError, PostgreSQLStorage, self.mktemp(), dsn=self.dsn, pool_size=0)
 
 
 class DSNTests(SynchronousTestCase):
@@ -544,6 +682,28 @@ class SharedDatabaseNodesTests(NodeTestMixin, TestCase):
             self.assertEqual(loser["error"], "record_exists")
 
 
+    @deferred_test
+    async def test_pool_of_one_connection(self):
+        """--db-pool 1 under --threads 4: forty concurrent writes and reads all succeed; the status shows the pool."""
+        node = self.make_node(
+            args=["--storage", "postgresql", "--dsn", self.dsn, "--processes", "", "--threads", "4", "--db-pool", "1"],
+            name="a",
+        )
+        await node.start()
+        calls = [self.call_json("POST", node.url + "/books/b%d" % i, json={"value": i}) for i in range(20)]
+        answers = await gatherResults([ensureDeferred(c) for c in calls])
+        self.assertEqual([code for code, _, _ in answers], [200] * 20, answers)
+        calls = [self.call_json("GET", node.url + "/books/b%d?local=1" % i) for i in range(20)]
+        answers = await gatherResults([ensureDeferred(c) for c in calls])
+        self.assertEqual([(code, body["value"]) for code, _, body in answers], [(200, i) for i in range(20)])
+        code, _, status = await self.call_json("GET", node.url + "/_node/status")
+        self.assertEqual(code, 200)
+        database = status["database"]
+        self.assertEqual((database["pool_size"], database["connections"]), (1, 1), database)
+        self.assertEqual((database["statement_timeout"], database["pool_timeouts"]), (10.0, 0), database)
+        self.assertEqual(database["dsn"], self.dsn)
+
+
 class DSNOptionTests(SynchronousTestCase):
     """--dsn goes with --storage postgresql, and only with it."""
 
@@ -579,3 +739,28 @@ class DSNOptionTests(SynchronousTestCase):
         options = Options()
         options.parseOptions(["--storage", "postgresql", "--data", self.mktemp(), "--processes", ""])
         self.assertEqual(options["dsn"], "postgresql://u@127.0.0.1/x")
+
+    def test_db_pool_and_timeout(self):
+        """--db-pool defaults to --threads, must be 1 or more and goes with --storage postgresql only; --db-timeout above 0."""
+        if _NO_DRIVER:
+            raise SkipTest(_NO_DRIVER)
+        from minstore.tap import Options
+
+        argv = ["--storage", "postgresql", "--dsn", "postgresql://u@127.0.0.1/x", "--processes", ""]
+        options = Options()
+        options.parseOptions(argv + ["--data", self.mktemp(), "--threads", "7"])
+        self.assertEqual((options["db-pool"], options["db-timeout"]), (7, 10.0))
+        options = Options()
+        options.parseOptions(argv + ["--data", self.mktemp(), "--db-pool", "2", "--db-timeout", "1.5"])
+        self.assertEqual((options["db-pool"], options["db-timeout"]), (2, 1.5))
+        self.assertIn("--db-pool: must be above 0, not 0", self._error(argv + ["--db-pool", "0"]))
+        self.assertIn("--db-pool: 'x' is not a whole number", self._error(argv + ["--db-pool", "x"]))
+        self.assertIn("--db-timeout: must be above 0", self._error(argv + ["--db-timeout", "0"]))
+        self.assertIn("--db-pool: only for --storage postgresql", self._error(["--storage", "sqlite", "--db-pool", "2"]))
+
+    def test_help_lists_them(self):
+        from minstore.tap import Options
+
+        text = str(Options())
+        for option in ("--db-pool", "--db-timeout", "--dsn"):
+            self.assertIn(option, text)

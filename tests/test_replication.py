@@ -5,8 +5,8 @@ jitter, durable checkpoints, ``sync=1``, status and metrics, re-reading
 servers.list.
 
 Each node is a real L{Node} behind its real L{RecordAPI}, reached by its
-peers through L{tests.fakes.FakeNetwork} (a StubTreq per host); time is a
-L{Clock} (the fixture is L{tests.fakes.Cluster}).  Replication reads each
+peers through L{minstore.testing.fakes.FakeNetwork} (a StubTreq per host); time is a
+L{Clock} (the fixture is L{minstore.testing.fakes.Cluster}).  Replication reads each
 node's own storage feed (L{minstore.interfaces.IStorage.changes}); the
 restart tests run over L{SQLiteStorage} in a directory.
 """
@@ -27,7 +27,7 @@ from minstore.cluster.servers import ServerList
 from minstore.cluster.service import ClusterService
 from minstore.node import Node, run_inline
 from minstore.storage.memory import MemoryStorage
-from tests.fakes import JSON, T0, Cluster, replica, tombstone, url, version
+from minstore.testing.fakes import JSON, T0, Cluster, replica, tombstone, url, version
 
 
 class LaterThread:

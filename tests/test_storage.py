@@ -67,6 +67,18 @@ class SQLiteStorageContractTests(_DurableEngineTests, SynchronousTestCase):
 class FileStorageContractTests(_DurableEngineTests, SynchronousTestCase):
     engine = FileStorage
 
+    def test_purge_removes_the_tombstones_file(self):
+        """A purged tombstone's record file is removed; a live record's stays, also after a reopen."""
+        storage = self.make_storage()
+        storage.write([w("c", "live", record("c", "live", 1)), w("c", "gone", tombstone("c", "gone"), True)])
+        gone, live = storage.path_of("c", "gone"), storage.path_of("c", "live")
+        self.assertTrue(os.path.exists(gone))
+        self.assertEqual(len(storage.purge_tombstones("9", 10, 10, 10)), 1)
+        self.assertFalse(os.path.exists(gone))
+        storage = self.reopen_storage(storage)
+        self.assertFalse(os.path.exists(gone))
+        self.assertTrue(os.path.exists(live))
+
 
 class EngineRegistryTests(SynchronousTestCase):
     def test_builtin_engines(self):

@@ -517,7 +517,7 @@ class RouteTests(SynchronousTestCase):
             good[:-1],  # cut short
             good + b"\0",  # trailing bytes
             good[:1] + (2).to_bytes(8, "big") + good[9:],  # an even salt
-            good[:10] + b"\0" + good[11:],  # no ranges
+            good[:12] + b"\0" + good[13:],  # no ranges (after the stored count, the horizon and withheld)
             good.replace(b"\x01\x00\x00\x00\x00\x00\x00", b"\x07\x00\x00\x00\x00\x00\x00"),  # unknown mode
             sync_module.encode_message(3, 0, [(BOTTOM, ("c", "b"), 1, (1, 1)), (("c", "b"), ("c", "a"), 1, (1, 1)), (("c", "a"), TOP, 0, None)], []),
             sync_module.encode_message(3, 0, [(BOTTOM, ("c", "x"), 0, None)], []),  # does not end at the top

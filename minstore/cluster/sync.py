@@ -67,12 +67,25 @@ Pacing.  Each side works a message out in the thread pool L{CHUNK} ranges
 at a time, and waits (on the node's clock) ``pace`` times as long as each
 chunk took, so that clients keep their latency while a sync runs.
 
-Tombstones are never purged (so a deleted record cannot come back, however
-long a node was away): see the README.
+Tombstones (L{minstore.cluster.purge}).  Each message's header carries
+its sender's purge horizon (the highest version of a tombstone it purged;
+empty: none), both ways.  The initiator sends none of its items whose
+version is at or below the peer's horizon and whose key the peer is not
+known to hold (it sent no record of it in this sync: L{Withhold}); one
+set aside whose key the peer then sends goes in the next message, the
+others are withheld, or, while the node rejoins (its syncs send nothing),
+taken for deleted once the sync has completed.  The peer withholds such
+items only where the initiator holds nothing at all (a count of 0, no ids),
+and says how many in its header.  Each side drops a received record of a
+key it does not hold at or below its own horizon (the initiator counts
+them), and the storage's NEWER check refuses them too.  A completed sync
+confirms to the purge that the peer holds every tombstone this node held
+when it began.
 """
 
 import bisect
 import hashlib
+import json
 import random
 import threading
 import time
@@ -85,6 +98,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.application.service import Service
 from twisted.logger import Logger
 
+from minstore.cluster.purge import MAX_HORIZON
 from minstore.errors import BadRequest
 
 #: Below every ``(collection, uid)``, and above every one (collection names are ASCII).
@@ -106,7 +120,7 @@ SKIP, FP, IDS, WANT = 0, 1, 2, 3
 FP_BYTES = 4
 MASK64 = (1 << 64) - 1
 #: The first byte of a message: its format.
-MAGIC = b"\x02"
+MAGIC = b"\x03"
 #: Bounds of a message's parts.
 MAX_RANGES = 1 << 17
 MAX_IDS = 1 << 16
@@ -349,12 +363,13 @@ class SyncIndex:
         parts[-1] = (hi, last[1], last[2])
         return parts
 
-    def reply(self, entries, salt, meta_budget, record_budget):
+    def reply(self, entries, salt, meta_budget, record_budget, rule=None):
         """
         One side's answer to the other's ranges (see the module's doc):
         ``(out, records, meta, size)``, ``out`` a list of ``(lo, hi, mode,
         payload)``, ``records`` the bytes to send, ``meta`` and ``size``
-        what they cost (about).
+        what they cost (about).  ``rule`` (a L{Withhold}), when given,
+        decides which records may be sent (the purge horizon).
         """
         out, records = [], []
         meta = size = 0
@@ -379,7 +394,9 @@ class SyncIndex:
             if mode == FP:
                 if payload is not None and payload[0] == 0:
                     # They hold nothing here: everything held, as far as it fits.
-                    sent, done, last = self._records_of(self._scan(lo, hi), records, record_budget - size)
+                    sent, done, last = self._records_of(
+                        self._scan(lo, hi), records, record_budget - size, rule, exact=True
+                    )
                     size += sent
                     if done:
                         out.append((lo, hi, SKIP, None))
@@ -401,18 +418,21 @@ class SyncIndex:
                         start = b
                         meta += ENTRY_COST
                 continue
-            held = [(shorten(item_hash(c, u, v), salt), (c, u)) for c, u, v in self._scan(lo, hi)]
+            held = [(shorten(item_hash(c, u, v), salt), (c, u, v)) for c, u, v in self._scan(lo, hi)]
             if mode == IDS:
                 # Settle: send what they lack (or hold another version of), want what we lack.
                 theirs = set(payload)
-                keys = [key for h, key in held if h not in theirs]
+                items = [item for h, item in held if h not in theirs]
                 mine = set(h for h, _ in held)
                 wants = [h for h in payload if h not in mine]
             else:  # WANT: the records asked, of the versions held now
                 wanted = set(payload)
-                keys = [key for h, key in held if h in wanted]
+                items = [item for h, item in held if h in wanted]
                 wants = []
-            sent, done, _ = self._records_of(keys, records, record_budget - size)
+            # An empty list of ids: they hold nothing here (known exactly).
+            sent, done, _ = self._records_of(
+                items, records, record_budget - size, rule, exact=(mode == IDS and not payload)
+            )
             size += sent
             if not done:
                 out.append((lo, hi, FP, (n, short)))
@@ -424,14 +444,18 @@ class SyncIndex:
                 out.append((lo, hi, SKIP, None))
         return out, records, meta, size
 
-    def _records_of(self, keys, records, budget):
+    def _records_of(self, items, records, budget, rule=None, exact=False):
         """
-        Append the bytes held of ``keys`` (or items) to ``records``, in
-        order, up to ``budget`` bytes: ``(bytes, all sent, the last key sent)``.
+        Append the bytes held of ``items`` (``(collection, uid, version)``)
+        to ``records``, in order, up to ``budget`` bytes, those that ``rule``
+        lets go (``exact``: the other side holds nothing in their range):
+        ``(bytes, all sent, the last key sent)``.
         """
         size, last = 0, None
-        for key in keys:
-            key = (key[0], key[1])
+        for item in items:
+            key = (item[0], item[1])
+            if rule is not None and not rule.may_send(key, item[2], exact):
+                continue
             data = self.storage.get(*key)
             if data is None:
                 continue
@@ -441,6 +465,39 @@ class SyncIndex:
             size += len(data)
             last = key
         return size, True, last
+
+
+class Withhold:
+    """
+    Which of its records one side of a sync may send (the purge horizon,
+    L{minstore.cluster.purge}): none of an item that the other side may
+    have purged, the version at or below the other side's ``horizon`` and
+    the key not known to be held there (``held``: the keys the other side
+    sent records of in this sync).  Such items are set ``aside`` instead.
+    With ``exact_only`` (the peer's side), only where the other side is
+    known to hold nothing in the range (it said so: a count of 0, no ids);
+    elsewhere the other side (the node that syncs) judges what it receives.
+    With ``pull_only`` (a rejoining node), no record is sent at all.
+    """
+
+    def __init__(self, horizon, exact_only=False, pull_only=False, held=frozenset()):
+        self.horizon = horizon
+        self.exact_only = exact_only
+        self.pull_only = pull_only
+        self.held = held
+        #: ``(key, version)`` not sent, being at or below the horizon.
+        self.aside = []
+
+    def may_send(self, key, version, exact):
+        if (
+            self.horizon is not None
+            and version <= self.horizon
+            and key not in self.held
+            and (exact or not self.exact_only)
+        ):
+            self.aside.append((key, version))
+            return False
+        return not self.pull_only
 
 
 def _fold_items(items):
@@ -467,11 +524,17 @@ def _varint(out, n):
 
 
 class Message:
-    """A decoded sync message: its salt, the count the sender stored, its ranges and records."""
+    """
+    A decoded sync message: its salt, the count the sender stored, the
+    sender's purge horizon (None: nothing purged) and how many records it
+    withheld below the receiver's, its ranges and records.
+    """
 
-    def __init__(self, salt, stored, entries, records):
+    def __init__(self, salt, stored, entries, records, horizon=None, withheld=0):
         self.salt = salt
         self.stored = stored
+        self.horizon = horizon
+        self.withheld = withheld
         #: ``(lo, hi, mode, payload)``, consecutive from BOTTOM to TOP.
         self.entries = entries
         self.records = records
@@ -481,11 +544,15 @@ class Message:
         return sum(len(r) for r in self.records)
 
 
-def encode_message(salt, stored, entries, records):
+def encode_message(salt, stored, entries, records, horizon=None, withheld=0):
     """The bytes of a message (see the module's doc); consecutive SKIPs are merged."""
     out = bytearray(MAGIC)
     out += salt.to_bytes(8, "big")
     _varint(out, stored)
+    purged = horizon.encode("utf-8") if horizon is not None else b""
+    _varint(out, len(purged))
+    out += purged
+    _varint(out, withheld)
     merged = []
     for lo, hi, mode, payload in entries:
         if mode == SKIP and merged and merged[-1][1] == SKIP:
@@ -563,6 +630,12 @@ def decode_message(data):
     if not salt & 1:
         raise ValueError("the salt is even")
     stored = r.varint(MAX_RECORDS)
+    purged = r.take(r.varint(MAX_KEY))
+    try:
+        horizon = purged.decode("utf-8") if purged else None
+    except UnicodeDecodeError:
+        raise ValueError("the purge horizon is not UTF-8")
+    withheld = r.varint(MAX_RECORDS)
     count = r.varint(MAX_RANGES)
     if count == 0:
         raise ValueError("no ranges")
@@ -601,7 +674,7 @@ def decode_message(data):
     records = [r.take(r.varint(MAX_ANSWER)) for _ in range(r.varint(MAX_RECORDS))]
     if r.pos != len(data):
         raise ValueError("%d bytes after the message" % (len(data) - r.pos))
-    return Message(salt, stored, entries, records)
+    return Message(salt, stored, entries, records, horizon, withheld)
 
 
 def is_idle(entries, records):
@@ -641,14 +714,18 @@ class Sync:
 
     log = Logger()
 
-    def __init__(self, node, index, client, peers, clock, in_thread, timeout=10.0, now=time.perf_counter, pace=0.0):
+    def __init__(
+        self, node, index, client, peers, clock, in_thread, timeout=10.0, now=time.perf_counter, pace=0.0, purge=None
+    ):
         """
         @param peers: a callable giving the node's current peer URLs.
         @param timeout: seconds each request to a peer may take.
         @param pace: after each chunk of work in the thread pool, wait this
             many times as long as it took (on ``clock``), so that clients
             keep their latency while a sync runs (0: no wait).
+        @param purge: the node's L{minstore.cluster.purge.Purger}, or None (tombstones never purged).
         """
+        self.purge = purge
         self.node = node
         self.index = index
         self.storage = node.storage
@@ -665,22 +742,56 @@ class Sync:
 
     # -- both sides -------------------------------------------------------------
 
+    def horizon(self):
+        """This node's purge horizon, told in each message it sends."""
+        return self.purge.horizon() if self.purge is not None else None
+
+    def _screen(self, records):
+        """
+        In a thread: the peer's ``records`` as ``(kept, keys, refused)``:
+        those to store, the ``(collection, uid)`` of each (the peer holds
+        them), and how many were left out, being of a key not held here at
+        or below this node's horizon (the storage's NEWER check refuses them
+        too: the last guard).  A record that does not parse is kept (its
+        store fails, bad_replica).
+        """
+        purged = self.storage.purged_version()
+        kept, keys, refused = [], [], 0
+        for data in records:
+            try:
+                record = json.loads(data)
+                key, version = (record["collection"], record["uid"]), record["version"]
+                if type(key[0]) is not str or type(key[1]) is not str or type(version) is not str:
+                    raise TypeError("not a record")
+            except (ValueError, KeyError, TypeError):
+                kept.append(data)
+                continue
+            keys.append(key)
+            if purged is not None and version <= purged and self.storage.get(*key) is None:
+                refused += 1
+                continue
+            kept.append(data)
+        return kept, keys, refused
+
     async def _apply(self, records):
-        """Store a peer's records (only the newer); how many were stored."""
+        """Store a peer's records (only the newer); ``(how many stored, their keys, how many refused)``."""
         if not records:
-            return 0
-        results = await gatherResults(self.node.apply_replicas(records), consumeErrors=True).addErrback(
+            return 0, [], 0
+        kept, keys, refused = await self.in_thread(self._screen, records)
+        if not kept:
+            return 0, keys, refused
+        results = await gatherResults(self.node.apply_replicas(kept), consumeErrors=True).addErrback(
             lambda f: f.value.subFailure
         )
-        return sum(1 for stored in results if stored)
+        return sum(1 for stored in results if stored), keys, refused
 
-    async def _reply(self, entries, salt, meta_budget, record_budget):
+    async def _reply(self, entries, salt, meta_budget, record_budget, rule=None):
         """This side's answer to a message's ranges, worked out in the thread pool a chunk at a time (paced)."""
         out, records, meta, size = [], [], 0, 0
         for i in range(0, len(entries), CHUNK):
             start = self.now()
             o, r, m, s = await self.in_thread(
-                self.index.reply, entries[i : i + CHUNK], salt, meta_budget - meta, record_budget - size
+                self.index.reply, entries[i : i + CHUNK], salt, meta_budget - meta, record_budget - size, rule
             )
             out.extend(o)
             records.extend(r)
@@ -699,10 +810,17 @@ class Sync:
         except ValueError as e:
             raise BadRequest("bad_sync_message", "not a sync message: %s" % (e,))
 
+        horizon = message.horizon
+        if horizon is not None and len(horizon) > MAX_HORIZON:
+            raise BadRequest("bad_sync_message", "not a sync message: purged: a version of at most %d characters" % MAX_HORIZON)
+
         async def answer():
-            stored = await self._apply(message.records)
-            out, records = await self._reply(message.entries, message.salt, ANSWER_META, ANSWER_RECORDS)
-            return encode_message(message.salt, stored, out, records)
+            stored, _, _ = await self._apply(message.records)
+            # Records the node that syncs may have purged are not sent where
+            # it holds nothing; elsewhere it judges what it receives.
+            rule = Withhold(horizon, exact_only=True)
+            out, records = await self._reply(message.entries, message.salt, ANSWER_META, ANSWER_RECORDS, rule)
+            return encode_message(message.salt, stored, out, records, self.horizon(), len(rule.aside))
 
         return ensureDeferred(answer())
 
@@ -737,8 +855,12 @@ class Sync:
         run = _Run(peer)
         start = self.now()
         error = None
+        if self.purge is not None:
+            self.purge.sync_begins(run)
         try:
             await self._reconcile(run)
+            if self.purge is not None:
+                await self.purge.sync_completed(run)
         except Exception as e:
             error = self._describe(e)
             self.log.error("sync with {peer} failed: {error}", peer=peer, error=error)
@@ -778,12 +900,23 @@ class Sync:
             raise SyncError("%s answered %d bytes (at most %d)" % (run.peer, len(answer), MAX_ANSWER))
         return answer
 
+    def _rule(self, run):
+        """What this node may send the peer now (None: no purge, everything)."""
+        if self.purge is None:
+            return None
+        p = run.purge
+        return Withhold(p["horizon"], pull_only=p["pull_only"], held=run.received)
+
     async def _reconcile(self, run):
         salt = random.getrandbits(64) | 1
-        out, records = await self._reply([(BOTTOM, TOP, FP, None)], salt, REQUEST_META, REQUEST_RECORDS)
+        #: Keys the peer sent a record of (it holds them); ours set aside, below its horizon.
+        run.received = set()
+        aside = {}
+        rule = self._rule(run)
+        out, records = await self._reply([(BOTTOM, TOP, FP, None)], salt, REQUEST_META, REQUEST_RECORDS, rule)
         stored = idle = 0
         while not is_idle(out, records):
-            body = encode_message(salt, stored, out, records)
+            body = encode_message(salt, stored, out, records, self.horizon())
             sent = sum(len(r) for r in records)
             answer = await self._ask(run, self.client.sync_ranges, body)
             try:
@@ -792,6 +925,8 @@ class Sync:
                     raise ValueError("another sync's salt")
                 if message.stored > len(records):
                     raise ValueError("%d stored of %d sent" % (message.stored, len(records)))
+                if self.purge is not None:
+                    self.purge.peer_said(run, message.horizon, message.withheld)
             except ValueError as e:
                 raise SyncError("malformed answer from %s: %s" % (run.peer, str(e)[:200]))
             received = message.record_bytes
@@ -799,14 +934,37 @@ class Sync:
             run.record_bytes += sent + received
             run.pushed += message.stored
             try:
-                stored = await self._apply(message.records)
+                stored, keys, refused = await self._apply(message.records)
             except BadRequest as e:
                 raise SyncError("%s sent a record that is not one: %s" % (run.peer, e))
             run.pulled += stored
             idle = 0 if (records or message.records) else idle + 1
             if idle > MAX_DEPTH:
                 raise SyncError("%s: no agreement after %d rounds without a record" % (run.peer, idle))
-            out, records = await self._reply(message.entries, salt, REQUEST_META, REQUEST_RECORDS)
+            again = []
+            if self.purge is not None:
+                self.purge.refused(run, refused)
+                run.received.update(keys)
+                if rule is not None:
+                    aside.update(rule.aside)
+                # Set aside, and the peer holds the key after all (it sent a version): ours goes.
+                again = [key for key in aside if key in run.received]
+                for key in again:
+                    del aside[key]
+                if run.purge["pull_only"]:
+                    again = []
+            rule = self._rule(run)
+            out, records = await self._reply(message.entries, salt, REQUEST_META, REQUEST_RECORDS, rule)
+            if again:
+                records = [data for data in await self.in_thread(self._read, again) if data is not None] + records
+        if rule is not None:
+            aside.update(rule.aside)
+        for key, version in aside.items():
+            if key not in run.received:
+                self.purge.set_aside(run, key, version)
+
+    def _read(self, keys):
+        return [self.storage.get(*key) for key in keys]
 
     # -- status and metrics -------------------------------------------------
 

@@ -31,6 +31,14 @@ class KeyIndex:
                     uids.discard(uid)
                     self._sorted.pop(collection, None)
 
+    def forget(self, collection, uid):
+        """A uid no longer held at all (its tombstone purged)."""
+        with self._lock:
+            self._deleted.get(collection, set()).discard(uid)
+            if uid in self._live.get(collection, ()):
+                self._live[collection].discard(uid)
+                self._sorted.pop(collection, None)
+
     def is_live(self, collection, uid):
         with self._lock:
             return uid in self._live.get(collection, ())

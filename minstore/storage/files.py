@@ -222,6 +222,17 @@ class FileStorage(SQLiteStorage):
             log.error("could not write a record file ({error}); the catalog has it, the file is written at the next start", error=e)
             self._files_broken = True
 
+    def _after_purge(self, removed):
+        # Gone from the catalog already: a file left by a crash here is a
+        # tombstone's, which nothing reads (the catalog is what is served).
+        for collection, uid, _ in removed:
+            try:
+                os.remove(self.path_of(collection, uid))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warn("could not remove the purged tombstone's file of {collection}/{uid}: {error}", collection=collection, uid=uid, error=e)
+
     def write(self, batch, checkpoints=None):
         results = SQLiteStorage.write(self, batch, checkpoints)
         if self._unsynced_bytes >= self.checkpoint_bytes:

@@ -28,6 +28,7 @@ class MemoryStorage:
         self._checkpoints = {}
         self._last_seq = 0
         self._max_version = None
+        self._purged = None  # the highest version of a tombstone purged
         self._entries = {}  # (collection, field) -> sorted list of (key, uid)
         self._states = {}  # "COLLECTION:FIELD" -> [collection, field, state, seq, until_seq]
         self._fields = fields_by_collection([])
@@ -51,7 +52,11 @@ class MemoryStorage:
                 if condition == ABSENT and held is not None and not held.deleted:
                     results.append(None)
                     continue
-                if condition == NEWER and held is not None and held.version >= version:
+                if condition == NEWER and (
+                    held.version >= version
+                    if held is not None
+                    else self._purged is not None and version <= self._purged
+                ):
                     results.append(None)
                     continue
                 self._last_seq += 1
@@ -197,8 +202,38 @@ class MemoryStorage:
                 if seq > after and (not forwarded_only or self._rows[key].forward)
             )
 
+    def purge_tombstones(self, before_version, upto_seq, upto_forwarded_seq, limit):
+        removed = []
+        with self._lock:
+            top = max(upto_seq, upto_forwarded_seq)
+            for seq in self._seqs:
+                if seq > top or len(removed) >= limit:
+                    break
+                key = self._by_seq.get(seq)
+                if key is None:
+                    continue
+                row = self._rows[key]
+                if not row.deleted or row.version >= before_version:
+                    continue
+                if seq > upto_seq and not (row.forward and seq <= upto_forwarded_seq):
+                    continue
+                del self._rows[key]
+                del self._by_seq[seq]
+                self._index.forget(row.collection, row.uid)
+                removed.append((row.collection, row.uid, row.version))
+                if self._purged is None or row.version > self._purged:
+                    self._purged = row.version
+            if removed:
+                self._seqs = [s for s in self._seqs if s in self._by_seq]
+                self._sorted_keys = None
+        return removed
+
+    def purged_version(self):
+        return self._purged
+
     def scan_versions(self, after, upto, limit):
-        # Keys are never removed, so a key list as long as the rows is current.
+        # Keys are only removed by a purge (which drops the list), so a key
+        # list as long as the rows is current.
         with self._lock:
             keys = getattr(self, "_sorted_keys", None)
             if keys is None or len(keys) != len(self._rows):

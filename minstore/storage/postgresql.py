@@ -65,16 +65,22 @@ at open, refreshed after each of this node's commits (from the locked
 state row, so exactly), and every ``refresh_interval`` seconds by a
 background thread, which is how other nodes' writes show up in them.
 
-Connections: one per thread of the node's pool (so ``--threads`` sizes the
-pool), made on first use and made again after the database went away; an
-unreachable database fails reads and writes with 503
-(L{minstore.errors.ServiceUnavailable}) within ``connect_timeout`` or
-``statement_timeout`` seconds, a full disk or another error of the
-database with L{minstore.errors.StorageFailed} (507).
+Connections: a pool of at most ``pool_size`` (``--db-pool``, by default
+``--threads``), made on first use and made again after the database went
+away; each call leases one for its statement or transaction and gives it
+back.  A thread finding every connection leased waits for one, at most
+``pool_timeout`` seconds (by default ``statement_timeout``), then fails
+with 503 ``storage_busy``.  An unreachable database fails reads and writes
+with 503 (L{minstore.errors.ServiceUnavailable}) within
+``connect_timeout`` or ``statement_timeout`` seconds (``statement_timeout``
+and ``lock_timeout`` of every session, ``--db-timeout``), a full disk or
+another error of the database with L{minstore.errors.StorageFailed} (507).
 """
 
+import contextlib
 import os
 import threading
+import time
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from twisted.logger import Logger
@@ -302,6 +308,8 @@ class PostgreSQLStorage:
         statement_timeout=10.0,
         connect_timeout=5.0,
         driver=None,
+        pool_size=10,
+        pool_timeout=None,
     ):
         self.data_dir = os.path.abspath(data_dir)
         #: None: $MINSTORE_DSN; "": libpq's defaults (PGHOST, PGDATABASE, ... of the environment).
@@ -310,11 +318,24 @@ class PostgreSQLStorage:
         self.refresh_interval = refresh_interval
         self.statement_timeout = statement_timeout
         self.connect_timeout = connect_timeout
+        if int(pool_size) < 1:
+            raise ValueError("pool_size must be 1 or more, not %r" % (pool_size,))
+        #: Most connections to the database at once (leased by the calls).
+        self.pool_size = int(pool_size)
+        #: Most seconds a call waits for a connection while all are leased.
+        self.pool_timeout = statement_timeout if pool_timeout is None else pool_timeout
         self._driver_name = driver
         self.driver = None
+        #: The connection this thread leased (a nested lease reuses it).
         self._local = threading.local()
+        #: Every open connection, leased or idle; the idle ones, last returned last.
         self._conns = []
+        self._idle = []
         self._conns_lock = threading.Lock()
+        self._slots = threading.Semaphore(self.pool_size)
+        #: For status: calls that had to wait for a connection, and that gave up.
+        self.pool_waits = 0
+        self.pool_timeouts = 0
         self._state_lock = threading.Lock()
         self._last_seq = 0
         self._max_version = None
@@ -348,10 +369,9 @@ class PostgreSQLStorage:
     # -- connections ------------------------------------------------------
 
     def _connect(self):
-        options = "-c statement_timeout=%d -c lock_timeout=%d" % (
-            self.statement_timeout * 1000,
-            self.statement_timeout * 1000,
-        )
+        # In milliseconds, at least 1 (0 would turn the time-out off), at most PostgreSQL's int.
+        ms = max(1, min(2 ** 31 - 1, int(round(self.statement_timeout * 1000))))
+        options = "-c statement_timeout=%d -c lock_timeout=%d" % (ms, ms)
         try:
             conn = self.driver.connect(self.dsn, self.connect_timeout, options)
         except self.driver.module.Error as e:
@@ -368,19 +388,70 @@ class PostgreSQLStorage:
             self._conns.append(conn)
         return conn
 
-    def _conn(self):
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._connect()
-        return conn
+    @contextlib.contextmanager
+    def _lease(self):
+        """
+        A connection of the pool for the duration of the block: an idle one,
+        else a new one while the pool has fewer than ``pool_size``, else the
+        first one given back within ``pool_timeout`` seconds (503
+        ``storage_busy`` when none is).  Nested in the same thread, the same
+        connection.
+        """
+        held = getattr(self._local, "conn", None)
+        if held is not None:
+            yield held
+            return
+        if not self._slots.acquire(blocking=False):
+            self.pool_waits += 1
+            started = time.monotonic()
+            if not self._slots.acquire(timeout=self.pool_timeout):
+                self.pool_timeouts += 1
+                raise ServiceUnavailable(
+                    "storage_busy",
+                    "all %d connections to the database %s stayed busy for %.3g s (--db-pool, --db-timeout)"
+                    % (self.pool_size, self.describe(), time.monotonic() - started),
+                    headers={b"retry-after": b"1"},
+                )
+        try:
+            with self._conns_lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                conn = self._connect()
+            self._local.conn = conn
+            try:
+                yield conn
+            finally:
+                self._local.conn = None
+                with self._conns_lock:
+                    if conn in self._conns:  # not discarded (broken) nor closed meanwhile
+                        self._idle.append(conn)
+        finally:
+            self._slots.release()
+
+    def pool_status(self):
+        """The pool, for ``/_node/status``."""
+        with self._conns_lock:
+            open_, idle = len(self._conns), len(self._idle)
+        return {
+            "dsn": self.describe(),
+            "driver": self.driver.name if self.driver is not None else None,
+            "pool_size": self.pool_size,
+            "connections": open_,
+            "leased": open_ - idle,
+            "pool_waits": self.pool_waits,
+            "pool_timeouts": self.pool_timeouts,
+            "statement_timeout": self.statement_timeout,
+            "pool_timeout": self.pool_timeout,
+            "unavailable": self.unavailable,
+        }
 
     def _discard(self, conn):
-        """Forget a connection that broke: the thread's next call makes a new one."""
-        if getattr(self._local, "conn", None) is conn:
-            self._local.conn = None
+        """Forget a connection that broke: the next lease makes a new one."""
         with self._conns_lock:
             if conn in self._conns:
                 self._conns.remove(conn)
+            if conn in self._idle:
+                self._idle.remove(conn)
         try:
             conn.close()
         except Exception:
@@ -425,19 +496,19 @@ class PostgreSQLStorage:
     def _read(self, what, sql, args=()):
         """Rows of one read statement, in autocommit; reconnects once for a stale connection."""
         for attempt in (0, 1):
-            conn = self._conn()
-            try:
-                rows = self._rows(conn, sql, args)
-                self.unavailable = None
-                return rows
-            except self.driver.module.Error as e:
-                error = self._failed(conn, e, what)
-                if attempt or not isinstance(error, ServiceUnavailable):
-                    raise error
-            except OSError as e:
-                self._discard(conn)
-                if attempt:
-                    raise ServiceUnavailable("storage_unavailable", "the database is unavailable: %s" % (e,))
+            with self._lease() as conn:
+                try:
+                    rows = self._rows(conn, sql, args)
+                    self.unavailable = None
+                    return rows
+                except self.driver.module.Error as e:
+                    error = self._failed(conn, e, what)
+                    if attempt or not isinstance(error, ServiceUnavailable):
+                        raise error
+                except OSError as e:
+                    self._discard(conn)
+                    if attempt:
+                        raise ServiceUnavailable("storage_unavailable", "the database is unavailable: %s" % (e,))
 
     def _transaction(self, what, body, isolation=""):
         """
@@ -448,39 +519,39 @@ class PostgreSQLStorage:
         reconnected = False
         attempt = 0
         while True:
-            conn = self._conn()
-            committing = False
-            try:
-                self._run(conn, "BEGIN" + isolation)
-                result = body(conn)
-                committing = True
-                self._run(conn, "COMMIT")
-                self.unavailable = None
-                return result
-            except _Retry:
-                self._run(conn, "ROLLBACK")
-            except self.driver.module.Error as e:
-                state = self.driver.sqlstate(e)
-                error = self._failed(conn, e, what)
-                if state in RETRY_STATES and attempt < RETRIES:
-                    pass
-                elif isinstance(error, ServiceUnavailable) and not committing and not reconnected:
+            with self._lease() as conn:
+                committing = False
+                try:
+                    self._run(conn, "BEGIN" + isolation)
+                    result = body(conn)
+                    committing = True
+                    self._run(conn, "COMMIT")
+                    self.unavailable = None
+                    return result
+                except _Retry:
+                    self._run(conn, "ROLLBACK")
+                except self.driver.module.Error as e:
+                    state = self.driver.sqlstate(e)
+                    error = self._failed(conn, e, what)
+                    if state in RETRY_STATES and attempt < RETRIES:
+                        pass
+                    elif isinstance(error, ServiceUnavailable) and not committing and not reconnected:
+                        reconnected = True
+                        continue
+                    else:
+                        raise error
+                except OSError as e:
+                    self._discard(conn)
+                    if committing or reconnected:
+                        raise ServiceUnavailable("storage_unavailable", "the database is unavailable: %s" % (e,))
                     reconnected = True
                     continue
-                else:
-                    raise error
-            except OSError as e:
-                self._discard(conn)
-                if committing or reconnected:
-                    raise ServiceUnavailable("storage_unavailable", "the database is unavailable: %s" % (e,))
-                reconnected = True
-                continue
-            except BaseException:
-                try:
-                    self._run(conn, "ROLLBACK")
-                except Exception:
-                    self._discard(conn)
-                raise
+                except BaseException:
+                    try:
+                        self._run(conn, "ROLLBACK")
+                    except Exception:
+                        self._discard(conn)
+                    raise
             attempt += 1
             if attempt > RETRIES:
                 raise StorageFailed("%s: %s: gave up after %d retries" % (self.describe(), what, RETRIES))
@@ -496,9 +567,9 @@ class PostgreSQLStorage:
             raise StorageFailed(str(e))
         self._stop.clear()
         try:
-            conn = self._conn()
-            self._migrate(conn)
-            self._refresh(conn)
+            with self._lease() as conn:
+                self._migrate(conn)
+                self._refresh(conn)
         except ServiceUnavailable as e:
             self.close()
             raise StorageFailed(e.message)
@@ -548,13 +619,12 @@ class PostgreSQLStorage:
             self._refresher.join(10)
             self._refresher = None
         with self._conns_lock:
-            conns, self._conns = self._conns, []
+            conns, self._conns, self._idle = self._conns, [], []
         for conn in conns:
             try:
                 conn.close()
             except Exception:
                 pass
-        self._local = threading.local()
 
     # -- the memory values ------------------------------------------------
 
@@ -672,6 +742,19 @@ class PostgreSQLStorage:
         sql += " ORDER BY collection, uid LIMIT %s"
         args.append(limit)
         return [tuple(row) for row in self._read("scan_versions", sql, args)]
+
+    # -- tombstone purge ------------------------------------------------------
+
+    def purge_tombstones(self, before_version, upto_seq, upto_forwarded_seq, limit):
+        # Deliberately none: the database is one store for every node that
+        # shares it, and each of them has its own peers.  This node's peers
+        # confirming a tombstone says nothing of the others' peers, and a
+        # tombstone removed here is removed for all of them: a peer of
+        # another node still holding the old record would bring it back.
+        return []
+
+    def purged_version(self):
+        return None
 
     def checkpoints(self):
         rows = self._read("checkpoints", "SELECT peer, seq FROM minstore_checkpoints WHERE node = %s", (self.node_id,))

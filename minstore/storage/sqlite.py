@@ -64,6 +64,14 @@ CREATE TABLE IF NOT EXISTS records (
     data BLOB NOT NULL,
     UNIQUE (collection, uid)
 );
+-- The tombstones, for their purge (minstore.cluster.purge): a partial index
+-- that writes of live records never touch.
+CREATE INDEX IF NOT EXISTS tombstones ON records (seq) WHERE deleted = 1;
+-- A collection's changes in sequence order (/_changes?collection=, an index
+-- build on one collection): without it SQLite reads them through the
+-- (collection, uid) index and sorts the whole collection, 0.1 s a request at
+-- 200,000 records and a build quadratic in the collection's size.
+CREATE INDEX IF NOT EXISTS records_collection_seq ON records (collection, seq);
 CREATE TABLE IF NOT EXISTS checkpoints (peer TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
 CREATE TABLE IF NOT EXISTS live_counts (collection TEXT PRIMARY KEY, live INTEGER NOT NULL);
@@ -124,6 +132,7 @@ class SQLiteStorage:
         self._writer = None
         self._last_seq = 0
         self._max_version = None
+        self._purged = None  # the highest version of a tombstone purged (meta 'purged_version')
         self._live = {}  # collection -> live records
         self._states = {}  # "COLLECTION:FIELD" -> [collection, field, state, seq, until_seq]
         self._fields = fields_by_collection([])  # collection -> the fields indexed there
@@ -177,6 +186,8 @@ class SQLiteStorage:
         self._last_seq = _rows(conn, "SELECT COALESCE(MAX(seq), 0) FROM records")[0][0]
         rows = _rows(conn, "SELECT value FROM meta WHERE key = 'max_version'")
         self._max_version = rows[0][0] if rows else None
+        rows = _rows(conn, "SELECT value FROM meta WHERE key = 'purged_version'")
+        self._purged = rows[0][0] if rows else None
         # Kept in the batch's own transaction: counting the rows at open took
         # seconds at a million records.
         self._live = dict(_rows(conn, "SELECT collection, live FROM live_counts"))
@@ -314,7 +325,9 @@ class SQLiteStorage:
             if condition == ABSENT and was_live:
                 results.append(None)
                 continue
-            if condition == NEWER and held and held[0][1] >= version:
+            if condition == NEWER and (
+                held[0][1] >= version if held else self._purged is not None and version <= self._purged
+            ):
                 results.append(None)
                 continue
             seq += 1
@@ -365,6 +378,39 @@ class SQLiteStorage:
 
     def _after_commit(self, batch, results, existed):
         """A subclass's work once the batch is durable, still under the write lock."""
+
+    # -- tombstone purge ------------------------------------------------------
+
+    def purge_tombstones(self, before_version, upto_seq, upto_forwarded_seq, limit):
+        with self._lock:
+            removed, purged = self._transaction(self._purge, before_version, upto_seq, upto_forwarded_seq, limit)
+            self._purged = purged
+            if removed:
+                self._after_purge(removed)
+            return removed
+
+    def _purge(self, conn, before_version, upto_seq, upto_forwarded_seq, limit):
+        rows = _rows(
+            conn,
+            "SELECT seq, collection, uid, version FROM records INDEXED BY tombstones"
+            " WHERE deleted = 1 AND version < ? AND (seq <= ? OR (forward = 1 AND seq <= ?))"
+            " ORDER BY seq LIMIT ?",
+            (before_version, upto_seq, upto_forwarded_seq, limit),
+        )
+        purged = self._purged
+        for seq, _, _, version in rows:
+            _run(conn, "DELETE FROM records WHERE seq = ?", (seq,))
+            if purged is None or version > purged:
+                purged = version
+        if purged != self._purged:
+            _run(conn, "INSERT OR REPLACE INTO meta VALUES ('purged_version', ?)", (purged,))
+        return [(c, u, v) for _, c, u, v in rows], purged
+
+    def _after_purge(self, removed):
+        """A subclass's work once purged tombstones are gone from the catalog, under the write lock."""
+
+    def purged_version(self):
+        return self._purged
 
     @staticmethod
     def _replace_checkpoints(conn, checkpoints):
@@ -461,10 +507,12 @@ class SQLiteStorage:
         if collection != "*":
             sql += " AND collection = ?"
             args.append(collection)
+        entries = []
         for c, uid, data in _rows(conn, sql, args):
             key = record_keys(data, (field,)).get(field)
             if key is not None:
-                _run(conn, "INSERT OR IGNORE INTO idx VALUES (?, ?, ?, ?)", (c, field, key, uid))
+                entries.append((c, field, key, uid))
+        conn.executemany("INSERT OR IGNORE INTO idx VALUES (?, ?, ?, ?)", entries).close()
         _run(conn, "UPDATE idx_state SET seq = ?, state = ? WHERE spec = ?", (top, state, spec))
 
     def index_states(self):

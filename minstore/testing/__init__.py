@@ -1,4 +1,18 @@
 """
+What minstore's own tests use, shipped for the authors of engines and
+processes (the modules below import only the standard library, Twisted,
+treq and minstore):
+
+  - this module: the conformance suite of storage engines (below);
+  - L{minstore.testing.fakes}: L{FakeNetwork<minstore.testing.fakes.FakeNetwork>}
+    (a treq-like client that routes each host to an in-memory resource) and
+    L{Cluster<minstore.testing.fakes.Cluster>} (real nodes behind their real
+    API on one FakeNetwork and one Clock);
+  - L{minstore.launcher} (beside this package: standard library only): a
+    real ``twistd -n minstore`` child on a loopback port (its command line,
+    environment and health wait), used by the integration tests and by
+    C{bench/}.
+
 The conformance suite every storage engine passes
 (L{minstore.interfaces.IStorage}), shipped with the package so that the
 author of an engine runs the same tests as the built-in ones.
@@ -26,6 +40,7 @@ import json
 import signal
 import subprocess
 import sys
+from unittest import SkipTest
 
 from zope.interface.verify import verifyObject
 
@@ -589,6 +604,89 @@ class StorageContract(IndexContract):
             [("c", "a", V1), ("c", "b", V2), ("c", "c", V1)],
         )
 
+    # -- tombstone purge ------------------------------------------------------
+
+    def _purge_fixture(self, storage):
+        """Seqs 1-6: live a, tombstones b (V1, forwarded), c (V2, not forwarded), d (V3), live e; then f (V1)."""
+        storage.write([item("c", "a"), item("c", "b", version=V1, deleted=True)])
+        storage.write([item("c", "c", version=V2, deleted=True, forward=False), item("c", "d", version=V3, deleted=True)])
+        storage.write([item("c", "e", version=V2), item("c", "f", version=V1, deleted=True, forward=False)])
+        storage.scan_versions(None, None, 100)  # an engine that caches its key list must see the purge
+
+    def _held(self, storage):
+        return [tuple(r[:2]) for r in storage.scan_versions(None, None, 100)]
+
+    def test_purge_tombstones_by_version_sequence_and_forward(self):
+        """
+        purge_tombstones removes only tombstones, only below the version,
+        within upto_seq (or upto_forwarded_seq for forwarded ones), lowest
+        sequence first up to the limit; they leave get, the feed and
+        scan_versions; live records and counts stay.
+        """
+        storage = self.make_storage()
+        if getattr(storage, "shared", False):
+            raise SkipTest("a shared store purges nothing (test_shared_store_purges_nothing)")
+        self._purge_fixture(storage)
+        self.assertIsNone(storage.purged_version())
+        # Nothing below V1; then only what the sequence bounds allow.
+        self.assertEqual(storage.purge_tombstones(V1, 10, 10, 100), [])
+        # c (seq 3) is not forwarded: upto_forwarded_seq does not cover it; b (seq 2) is.
+        self.assertEqual(storage.purge_tombstones(V3, 1, 3, 100), [("c", "b", V1)])
+        self.assertEqual(storage.purged_version(), V1)
+        self.assertIsNone(storage.get("c", "b"))
+        self.assertIsNotNone(storage.get("c", "c"))
+        # The limit, lowest sequence first: c (3) before f (6); d (V3) is not below V3.
+        self.assertEqual(storage.purge_tombstones(V3, 10, 0, 1), [("c", "c", V2)])
+        self.assertEqual(storage.purged_version(), V2)
+        self.assertEqual(storage.purge_tombstones(V3, 10, 0, 100), [("c", "f", V1)])
+        self.assertEqual(storage.purged_version(), V2, "never lowered")
+        self.assertEqual(self._held(storage), [("c", "a"), ("c", "d"), ("c", "e")])
+        changes, _ = storage.changes(0, 100)
+        self.assertEqual([(c.uid, c.seq) for c in changes], [("a", 1), ("d", 4), ("e", 5)])
+        self.assertEqual(storage.count_changes(0), 3)
+        self.assertEqual(storage.count(), 2)
+        self.assertEqual(storage.collections(), ["c"])
+        self.assertEqual(uids_of(storage.list("c", None, None, 100)), ["a", "e"])
+        # The sequence goes on from where it was.
+        self.assertEqual(storage.write([item("c", "g")]), [7])
+
+    def test_newer_refused_below_purged_version(self):
+        """
+        After a purge, a NEWER item of a uid not held is stored only above
+        purged_version (it may be an older version of a purged tombstone's
+        record); over a held uid NEWER compares with what is held; an
+        unconditional write is stored.
+        """
+        storage = self.make_storage()
+        if getattr(storage, "shared", False):
+            raise SkipTest("a shared store purges nothing")
+        storage.write([item("c", "a", version=V2, deleted=True), item("c", "h", version=V1)])
+        self.assertEqual(storage.purge_tombstones(V3, 10, 10, 100), [("c", "a", V2)])
+        results = storage.write(
+            [
+                item("c", "a", version=V1, condition=NEWER),
+                item("c", "b", version=V2, condition=NEWER),
+                item("c", "z", version=V3, condition=NEWER),
+                item("c", "h", version=V2, condition=NEWER),
+            ]
+        )
+        self.assertEqual(results[:2], [None, None])
+        self.assertIsNotNone(results[2])
+        self.assertIsNotNone(results[3])
+        self.assertIsNone(storage.get("c", "a"))
+        self.assertIsNotNone(storage.write([item("c", "a", version=V1)])[0])
+        self.assertEqual(uids_of(storage.list("c", None, None, 100)), ["a", "h", "z"])
+
+    def test_shared_store_purges_nothing(self):
+        """An engine whose store nodes share (shared) removes no tombstone and has no purged_version."""
+        storage = self.make_storage()
+        if not getattr(storage, "shared", False):
+            raise SkipTest("not a shared store")
+        self._purge_fixture(storage)
+        self.assertEqual(storage.purge_tombstones(V3 + "~", 100, 100, 100), [])
+        self.assertIsNone(storage.purged_version())
+        self.assertEqual(len(self._held(storage)), 6)
+
 
 class DurableStorageContract:
     """
@@ -679,6 +777,19 @@ class DurableStorageContract:
             finally:
                 storage.close()
 
+    def test_purge_survives_reopen(self):
+        """Purged tombstones stay gone after a reopen, and purged_version is kept."""
+        storage = self.make_storage()
+        if getattr(storage, "shared", False):
+            raise SkipTest("a shared store purges nothing")
+        storage.write([item("c", "a"), item("c", "b", version=V2, deleted=True)])
+        self.assertEqual(len(storage.purge_tombstones(V3, 10, 10, 10)), 1)
+        storage = self.reopen_storage(storage)
+        self.assertIsNone(storage.get("c", "b"))
+        self.assertEqual(storage.purged_version(), V2)
+        self.assertEqual([tuple(r[:2]) for r in storage.scan_versions(None, None, 10)], [("c", "a")])
+        self.assertEqual(storage.write([item("c", "b", version=V1, condition=NEWER)]), [None])
+
     def test_index_state_survives_reopen(self):
         """
         A build cut short resumes where it was after a reopen; the indexes
@@ -766,6 +877,7 @@ def _load(module_class):
 #: "uid n" for each item once its batch's write() has returned.
 _CRASH_WRITER = r"""
 import sys
+from unittest import SkipTest
 from minstore.testing import _load
 from minstore.interfaces import WriteItem
 from minstore.records import encode_record, make_record
