@@ -108,7 +108,6 @@ _FIXED_ROUTES = {
     b"/_changes": "changes",
     b"/_node/sync": "sync",
     b"/_cluster/sync/ranges": "sync_ranges",
-    b"/_cluster/sync/records": "sync_records",
 }
 
 
@@ -413,7 +412,6 @@ class RecordAPI:
             "changes": ("changes", {b"GET": self.changes}),
             "sync": ("sync", {b"POST": self.sync_peers}),
             "sync_ranges": ("cluster", {b"POST": self.cluster.sync_ranges}),
-            "sync_records": ("cluster", {b"POST": self.cluster.sync_records}),
             "replicas": ("cluster", {b"POST": self.cluster.replicas}),
             "lookup": ("cluster", {b"GET": self.cluster.lookup, b"DELETE": self.cluster.lookup}),
             "collection": ("collection", {b"GET": self.list_records, b"POST": self.post_generated}),

@@ -40,6 +40,11 @@ from minstore.storage import available_engines, make_storage
 from minstore.storage.indexes import parse_declarations
 from minstore.tls import TLSConfigError, client_cert_endpoint
 
+
+#: A sync waits this many times as long as each chunk of its work took, so
+#: that clients keep their latency while it runs (bench/sync_bench.py --nodes).
+SYNC_PACE = 1.0
+
 log = Logger("minstore")
 
 
@@ -417,7 +422,7 @@ def makeService(config, reactor=None):
     )
     node_sync = Sync(
         node, sync_index, client, lambda: cluster.servers.peers, reactor, in_thread,
-        timeout=config["replication-timeout"], purge=purger,
+        timeout=config["replication-timeout"], pace=SYNC_PACE, purge=purger,
     )
     node.status_sections["sync"] = node_sync.status
     node.status_sections["purge"] = purger.status

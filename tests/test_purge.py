@@ -271,6 +271,33 @@ class HorizonTests(SynchronousTestCase):
         self.assertEqual(c.purger.status()["withheld"], 1)
         self.assertEqual(self.a.purger.status()["withheld"], 1)
 
+    def test_an_update_below_the_horizon_reaches_a_node_holding_the_key(self):
+        """
+        Only keys the other side does not hold are withheld: a newer version
+        of a key both hold, older than the horizon (an update replication
+        missed), still goes, whichever side syncs.
+        """
+        for initiator in ("holder", "updated"):
+            net = Net(self)
+            a, b = net.add("a", ["b"]), net.add("b", ["a"])
+            a.put(replica("k", 1, "one"))
+            a.write("x")
+            a.sync_with(b)
+            update = replica("k", 2, "two")
+            a.node.clock.observe(json.loads(update)["version"])
+            a.delete("x")  # the tombstone, and so the horizon, is newer than the update
+            a.sync_with(b)
+            b.sync_with(a)
+            net.advance(GRACE + 1)
+            self.assertEqual((a.purge(), b.purge()), (1, 1))
+            self.assertGreater(a.storage.purged_version(), json.loads(update)["version"])
+            self.assertTrue(b.put(update))
+            report = a.sync_with(b) if initiator == "holder" else b.sync_with(a)
+            self.assertIsNone(report["error"])
+            self.assertEqual(json.loads(a.storage.get("c", "k"))["value"], "two", initiator)
+            self.assertEqual(a.held(), b.held())
+            self.assertEqual((a.purger.status()["withheld"], b.purger.status()["withheld"]), (0, 0))
+
     def test_a_lookup_does_not_bring_it_back(self):
         """A peer's copy of a uid not held, at or below the horizon, does not count for a GET; a newer one does."""
         answers = {"x": Entry.parse(self.stale), "fresh": Entry.parse(replica("fresh", 10 ** 9))}
@@ -322,7 +349,7 @@ class HorizonTests(SynchronousTestCase):
 
     def test_malformed_horizon_fails_the_sync(self):
         """A peer whose horizon is not a version fails that sync."""
-        self.b.purger.wire = lambda: {"purged": 12}
+        self.b.purger.horizon = lambda: "9" * 201  # longer than any version
         report = self.a.sync_with(self.b)
         self.assertIn("purged", report["error"])
 

@@ -270,6 +270,79 @@ class ReconcileTests(SynchronousTestCase):
         self.assertLess(self.b.index.scanned - scanned[1], 1500)
 
 
+class BudgetTests(SynchronousTestCase):
+    def test_many_differences_few_round_trips(self):
+        """
+        50 differences of each kind among 30,000 records converge in at
+        most 5 round trips and under 300 bytes of metadata a difference.
+        """
+        net = Net(self)
+        a, b = net.add("a", ["b"]), net.add("b", ["a"])
+        n, d = 30000, 50
+        common = [replica("u%06d" % i, i) for i in range(n)]
+        a.load(common)
+        b.load(common)
+        picks = iter(range(0, n, n // (4 * d + 1)))
+        for i in range(d):
+            a.put(replica("only-a-%03d" % i, n + i), replica("u%06d" % next(picks), 10 ** 7 + i, "newer-a"))
+            b.put(replica("only-b-%03d" % i, n + i), replica("u%06d" % next(picks), 10 ** 7 + i, "newer-b"))
+            (a if i % 2 else b).put(tombstone("u%06d" % next(picks), 10 ** 7 + i))
+        expected = newest(a, b)
+        report = a.sync_with(b)
+        self.assertIsNone(report["error"])
+        self.assertEqual((a.held(), b.held()), (expected, expected))
+        self.assertEqual((report["pulled"], report["pushed"]), (2.5 * d, 2.5 * d))
+        self.assertLessEqual(report["round_trips"], 5)
+        self.assertLess(report["metadata_bytes"], 300 * 5 * d)
+        self.assertEqual(b.sync_with(a)["round_trips"], 1)
+
+    def test_paced(self):
+        """With a pace, a sync waits on the node's clock after each chunk of work, as long as it took (times the pace)."""
+        net = Net(self)
+        a, b = net.add("a", ["b"]), net.add("b", ["a"])
+        a.load([replica("u%05d" % i, i) for i in range(3000)])
+        ticks = iter(range(10 ** 6))
+        a.sync.now = lambda: next(ticks) * 0.01
+        a.sync.pace = 2.0
+        d = a.sync.sync(b.url)
+        waited = 0
+        while not d.called:
+            self.assertLess(waited, 100)
+            net.clock.advance(0.02)
+            waited += 1
+        self.assertGreater(waited, 1)
+        self.assertEqual(self.successResultOf(d)["pushed"], 3000)
+        self.assertEqual(a.held(), b.held())
+
+
+class CodecTests(SynchronousTestCase):
+    def test_round_trip(self):
+        """A message decodes to what was encoded: bounds (front-coded, any text), modes, counts, ids, records."""
+        rng = random.Random(7)
+        uids = sorted(set("".join(rng.choice("ab\u00e9\U0001f600/ \x00z") for _ in range(rng.randrange(1, 6))) for _ in range(300)))
+        keys = sorted(("c%d" % rng.randrange(3), u) for u in uids)
+        bounds = [BOTTOM] + sorted(set(keys)) + [TOP]
+        entries = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            mode = rng.choice([sync_module.FP, sync_module.IDS, sync_module.WANT, sync_module.FP])
+            if mode == sync_module.FP:
+                payload = (rng.randrange(10 ** 7), rng.getrandbits(32))
+            else:
+                payload = [rng.getrandbits(32) for _ in range(rng.randrange(5))]
+            entries.append((lo, hi, mode, payload))
+        records = [replica("r%d" % i, i) for i in range(5)]
+        body = sync_module.encode_message(12345, 3, entries, records)
+        message = sync_module.decode_message(body)
+        self.assertEqual((message.salt, message.stored, message.records), (12345, 3, records))
+        self.assertEqual(message.entries, entries)
+
+    def test_skips_merge(self):
+        """Consecutive settled ranges travel as one."""
+        entries = [(BOTTOM, ("c", "a"), 0, None), (("c", "a"), ("c", "b"), 0, None), (("c", "b"), TOP, 0, None)]
+        message = sync_module.decode_message(sync_module.encode_message(1, 0, entries, []))
+        self.assertEqual(message.entries, [(BOTTOM, TOP, 0, None)])
+
+
 class IndexTests(SynchronousTestCase):
     def test_fingerprints_match_a_scan(self):
         """
@@ -323,6 +396,9 @@ class BadPeerTests(SynchronousTestCase):
             b'{"ranges": [{"split": [[null, 1, "00"]]}]}',
             b'{"ranges": [{"split": [[["c", "z"], 1, "0000000000000000"], [["c", "a"], 1, "0000000000000000"]]}]}',
             b"x" * (sync_module.MAX_ANSWER + 1),
+            b"\x02" + b"\x00" * 8,
+            sync_module.encode_message(1, 0, [(BOTTOM, TOP, sync_module.SKIP, None)], []),  # another salt
+            sync_module.encode_message(1, 0, [(BOTTOM, ("c", "m"), sync_module.SKIP, None)], []),
         ]
         for body in answers:
             peer = self.bad_peer(body)
@@ -342,25 +418,30 @@ class BadPeerTests(SynchronousTestCase):
         self.assertIn("500", body["peers"][0]["error"])
 
     def test_split_that_never_ends(self):
-        """A peer that splits forever is cut off at the depth limit."""
+        """A peer that cuts every range forever, never agreeing, is cut off after MAX_DEPTH rounds."""
 
         class Splitter(Resource):
             isLeaf = True
 
             def render_POST(self, request):
-                ranges = json.loads(request.content.read())["ranges"]
-                answers = []
-                for lo, hi, n, fp in ranges:
-                    mid = [lo[0], lo[1] + "\x00"] if lo else ["c", ""]
-                    if hi is not None and mid >= hi:
-                        answers.append(0)
+                message = sync_module.decode_message(request.content.read())
+                out = []
+                for lo, hi, mode, payload in message.entries:
+                    if mode == sync_module.FP and hi != sync_module.TOP:
+                        mid = (hi[0], hi[1][:-1]) if len(hi[1]) > 1 and (hi[0], hi[1][:-1]) > lo else None
+                    else:
+                        mid = ("c", (lo[1] if lo else "") + "m") if mode == sync_module.FP else None
+                    if mid is None or not lo < mid < hi:
+                        out.append((lo, hi, sync_module.FP, (5, 1)))
                         continue
-                    answers.append({"split": [[mid, 5, "0000000000000001"], [hi, 5, "0000000000000002"]]})
-                return json.dumps({"ranges": answers}).encode()
+                    out.append((lo, mid, sync_module.FP, (5, 1)))
+                    out.append((mid, hi, sync_module.FP, (5, 2)))
+                return sync_module.encode_message(message.salt, 0, out, [])
 
         self.net.net.add(url("b"), Splitter())
         report = self.successResultOf(self.a.sync.sync(url("b")))
-        self.assertIn("split", report["error"])
+        self.assertIn("no agreement", report["error"])
+        self.assertEqual(report["round_trips"], sync_module.MAX_DEPTH + 1)
 
     def test_timeout(self):
         """A peer that never answers fails the sync after the time-out, on the node's clock."""
@@ -428,14 +509,36 @@ class RouteTests(SynchronousTestCase):
 
     def test_malformed_requests(self):
         """The peer's side answers a malformed sync message 400 bad_sync_message."""
-        bodies = [b"nope", b'{"ranges": [[null, null, -1, "0000000000000000"]]}', b'{"ranges": [[["c", "b"], ["c", "a"], 0, "0000000000000000"]]}', b'{"keys": 3}']
-        for path, body in zip(["ranges", "ranges", "ranges", "records"], bodies):
-            d = self.b.http.post(self.b.url + "/_cluster/sync/" + path, data=body, headers=JSON)
+        good = sync_module.encode_message(3, 0, [(BOTTOM, TOP, sync_module.FP, (0, 0))], [])
+        bodies = [
+            b"",
+            b"nope",
+            b'{"ranges": [[null, null, 0, "0000000000000000"]]}',
+            good[:-1],  # cut short
+            good + b"\0",  # trailing bytes
+            good[:1] + (2).to_bytes(8, "big") + good[9:],  # an even salt
+            good[:12] + b"\0" + good[13:],  # no ranges (after the stored count, the horizon and withheld)
+            good.replace(b"\x01\x00\x00\x00\x00\x00\x00", b"\x07\x00\x00\x00\x00\x00\x00"),  # unknown mode
+            sync_module.encode_message(3, 0, [(BOTTOM, ("c", "b"), 1, (1, 1)), (("c", "b"), ("c", "a"), 1, (1, 1)), (("c", "a"), TOP, 0, None)], []),
+            sync_module.encode_message(3, 0, [(BOTTOM, ("c", "x"), 0, None)], []),  # does not end at the top
+        ]
+        for body in bodies:
+            d = self.b.http.post(self.b.url + "/_cluster/sync/ranges", data=body, headers=JSON)
             self.b.http.flush()
             response = self.successResultOf(d)
             self.assertEqual(response.code, 400, body)
             error = json.loads(self.successResultOf(response.content()))
-            self.assertEqual(error["error"], "bad_sync_message")
+            self.assertEqual(error["error"], "bad_sync_message", body)
+        self.assertEqual(self.b.storage.get("c", "x"), None)
+
+    def test_malformed_record_in_a_message(self):
+        """A record in a message that is not one: 400, nothing stored."""
+        body = sync_module.encode_message(3, 0, [(BOTTOM, TOP, sync_module.SKIP, None)], [b"{not a record"])
+        d = self.b.http.post(self.b.url + "/_cluster/sync/ranges", data=body, headers=JSON)
+        self.b.http.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 400)
+        self.assertEqual(json.loads(self.successResultOf(response.content()))["error"], "bad_replica")
 
 
 class PeriodicTests(SynchronousTestCase):

@@ -16,8 +16,8 @@ The inter-node routes (served by L{minstore.cluster.routes}):
 * ``DELETE /_cluster/lookup/{collection}/{uid}?visited=id,id&newer_than=VERSION``:
   the same walk, deleting on the node that holds the record (only a copy
   newer than ``newer_than``: an older one is left for the tombstone's replica).
-* ``POST /_cluster/sync/ranges`` and ``POST /_cluster/sync/records``: a
-  round of sync's reconciliation, and the records it pulls (L{minstore.cluster.sync}).
+* ``POST /_cluster/sync/ranges``: a round of sync's reconciliation, records
+  both ways included (L{minstore.cluster.sync}).
 """
 
 import json
@@ -175,15 +175,9 @@ class PeerClient:
         return body
 
     async def sync_ranges(self, peer, body, timeout=None):
-        """POST a round of sync (JSON bytes) to a peer; its answer's bytes."""
+        """POST a round of sync (a binary message) to a peer; its answer's bytes."""
         _, answer = await self._call(
-            "POST", peer + "/_cluster/sync/ranges", timeout=timeout, data=body, headers={b"content-type": [b"application/json"]}
-        )
-        return answer
-
-    async def sync_records(self, peer, body, timeout=None):
-        """POST the keys sync pulls (JSON bytes) to a peer; its records, NDJSON bytes."""
-        _, answer = await self._call(
-            "POST", peer + "/_cluster/sync/records", timeout=timeout, data=body, headers={b"content-type": [b"application/json"]}
+            "POST", peer + "/_cluster/sync/ranges", timeout=timeout, data=body,
+            headers={b"content-type": [b"application/octet-stream"]}
         )
         return answer

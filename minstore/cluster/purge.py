@@ -35,10 +35,12 @@ purged (L{minstore.interfaces.IStorage.purged_version}), and
   push) of a uid it does not hold whose version is at or below it, in the
   same step as the write (L{minstore.interfaces.NEWER});
 * a lookup's answer from a peer for such a uid does not count;
-* a node tells its horizon in each answer of a sync round (``"purged"``),
-  and the node that syncs pushes none of its items that the peer does not
-  hold and whose version is at or below the peer's horizon, and pulls none
-  of the peer's that it does not hold at or below its own.
+* a node tells its horizon in the header of each sync message it sends
+  (both directions), and the node that syncs pushes none of its items that
+  the peer does not hold and whose version is at or below the peer's
+  horizon, and stores none of the peer's that it does not hold at or below
+  its own; the peer sends none of its items below the horizon of the node
+  that syncs where that node holds nothing at all (and says how many).
 
 Rejoining.  A node keeps, per peer, when it last had contact (the start of
 the last completed sync with it, the last replication send it acknowledged)
@@ -128,8 +130,8 @@ class MemoryState:
 
 class Purger:
     """
-    The confirmation rule, the purge runs, the sync hooks (``wire``,
-    ``sync_begins``, ``peer_said``, ``may_push``, ``may_pull``,
+    The confirmation rule, the purge runs, the sync hooks (``horizon``,
+    ``sync_begins``, ``peer_said``, ``set_aside``, ``refused``,
     ``sync_completed``) and the rejoining state; see the module's doc.
     """
 
@@ -326,10 +328,9 @@ class Purger:
 
     # -- the sync hooks (minstore.cluster.sync.Sync) --------------------------
 
-    def wire(self):
-        """What this node adds to each answer of a sync round: its purge horizon."""
-        purged = self.storage.purged_version()
-        return {} if purged is None else {"purged": purged}
+    def horizon(self):
+        """What this node tells in each sync message it sends: its purge horizon (None: nothing purged)."""
+        return self.storage.purged_version()
 
     def sync_begins(self, run):
         run.purge = dict(
@@ -341,35 +342,34 @@ class Purger:
             withheld=0,
         )
 
-    def peer_said(self, run, message):
-        """An answer's ``purged``: the peer's horizon (ValueError when malformed)."""
-        horizon = message.get("purged")
+    def peer_said(self, run, horizon, withheld=0):
+        """
+        An answer's header: the peer's horizon (None: it purged nothing;
+        ValueError when malformed), and how many records it did not send
+        because this node may have purged them (counted here, as withheld).
+        """
+        run.purge["withheld"] += withheld
         if horizon is None:
             return
-        if type(horizon) is not str or len(horizon) > MAX_HORIZON:
-            raise ValueError("purged: a version")
+        if type(horizon) is not str or not horizon or len(horizon) > MAX_HORIZON:
+            raise ValueError("purged: a version of at most %d characters" % MAX_HORIZON)
         if run.purge["horizon"] is None or horizon > run.purge["horizon"]:
             run.purge["horizon"] = horizon
 
-    def may_push(self, run, key, version, theirs):
-        """Whether to push our ``version`` of ``key``, the peer holding ``theirs`` (None: nothing)."""
-        p = run.purge
-        if theirs is None and p["horizon"] is not None and version <= p["horizon"]:
-            if p["pull_only"]:
-                p["retire"].append((key, version))
-            else:
-                p["withheld"] += 1
-            return False
-        return not p["pull_only"]
+    def set_aside(self, run, key, version):
+        """
+        Our ``version`` of ``key``, at or below the peer's horizon, that the
+        peer does not hold (the sync has completed without the peer sending
+        any version of it): taken for deleted while rejoining, else withheld.
+        """
+        if run.purge["pull_only"]:
+            run.purge["retire"].append((key, version))
+        else:
+            run.purge["withheld"] += 1
 
-    def may_pull(self, run, theirs):
-        """Of the peer's items that we do not hold (``{key: version}``), the keys to pull."""
-        purged = self.storage.purged_version()
-        if purged is None:
-            return list(theirs)
-        kept = [k for k, v in theirs.items() if v > purged]
-        run.purge["withheld"] += len(theirs) - len(kept)
-        return kept
+    def refused(self, run, count):
+        """``count`` records the peer sent not stored: keys not held here, at or below this node's horizon."""
+        run.purge["withheld"] += count
 
     async def sync_completed(self, run):
         """The sync with ``run.peer`` completed: retire what rejoining says, note the confirmation."""

@@ -10,8 +10,10 @@ from twisted.logger import Logger
 
 from minstore._util import JSON_TYPE
 from minstore._util import json_response as _json
-from minstore.cluster.peers import NDJSON
 from minstore.errors import BadRequest, PayloadTooLarge
+
+#: The content type of sync's messages (L{minstore.cluster.sync}).
+SYNC_TYPE = b"application/octet-stream"
 
 
 class ClusterAPI:
@@ -41,11 +43,7 @@ class ClusterAPI:
 
     def sync_ranges(self, request, collection=None, uid=None):
         """``POST /_cluster/sync/ranges``."""
-        return self._sync_answer(request, lambda body: self.sync.answer_ranges(body), JSON_TYPE)
-
-    def sync_records(self, request, collection=None, uid=None):
-        """``POST /_cluster/sync/records``."""
-        return self._sync_answer(request, lambda body: self.sync.answer_records(body), NDJSON)
+        return self._sync_answer(request, lambda body: self.sync.answer_ranges(body), SYNC_TYPE)
 
     def _sync_answer(self, request, answer, content_type):
         if self.sync is None:

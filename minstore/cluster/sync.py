@@ -1,36 +1,45 @@
 """
 Compare and synchronise (DESIGN section 4): range-based set reconciliation
-between two peers, in the spirit of negentropy (A. Meyer), then a pull and a
-push of the records that differ, through the node's replica path.
+between two peers, in the spirit of negentropy (A. Meyer); the records that
+differ travel in the same messages, through the node's replica path.
 
 The set.  What a node holds is the set of ``(collection, uid, version)`` of
 its records and tombstones, in ``(collection, uid)`` order (the storage's
 L{minstore.interfaces.IStorage.scan_versions}).  A range ``(lo, hi]`` (lo
-excluded, hi included; None on the wire: unbounded) has a fingerprint: the
+excluded, hi included; BOTTOM and TOP: unbounded) has a fingerprint: the
 number of items in it and the XOR of the first 8 bytes of the SHA-256 of
 each item.  Equal fingerprints: the two sides hold the same versions there.
 
-The exchange (``POST /_cluster/sync/ranges``).  The node that syncs (the
-initiator) sends ranges with its fingerprints; the peer answers each range:
+The exchange (``POST /_cluster/sync/ranges``), after negentropy: both
+sides answer a message alike (L{SyncIndex.reply}), so each message goes one
+level further down.  A message (binary, L{encode_message}) covers the key
+space with consecutive ranges, each given by its upper bound (front-coded
+against the previous one) and a mode:
 
-* ``0``: same fingerprint, nothing to do;
-* ``{"items": [[collection, uid, version], ...], "more": key}``: its items
-  there, when it holds at most L{ITEMS} of them, or when the initiator holds
-  none (then in pages of L{PAGE}, ``more`` the key the next page follows);
-* ``{"split": [[hi, n, fingerprint], ...]}``: it holds many and they differ:
-  the range cut in up to L{FANOUT} consecutive sub-ranges at its own
-  boundaries, with its fingerprints; the initiator drops the sub-ranges that
-  match its own and sends the others in the next round;
-* ``null``: not answered (the answer reached its size cap): ask again.
+* ``SKIP``: settled, nothing to say;
+* ``FP`` (count, fingerprint): what the sender holds there.  The receiver
+  answers SKIP when it holds the same; all its records there when the
+  sender holds none; its ids (``IDS``) when it holds at most L{LEAF}; else
+  the range cut into up to L{FANOUT} sub-ranges (at its block boundaries,
+  or at item quantiles when few) with their fingerprints;
+* ``IDS`` (ids): the sender's items there.  The receiver settles the range:
+  it sends the records whose ids the sender lacks, and answers ``WANT``
+  with the sender's ids it lacks (or SKIP);
+* ``WANT`` (ids): send these.  The receiver sends its records whose ids
+  are asked, as held now (after storing the records the message carried:
+  one it has just received a newer version of is not sent back).
 
-A range answered with items is settled by the initiator alone: it pulls the
-keys where the peer's version is newer or only the peer's (``POST
-/_cluster/sync/records`` answers their bytes, NDJSON), and pushes those
-where its own is newer or only its own (``POST /_cluster/replicas``, as
-replication does).  Both sides store what they receive with
-L{minstore.node.Node.apply_replicas}: byte for byte, only when newer than
-what is held (a tombstone included), in the storage's feed.  The peer keeps
-no state between requests.
+A message also carries records (pushes one way, pulls the other), stored
+with L{minstore.node.Node.apply_replicas} before the answer is worked out
+(byte for byte, only when newer than what is held, a tombstone included, in
+the storage's feed), and how many of the previous message's records were
+stored (the initiator's ``pushed``).  Fingerprints and ids are 4 bytes: the
+64-bit hashes cut through a random odd salt each sync chooses
+(multiply-shift, a universal hash), so that two different sets agree by
+chance with a probability of about 2^-31 a range, never twice the same way.
+The initiator starts with its own answer to "the whole key space differs"
+and stops when its answer would say nothing (every range SKIP, no record).
+Identical nodes: one round trip.  The peer keeps no state between requests.
 
 The fingerprints (L{SyncIndex}).  Each node cuts its key space into blocks
 at content-defined boundaries (a key whose CRC-32 is a multiple of L{BLOCK}
@@ -43,25 +52,41 @@ indexed range read) the next time a fingerprint needs it.  The first
 fingerprint (at start, in the thread pool) reads the whole key space once.
 A range that cuts a block reads the part it covers.
 
-Bounds.  Every request has a time-out on the node's clock; a request body
-this node sends is at most L{MAX_MESSAGE} bytes, an answer it accepts at
-most L{MAX_ANSWER}; an answer it cannot parse, or one that does not fit the
-ranges asked, fails that sync with a L{SyncError}, logged and counted, and
-stores nothing more.
+Bounds.  Every request has a time-out on the node's clock; a request this
+node sends holds at most L{REQUEST_META} bytes of ranges and
+L{REQUEST_RECORDS} of records, an answer at most L{ANSWER_META} and
+L{ANSWER_RECORDS} (past them, ranges are answered with fingerprints: asked
+again next round); an answer over L{MAX_ANSWER} bytes, one it cannot parse
+(L{decode_message}: counts, lengths, order of the bounds, modes, trailing
+bytes, the salt) or that carries a record that is not one fails that sync
+with a L{SyncError}, logged and counted, and stores nothing more; a peer that
+goes L{MAX_DEPTH} rounds without a record does not converge.  A malformed
+request is a 400 ``bad_sync_message``.
 
-Tombstones (L{minstore.cluster.purge}).  Each answer of a round carries
-the peer's purge horizon (``"purged"``, the highest version of a tombstone
-it purged, when it has purged any); the initiator pushes none of its items
-that the peer does not hold at or below that horizon (they may be records
-deleted there), pulls none that it does not hold at or below its own, and
-while it rejoins (away longer than the grace period) only pulls, and takes
-such items of its own for deleted.  A completed sync confirms to the
-purge that the peer holds every tombstone this node held when it began.
+Pacing.  Each side works a message out in the thread pool L{CHUNK} ranges
+at a time, and waits (on the node's clock) ``pace`` times as long as each
+chunk took, so that clients keep their latency while a sync runs.
+
+Tombstones (L{minstore.cluster.purge}).  Each message's header carries
+its sender's purge horizon (the highest version of a tombstone it purged;
+empty: none), both ways.  The initiator sends none of its items whose
+version is at or below the peer's horizon and whose key the peer is not
+known to hold (it sent no record of it in this sync: L{Withhold}); one
+set aside whose key the peer then sends goes in the next message, the
+others are withheld, or, while the node rejoins (its syncs send nothing),
+taken for deleted once the sync has completed.  The peer withholds such
+items only where the initiator holds nothing at all (a count of 0, no ids),
+and says how many in its header.  Each side drops a received record of a
+key it does not hold at or below its own horizon (the initiator counts
+them), and the storage's NEWER check refuses them too.  A completed sync
+confirms to the purge that the peer holds every tombstone this node held
+when it began.
 """
 
 import bisect
 import hashlib
 import json
+import random
 import threading
 import time
 import zlib
@@ -69,10 +94,11 @@ from collections import deque
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred, gatherResults, succeed
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.application.service import Service
 from twisted.logger import Logger
 
+from minstore.cluster.purge import MAX_HORIZON
 from minstore.errors import BadRequest
 
 #: Below every ``(collection, uid)``, and above every one (collection names are ASCII).
@@ -82,28 +108,43 @@ TOP = ("\U0010ffff",)
 BLOCK = 128
 #: Sub-ranges a differing range is cut into.
 FANOUT = 16
-#: A range holding at most this many items is answered with their list.
-ITEMS = 32
+#: A range holding at most this many items is answered with their ids.
+LEAF = 16
 #: A differing range holding at most this many is cut at item quantiles (read whole), not at blocks.
-SPLIT_BY_ITEMS = FANOUT * ITEMS * 4
-#: Items per answer to an initiator that holds none of a range.
-PAGE = 1000
-#: Ranges in one request.
-MAX_RANGES = 128
-#: Bytes of a request body this node sends (peers accept up to --max-record-size).
-MAX_MESSAGE = 256 * 1024
+SPLIT_BY_ITEMS = 512
+#: A list of ids (or wants) is settled against at most this many items held; more: the range is cut.
+SETTLE = 1024
+#: The modes of a range in a message.
+SKIP, FP, IDS, WANT = 0, 1, 2, 3
+#: Bytes of a fingerprint or an id on the wire.
+FP_BYTES = 4
+MASK64 = (1 << 64) - 1
+#: The first byte of a message: its format.
+MAGIC = b"\x03"
+#: Bounds of a message's parts.
+MAX_RANGES = 1 << 17
+MAX_IDS = 1 << 16
+MAX_RECORDS = 1 << 20
+MAX_KEY = 4096
+MAX_COUNT = 1 << 48
+#: About what one range costs in a message (for the budgets).
+ENTRY_COST = 10
+#: Bytes of a request body this node sends (peers accept up to --max-record-size):
+#: metadata and records.
+MAX_MESSAGE = 768 * 1024
+REQUEST_META = 192 * 1024
+REQUEST_RECORDS = 512 * 1024
 #: Bytes of an answer this node accepts from a peer.
 MAX_ANSWER = 4 * 1024 * 1024
-#: Bytes of items or records this node puts in one answer (past it: ``null``, ask again).
-ANSWER_BUDGET = 1024 * 1024
-#: Keys pulled or pushed in one request.
-TRANSFER_KEYS = 500
-#: Bytes of records pushed in one request.
-PUSH_BYTES = 512 * 1024
-#: Splits deeper than this are a peer that does not converge.
+#: Bytes of metadata and of records this node puts in one answer (past them: ranges answered with fingerprints).
+ANSWER_META = 1024 * 1024
+ANSWER_RECORDS = 1024 * 1024
+#: Rounds in a row without a record, past which a peer is said not to converge.
 MAX_DEPTH = 40
 #: Rows read from storage at a time.
 SCAN_CHUNK = 2048
+#: Ranges of a message worked out in one call to the thread pool.
+CHUNK = 256
 
 
 class SyncError(Exception):
@@ -258,7 +299,15 @@ class SyncIndex:
                     out.append((block.lo, block.hi, n, fp))
             else:
                 a, b = max(block.lo, lo), min(block.hi, hi)
-                out.append((a, b) + self._fold(a, b))
+                pieces = self._recompute(block) if dirty else [(block.lo, block.hi, n, fp)]
+                for p_lo, p_hi, m, f in pieces:
+                    if p_hi <= a or p_lo >= b:
+                        continue
+                    if p_lo >= a and p_hi <= b:
+                        out.append((p_lo, p_hi, m, f))
+                    else:
+                        pa, pb = max(p_lo, a), min(p_hi, b)
+                        out.append((pa, pb) + self._fold(pa, pb))
         return out
 
     @staticmethod
@@ -283,7 +332,7 @@ class SyncIndex:
         """``(lo, hi]`` holding ``n`` items cut into up to FANOUT ``(hi, n, fp)``."""
         parts = []
         if n <= SPLIT_BY_ITEMS:
-            pass  # cut at item quantiles: the parts then hold about ITEMS each
+            pass  # cut at item quantiles: the parts then hold about LEAF each
         elif len(segments) > FANOUT:
             target = n / FANOUT
             count, fp = 0, 0
@@ -301,99 +350,340 @@ class SyncIndex:
         # Few items, or within one block: cut at item quantiles.
         items = list(self._scan(lo, hi))
         if len(items) < 2:
-            return None
-        count = max(2, min(FANOUT, -(-len(items) // ITEMS)))
+            return [(hi,) + self._total([(lo, hi, len(items), _fold_items(items))])]
+        count = max(2, min(FANOUT, -(-len(items) // LEAF)))
         parts, start = [], 0
         for k in range(count):
             end = len(items) * (k + 1) // count
             if end <= start:
                 continue
-            fp = 0
-            for c, u, v in items[start:end]:
-                fp ^= item_hash(c, u, v)
-            parts.append(((items[end - 1][0], items[end - 1][1]), end - start, fp))
+            parts.append(((items[end - 1][0], items[end - 1][1]), end - start, _fold_items(items[start:end])))
             start = end
         last = parts[-1]
         parts[-1] = (hi, last[1], last[2])
         return parts
 
-    def answer(self, ranges):
-        """The peer's side of a round: the answers to ``[(lo, hi, n, fp)]`` (see the module's doc)."""
-        out, budget = [], ANSWER_BUDGET
-        for lo, hi, their_n, their_fp in ranges:
-            if budget <= 0:
-                out.append(None)
+    def reply(self, entries, salt, meta_budget, record_budget, rule=None):
+        """
+        One side's answer to the other's ranges (see the module's doc):
+        ``(out, records, meta, size)``, ``out`` a list of ``(lo, hi, mode,
+        payload)``, ``records`` the bytes to send, ``meta`` and ``size``
+        what they cost (about).  ``rule`` (a L{Withhold}), when given,
+        decides which records may be sent (the purge horizon).
+        """
+        out, records = [], []
+        meta = size = 0
+        for lo, hi, mode, payload in entries:
+            if mode == SKIP:
+                out.append((lo, hi, SKIP, None))
                 continue
             segments = self.segments(lo, hi)
             n, fp = self._total(segments)
-            if n == their_n and fp == their_fp:
-                out.append(0)
+            short = shorten(fp, salt)
+            if mode == FP and payload == (n, short):
+                out.append((lo, hi, SKIP, None))
                 continue
-            if n <= ITEMS or their_n == 0:
-                items, more = [], None
-                for c, u, v in self._scan(lo, hi):
-                    if len(items) == PAGE:
-                        more = [items[-1][0], items[-1][1]]
-                        break
-                    items.append([c, u, v])
-                answer = {"items": items, "more": more}
-                budget -= sum(len(c) + len(u) + len(v) + 12 for c, u, v in items)
-                out.append(answer)
+            if meta >= meta_budget or size >= record_budget:
+                # Out of room: say what is held here; they compare again next round.
+                out.append((lo, hi, FP, (n, short)))
+                meta += ENTRY_COST
                 continue
-            parts = self.split(lo, hi, segments, n)
-            if parts is None:  # fewer items than the count said: written meanwhile
-                out.append(None)
+            if mode != FP and n > SETTLE:
+                # A list against many here: cut the range instead.
+                mode, payload = FP, ((len(payload), None) if mode == IDS else None)
+            if mode == FP:
+                if payload is not None and payload[0] == 0:
+                    # They hold nothing here: everything held, as far as it fits.
+                    sent, done, last = self._records_of(
+                        self._scan(lo, hi), records, record_budget - size, rule, exact=True
+                    )
+                    size += sent
+                    if done:
+                        out.append((lo, hi, SKIP, None))
+                    elif last is None:
+                        out.append((lo, hi, FP, (n, short)))
+                    else:
+                        rest_n, rest_fp = self.fingerprint(last, hi)
+                        out.append((lo, last, SKIP, None))
+                        out.append((last, hi, FP, (rest_n, shorten(rest_fp, salt))))
+                    meta += ENTRY_COST
+                elif n <= LEAF:
+                    ids = [shorten(item_hash(c, u, v), salt) for c, u, v in self._scan(lo, hi)]
+                    out.append((lo, hi, IDS, ids))
+                    meta += ENTRY_COST + FP_BYTES * len(ids)
+                else:
+                    start = lo
+                    for b, m, f in self.split(lo, hi, segments, n):
+                        out.append((start, b, FP, (m, shorten(f, salt))))
+                        start = b
+                        meta += ENTRY_COST
                 continue
-            out.append({"split": [[key_json(b), m, fp_hex(f)] for b, m, f in parts]})
-            budget -= 64 * len(parts)
-        return out
+            held = [(shorten(item_hash(c, u, v), salt), (c, u, v)) for c, u, v in self._scan(lo, hi)]
+            if mode == IDS:
+                # Settle: send what they lack (or hold another version of), want what we lack.
+                theirs = set(payload)
+                items = [item for h, item in held if h not in theirs]
+                mine = set(h for h, _ in held)
+                wants = [h for h in payload if h not in mine]
+            else:  # WANT: the records asked, of the versions held now
+                wanted = set(payload)
+                items = [item for h, item in held if h in wanted]
+                wants = []
+            # An empty list of ids: they hold nothing here (known exactly).
+            sent, done, _ = self._records_of(
+                items, records, record_budget - size, rule, exact=(mode == IDS and not payload)
+            )
+            size += sent
+            if not done:
+                out.append((lo, hi, FP, (n, short)))
+                meta += ENTRY_COST
+            elif wants:
+                out.append((lo, hi, WANT, wants))
+                meta += ENTRY_COST + FP_BYTES * len(wants)
+            else:
+                out.append((lo, hi, SKIP, None))
+        return out, records, meta, size
 
-    def records(self, keys):
-        """The peer's side of a pull: the bytes held of the keys, up to ANSWER_BUDGET (at least one)."""
-        out, size = [], 0
-        for collection, uid in keys:
-            data = self.storage.get(collection, uid)
+    def _records_of(self, items, records, budget, rule=None, exact=False):
+        """
+        Append the bytes held of ``items`` (``(collection, uid, version)``)
+        to ``records``, in order, up to ``budget`` bytes, those that ``rule``
+        lets go (``exact``: the other side holds nothing in their range):
+        ``(bytes, all sent, the last key sent)``.
+        """
+        size, last = 0, None
+        for item in items:
+            key = (item[0], item[1])
+            if rule is not None and not rule.may_send(key, item[2], exact):
+                continue
+            data = self.storage.get(*key)
             if data is None:
                 continue
-            if out and size + len(data) > ANSWER_BUDGET:
-                break
-            out.append(data)
+            if size + len(data) > budget:
+                return size, False, last
+            records.append(data)
             size += len(data)
-        return out
+            last = key
+        return size, True, last
 
 
-def parse_ranges_request(body):
-    """``[(lo, hi, n, fp)]`` from an initiator's message; BadRequest when malformed."""
+class Withhold:
+    """
+    Which of its records one side of a sync may send (the purge horizon,
+    L{minstore.cluster.purge}): none of an item that the other side may
+    have purged, the version at or below the other side's ``horizon`` and
+    the key not known to be held there (``held``: the keys the other side
+    sent records of in this sync).  Such items are set ``aside`` instead.
+    With ``exact_only`` (the peer's side), only where the other side is
+    known to hold nothing in the range (it said so: a count of 0, no ids);
+    elsewhere the other side (the node that syncs) judges what it receives.
+    With ``pull_only`` (a rejoining node), no record is sent at all.
+    """
+
+    def __init__(self, horizon, exact_only=False, pull_only=False, held=frozenset()):
+        self.horizon = horizon
+        self.exact_only = exact_only
+        self.pull_only = pull_only
+        self.held = held
+        #: ``(key, version)`` not sent, being at or below the horizon.
+        self.aside = []
+
+    def may_send(self, key, version, exact):
+        if (
+            self.horizon is not None
+            and version <= self.horizon
+            and key not in self.held
+            and (exact or not self.exact_only)
+        ):
+            self.aside.append((key, version))
+            return False
+        return not self.pull_only
+
+
+def _fold_items(items):
+    fp = 0
+    for c, u, v in items:
+        fp ^= item_hash(c, u, v)
+    return fp
+
+
+def shorten(h, salt):
+    """A 64-bit hash cut to FP_BYTES, through the sync's salt (multiply-shift: a universal hash)."""
+    return ((h * salt) & MASK64) >> (64 - 8 * FP_BYTES)
+
+
+def key_bytes(key):
+    return ("%s\0%s" % key).encode("utf-8")
+
+
+def _varint(out, n):
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+
+
+class Message:
+    """
+    A decoded sync message: its salt, the count the sender stored, the
+    sender's purge horizon (None: nothing purged) and how many records it
+    withheld below the receiver's, its ranges and records.
+    """
+
+    def __init__(self, salt, stored, entries, records, horizon=None, withheld=0):
+        self.salt = salt
+        self.stored = stored
+        self.horizon = horizon
+        self.withheld = withheld
+        #: ``(lo, hi, mode, payload)``, consecutive from BOTTOM to TOP.
+        self.entries = entries
+        self.records = records
+
+    @property
+    def record_bytes(self):
+        return sum(len(r) for r in self.records)
+
+
+def encode_message(salt, stored, entries, records, horizon=None, withheld=0):
+    """The bytes of a message (see the module's doc); consecutive SKIPs are merged."""
+    out = bytearray(MAGIC)
+    out += salt.to_bytes(8, "big")
+    _varint(out, stored)
+    purged = horizon.encode("utf-8") if horizon is not None else b""
+    _varint(out, len(purged))
+    out += purged
+    _varint(out, withheld)
+    merged = []
+    for lo, hi, mode, payload in entries:
+        if mode == SKIP and merged and merged[-1][1] == SKIP:
+            merged[-1] = (hi, SKIP, None)
+        else:
+            merged.append((hi, mode, payload))
+    _varint(out, len(merged))
+    previous = b""
+    for hi, mode, payload in merged:
+        if hi == TOP:
+            _varint(out, 0)
+        else:
+            kb = key_bytes(hi)
+            shared = 0
+            limit = min(len(kb), len(previous))
+            while shared < limit and kb[shared] == previous[shared]:
+                shared += 1
+            _varint(out, shared + 1)
+            _varint(out, len(kb) - shared)
+            out += kb[shared:]
+            previous = kb
+        out.append(mode)
+        if mode == FP:
+            _varint(out, payload[0])
+            out += payload[1].to_bytes(FP_BYTES, "big")
+        elif mode in (IDS, WANT):
+            _varint(out, len(payload))
+            for h in payload:
+                out += h.to_bytes(FP_BYTES, "big")
+    _varint(out, len(records))
+    for data in records:
+        _varint(out, len(data))
+        out += data
+    return bytes(out)
+
+
+class _Reader:
+    def __init__(self, data):
+        self.data = data
+        self.pos = 0
+
+    def take(self, n):
+        if self.pos + n > len(self.data):
+            raise ValueError("the message ends early")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def varint(self, limit):
+        n = shift = 0
+        while True:
+            if self.pos >= len(self.data):
+                raise ValueError("the message ends early")
+            byte = self.data[self.pos]
+            self.pos += 1
+            n |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                break
+            shift += 7
+            if shift > 63:
+                raise ValueError("a number is too long")
+        if n > limit:
+            raise ValueError("a number over %d" % limit)
+        return n
+
+
+def decode_message(data):
+    """A L{Message} from bytes; ValueError when malformed or over the bounds."""
+    if len(data) > MAX_ANSWER:
+        raise ValueError("%d bytes (at most %d)" % (len(data), MAX_ANSWER))
+    r = _Reader(data)
+    if r.take(len(MAGIC)) != MAGIC:
+        raise ValueError("not a sync message of format %d" % MAGIC[0])
+    salt = int.from_bytes(r.take(8), "big")
+    if not salt & 1:
+        raise ValueError("the salt is even")
+    stored = r.varint(MAX_RECORDS)
+    purged = r.take(r.varint(MAX_KEY))
     try:
-        message = json.loads(body)
-        ranges = message["ranges"]
-        if type(ranges) is not list or len(ranges) > MAX_RANGES:
-            raise ValueError("ranges: a list of at most %d" % MAX_RANGES)
-        out = []
-        for r in ranges:
-            if type(r) is not list or len(r) != 4:
-                raise ValueError("a range is [lo, hi, n, fingerprint]")
-            lo, hi = parse_key(r[0], BOTTOM), parse_key(r[1], TOP)
-            if not lo < hi:
-                raise ValueError("a range's lo is below its hi")
-            out.append((lo, hi) + parse_fingerprint(r[2], r[3]))
-        return out
-    except (ValueError, KeyError, TypeError) as e:
-        raise BadRequest("bad_sync_message", "not a sync message: %s" % (e,))
+        horizon = purged.decode("utf-8") if purged else None
+    except UnicodeDecodeError:
+        raise ValueError("the purge horizon is not UTF-8")
+    withheld = r.varint(MAX_RECORDS)
+    count = r.varint(MAX_RANGES)
+    if count == 0:
+        raise ValueError("no ranges")
+    entries, lo, previous = [], BOTTOM, b""
+    for k in range(count):
+        shared = r.varint(len(previous) + 1)
+        if shared == 0:
+            hi = TOP
+        else:
+            suffix = r.take(r.varint(MAX_KEY))
+            kb = previous[: shared - 1] + suffix
+            if kb <= previous:
+                raise ValueError("ranges out of order")
+            try:
+                text = kb.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError("a bound is not UTF-8")
+            if "\0" not in text:
+                raise ValueError("a bound is not collection and uid")
+            c, u = text.split("\0", 1)
+            hi = (c, u)
+            previous = kb
+        if (hi == TOP) != (k == count - 1):
+            raise ValueError("the ranges do not end at the top")
+        mode = r.take(1)[0]
+        if mode == SKIP:
+            payload = None
+        elif mode == FP:
+            payload = (r.varint(MAX_COUNT), int.from_bytes(r.take(FP_BYTES), "big"))
+        elif mode in (IDS, WANT):
+            payload = [int.from_bytes(r.take(FP_BYTES), "big") for _ in range(r.varint(MAX_IDS))]
+        else:
+            raise ValueError("unknown mode %d" % mode)
+        entries.append((lo, hi, mode, payload))
+        lo = hi
+    records = [r.take(r.varint(MAX_ANSWER)) for _ in range(r.varint(MAX_RECORDS))]
+    if r.pos != len(data):
+        raise ValueError("%d bytes after the message" % (len(data) - r.pos))
+    return Message(salt, stored, entries, records, horizon, withheld)
 
 
-def parse_keys_request(body):
-    try:
-        keys = json.loads(body)["keys"]
-        if type(keys) is not list or len(keys) > TRANSFER_KEYS:
-            raise ValueError("keys: a list of at most %d" % TRANSFER_KEYS)
-        return [parse_key(k, None) for k in keys if k is not None]
-    except (ValueError, KeyError, TypeError) as e:
-        raise BadRequest("bad_sync_message", "not a sync message: %s" % (e,))
+def is_idle(entries, records):
+    """Nothing left to say: every range settled, no record to send."""
+    return not records and all(mode == SKIP for _, _, mode, _ in entries)
 
 
 class _Run:
-    """One sync with one peer: its figures, and the keys waiting to be pulled or pushed."""
+    """One sync with one peer: its figures."""
 
     def __init__(self, peer):
         self.peer = peer
@@ -402,8 +692,6 @@ class _Run:
         self.record_bytes = 0
         self.pulled = 0
         self.pushed = 0
-        self.to_pull = []
-        self.to_push = []
 
     def report(self, seconds, error=None):
         return {
@@ -426,10 +714,15 @@ class Sync:
 
     log = Logger()
 
-    def __init__(self, node, index, client, peers, clock, in_thread, timeout=10.0, now=time.perf_counter, purge=None):
+    def __init__(
+        self, node, index, client, peers, clock, in_thread, timeout=10.0, now=time.perf_counter, pace=0.0, purge=None
+    ):
         """
         @param peers: a callable giving the node's current peer URLs.
         @param timeout: seconds each request to a peer may take.
+        @param pace: after each chunk of work in the thread pool, wait this
+            many times as long as it took (on ``clock``), so that clients
+            keep their latency while a sync runs (0: no wait).
         @param purge: the node's L{minstore.cluster.purge.Purger}, or None (tombstones never purged).
         """
         self.purge = purge
@@ -442,23 +735,94 @@ class Sync:
         self.in_thread = in_thread
         self.timeout = timeout
         self.now = now
+        self.pace = pace
         self.last = {}  # peer -> its last report, with when and counters
         self._running = {}  # peer -> Deferred of the report, while one runs
         node.commit_observers.append(index)
 
+    # -- both sides -------------------------------------------------------------
+
+    def horizon(self):
+        """This node's purge horizon, told in each message it sends."""
+        return self.purge.horizon() if self.purge is not None else None
+
+    def _screen(self, records):
+        """
+        In a thread: the peer's ``records`` as ``(kept, keys, refused)``:
+        those to store, the ``(collection, uid)`` of each (the peer holds
+        them), and how many were left out, being of a key not held here at
+        or below this node's horizon (the storage's NEWER check refuses them
+        too: the last guard).  A record that does not parse is kept (its
+        store fails, bad_replica).
+        """
+        purged = self.storage.purged_version()
+        kept, keys, refused = [], [], 0
+        for data in records:
+            try:
+                record = json.loads(data)
+                key, version = (record["collection"], record["uid"]), record["version"]
+                if type(key[0]) is not str or type(key[1]) is not str or type(version) is not str:
+                    raise TypeError("not a record")
+            except (ValueError, KeyError, TypeError):
+                kept.append(data)
+                continue
+            keys.append(key)
+            if purged is not None and version <= purged and self.storage.get(*key) is None:
+                refused += 1
+                continue
+            kept.append(data)
+        return kept, keys, refused
+
+    async def _apply(self, records):
+        """Store a peer's records (only the newer); ``(how many stored, their keys, how many refused)``."""
+        if not records:
+            return 0, [], 0
+        kept, keys, refused = await self.in_thread(self._screen, records)
+        if not kept:
+            return 0, keys, refused
+        results = await gatherResults(self.node.apply_replicas(kept), consumeErrors=True).addErrback(
+            lambda f: f.value.subFailure
+        )
+        return sum(1 for stored in results if stored), keys, refused
+
+    async def _reply(self, entries, salt, meta_budget, record_budget, rule=None):
+        """This side's answer to a message's ranges, worked out in the thread pool a chunk at a time (paced)."""
+        out, records, meta, size = [], [], 0, 0
+        for i in range(0, len(entries), CHUNK):
+            start = self.now()
+            o, r, m, s = await self.in_thread(
+                self.index.reply, entries[i : i + CHUNK], salt, meta_budget - meta, record_budget - size, rule
+            )
+            out.extend(o)
+            records.extend(r)
+            meta += m
+            size += s
+            if self.pace:
+                await deferLater(self.clock, (self.now() - start) * self.pace, lambda: None)
+        return out, records
+
     # -- the peer's side -------------------------------------------------------
 
     def answer_ranges(self, body):
-        ranges = parse_ranges_request(body)
-        d = self.in_thread(self.index.answer, ranges)
-        extra = self.purge.wire() if self.purge is not None else {}
-        return d.addCallback(lambda answers: json.dumps(dict(extra, ranges=answers)).encode("utf-8"))
+        """Deferred bytes: the answer to an initiator's message (BadRequest when it is malformed)."""
+        try:
+            message = decode_message(body)
+        except ValueError as e:
+            raise BadRequest("bad_sync_message", "not a sync message: %s" % (e,))
 
-    def answer_records(self, body):
-        keys = parse_keys_request(body)
-        return self.in_thread(self.index.records, keys).addCallback(
-            lambda records: b"".join(r + b"\n" for r in records)
-        )
+        horizon = message.horizon
+        if horizon is not None and len(horizon) > MAX_HORIZON:
+            raise BadRequest("bad_sync_message", "not a sync message: purged: a version of at most %d characters" % MAX_HORIZON)
+
+        async def answer():
+            stored, _, _ = await self._apply(message.records)
+            # Records the node that syncs may have purged are not sent where
+            # it holds nothing; elsewhere it judges what it receives.
+            rule = Withhold(horizon, exact_only=True)
+            out, records = await self._reply(message.entries, message.salt, ANSWER_META, ANSWER_RECORDS, rule)
+            return encode_message(message.salt, stored, out, records, self.horizon(), len(rule.aside))
+
+        return ensureDeferred(answer())
 
     # -- the initiator's side ------------------------------------------------
 
@@ -536,169 +900,71 @@ class Sync:
             raise SyncError("%s answered %d bytes (at most %d)" % (run.peer, len(answer), MAX_ANSWER))
         return answer
 
+    def _rule(self, run):
+        """What this node may send the peer now (None: no purge, everything)."""
+        if self.purge is None:
+            return None
+        p = run.purge
+        return Withhold(p["horizon"], pull_only=p["pull_only"], held=run.received)
+
     async def _reconcile(self, run):
-        # (lo, hi, depth, our fingerprint or None)
-        pending = deque([(BOTTOM, TOP, 0, None)])
-        while pending:
-            batch = [pending.popleft() for _ in range(min(MAX_RANGES, len(pending)))]
-            missing = [(lo, hi) for lo, hi, _, fp in batch if fp is None]
-            computed = iter(await self.in_thread(self.index.fingerprints, missing) if missing else ())
-            batch = [(lo, hi, depth, fp if fp is not None else next(computed)) for lo, hi, depth, fp in batch]
-            body = json.dumps(
-                {"ranges": [[key_json(lo), key_json(hi), fp[0], fp_hex(fp[1])] for lo, hi, _, fp in batch]}
-            ).encode("utf-8")
+        salt = random.getrandbits(64) | 1
+        #: Keys the peer sent a record of (it holds them); ours set aside, below its horizon.
+        run.received = set()
+        aside = {}
+        rule = self._rule(run)
+        out, records = await self._reply([(BOTTOM, TOP, FP, None)], salt, REQUEST_META, REQUEST_RECORDS, rule)
+        stored = idle = 0
+        while not is_idle(out, records):
+            body = encode_message(salt, stored, out, records, self.horizon())
+            sent = sum(len(r) for r in records)
             answer = await self._ask(run, self.client.sync_ranges, body)
-            run.metadata_bytes += len(body) + len(answer)
             try:
-                message = json.loads(answer)
-                answers = message["ranges"]
-                if type(answers) is not list or len(answers) != len(batch):
-                    raise ValueError("not one answer per range")
+                message = decode_message(answer)
+                if message.salt != salt:
+                    raise ValueError("another sync's salt")
+                if message.stored > len(records):
+                    raise ValueError("%d stored of %d sent" % (message.stored, len(records)))
                 if self.purge is not None:
-                    self.purge.peer_said(run, message)
-            except (ValueError, KeyError, TypeError) as e:
-                raise SyncError("malformed answer from %s: %s" % (run.peer, e))
-            subranges = []
-            for (lo, hi, depth, mine), a in zip(batch, answers):
-                try:
-                    if a == 0 and type(a) is int:
-                        continue
-                    if a is None:
-                        pending.append((lo, hi, depth, mine))
-                    elif type(a) is dict and "items" in a:
-                        items, more = self._parse_items(a, lo, hi, mine)
-                        await self._settle(run, lo, more or hi, items)
-                        if more is not None:
-                            pending.append((more, hi, depth, (0, 0)))
-                    elif type(a) is dict and "split" in a:
-                        if depth >= MAX_DEPTH:
-                            raise ValueError("ranges split %d times" % depth)
-                        subranges.extend(self._parse_split(a["split"], lo, hi, depth + 1))
-                    else:
-                        raise ValueError("unknown answer %r" % (a,))
-                except (ValueError, KeyError, TypeError) as e:
-                    raise SyncError("malformed answer from %s: %s" % (run.peer, str(e)[:200]))
-            if subranges:
-                ours = await self.in_thread(self.index.fingerprints, [(lo, hi) for lo, hi, _, _, _ in subranges])
-                for (lo, hi, depth, theirs_n, theirs_fp), mine in zip(subranges, ours):
-                    if mine == (theirs_n, theirs_fp):
-                        continue
-                    if theirs_n == 0:
-                        await self._settle(run, lo, hi, [])
-                    else:
-                        pending.append((lo, hi, depth, mine))
-            await self._transfer(run, final=False)
-        await self._transfer(run, final=True)
+                    self.purge.peer_said(run, message.horizon, message.withheld)
+            except ValueError as e:
+                raise SyncError("malformed answer from %s: %s" % (run.peer, str(e)[:200]))
+            received = message.record_bytes
+            run.metadata_bytes += len(body) - sent + len(answer) - received
+            run.record_bytes += sent + received
+            run.pushed += message.stored
+            try:
+                stored, keys, refused = await self._apply(message.records)
+            except BadRequest as e:
+                raise SyncError("%s sent a record that is not one: %s" % (run.peer, e))
+            run.pulled += stored
+            idle = 0 if (records or message.records) else idle + 1
+            if idle > MAX_DEPTH:
+                raise SyncError("%s: no agreement after %d rounds without a record" % (run.peer, idle))
+            again = []
+            if self.purge is not None:
+                self.purge.refused(run, refused)
+                run.received.update(keys)
+                if rule is not None:
+                    aside.update(rule.aside)
+                # Set aside, and the peer holds the key after all (it sent a version): ours goes.
+                again = [key for key in aside if key in run.received]
+                for key in again:
+                    del aside[key]
+                if run.purge["pull_only"]:
+                    again = []
+            rule = self._rule(run)
+            out, records = await self._reply(message.entries, salt, REQUEST_META, REQUEST_RECORDS, rule)
+            if again:
+                records = [data for data in await self.in_thread(self._read, again) if data is not None] + records
+        if rule is not None:
+            aside.update(rule.aside)
+        for key, version in aside.items():
+            if key not in run.received:
+                self.purge.set_aside(run, key, version)
 
-    @staticmethod
-    def _parse_items(a, lo, hi, mine):
-        more = parse_key(a.get("more"), None)
-        raw = a["items"]
-        if type(raw) is not list:
-            raise ValueError("items: not a list")
-        items, previous = [], lo
-        for it in raw:
-            if type(it) is not list or len(it) != 3 or type(it[2]) is not str:
-                raise ValueError("an item is [collection, uid, version]")
-            key = parse_key(it[:2], None)
-            if not previous < key <= hi:
-                raise ValueError("items out of order or out of their range")
-            items.append((key, it[2]))
-            previous = key
-        if more is not None:
-            if mine[0] != 0 or not items or more != items[-1][0] or not more < hi:
-                raise ValueError("a page of items where none was asked")
-        return items, more
-
-    @staticmethod
-    def _parse_split(raw, lo, hi, depth):
-        if type(raw) is not list or not 2 <= len(raw) <= 4 * FANOUT:
-            raise ValueError("split: 2 to %d sub-ranges" % (4 * FANOUT))
-        out, previous = [], lo
-        for k, part in enumerate(raw):
-            if type(part) is not list or len(part) != 3:
-                raise ValueError("a sub-range is [hi, n, fingerprint]")
-            bound = parse_key(part[0], TOP)
-            if k == len(raw) - 1:
-                if bound != hi:
-                    raise ValueError("the last sub-range does not end the range")
-            elif not previous < bound < hi:
-                raise ValueError("sub-ranges out of order or out of their range")
-            n, fp = parse_fingerprint(part[1], part[2])
-            out.append((previous, bound, depth, n, fp))
-            previous = bound
-        return out
-
-    async def _settle(self, run, lo, hi, theirs):
-        """``(lo, hi]`` where the peer holds ``theirs``: note what to pull and push."""
-        theirs = dict(theirs)
-        after = _bound(lo, BOTTOM)
-        upto = _bound(hi, TOP)
-        while True:
-            rows = await self.in_thread(self.storage.scan_versions, after, upto, SCAN_CHUNK)
-            for c, u, v in rows:
-                key = (c, u)
-                other = theirs.pop(key, None)
-                if other is None or v > other:
-                    if self.purge is None or self.purge.may_push(run, key, v, other):
-                        run.to_push.append(key)
-                elif v < other:
-                    run.to_pull.append(key)
-            if len(rows) < SCAN_CHUNK:
-                break
-            after = (rows[-1][0], rows[-1][1])
-            await self._transfer(run, final=False)
-        run.to_pull.extend(theirs if self.purge is None else self.purge.may_pull(run, theirs))
-
-    async def _transfer(self, run, final):
-        while len(run.to_pull) >= TRANSFER_KEYS or (final and run.to_pull):
-            keys, run.to_pull = run.to_pull[:TRANSFER_KEYS], run.to_pull[TRANSFER_KEYS:]
-            await self._pull(run, keys)
-        while len(run.to_push) >= TRANSFER_KEYS or (final and run.to_push):
-            keys, run.to_push = run.to_push[:TRANSFER_KEYS], run.to_push[TRANSFER_KEYS:]
-            await self._push(run, keys)
-
-    async def _pull(self, run, keys):
-        while keys:
-            body = json.dumps({"keys": [list(k) for k in keys]}).encode("utf-8")
-            answer = await self._ask(run, self.client.sync_records, body)
-            run.metadata_bytes += len(body)
-            lines = [line for line in answer.split(b"\n") if line.strip()]
-            if not lines:
-                return  # the peer holds none of them (any more)
-            run.record_bytes += sum(len(line) for line in lines)
-            got = set()
-            for line in lines:
-                try:
-                    record = json.loads(line)
-                    got.add((record["collection"], record["uid"]))
-                except (ValueError, KeyError, TypeError):
-                    raise SyncError("%s sent a record that is not one: %r" % (run.peer, line[:100]))
-            results = await gatherResults(self.node.apply_replicas(lines), consumeErrors=True).addErrback(
-                lambda f: f.value.subFailure
-            )
-            run.pulled += len(results)
-            rest = [k for k in keys if k not in got]
-            if len(rest) == len(keys):
-                raise SyncError("%s sent records that were not asked" % (run.peer,))
-            keys = rest
-
-    def _read_records(self, keys):
-        return [data for data in (self.storage.get(c, u) for c, u in keys) if data is not None]
-
-    async def _push(self, run, keys):
-        records = await self.in_thread(self._read_records, keys)
-        while records:
-            batch, size = [], 0
-            while records and (not batch or size + len(records[0]) <= PUSH_BYTES):
-                batch.append(records.pop(0))
-                size += len(batch[-1])
-            d = ensureDeferred(self.client.send_replicas(run.peer, batch, timeout=self.timeout))
-            d.addTimeout(self.timeout, self.clock)
-            await d
-            run.round_trips += 1
-            run.record_bytes += size
-            run.pushed += len(batch)
+    def _read(self, keys):
+        return [self.storage.get(*key) for key in keys]
 
     # -- status and metrics -------------------------------------------------
 
