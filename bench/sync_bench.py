@@ -95,8 +95,8 @@ def nodes_main(args):
     import time as _time
 
     sys.path.insert(0, HERE)
-    from run import THREAD_ID_LUA, Server, free_port, parse_wrk, request
-    from scale import cached_data_dir
+    from run import Server, free_port, parse_wrk, request
+    from scale import GET_LUA, cached_data_dir
     from minstore.records import HybridLogicalClock, encode_record, make_record, make_tombstone
     from minstore.storage import make_storage
 
@@ -175,7 +175,7 @@ def nodes_main(args):
 
     lua = os.path.join(work, "get.lua")
     with open(lua, "w") as f:
-        f.write(THREAD_ID_LUA + GET_LUA)
+        f.write(GET_LUA % {"collection": "c"})  # scale.py's random GETs, in collection c
 
     def wrk(name, seconds):
         out = subprocess.run(["wrk", "-t2", "-c16", "-d%ds" % seconds, "--timeout", "10s", "--latency", "-s", lua,
@@ -238,17 +238,6 @@ def nodes_main(args):
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-
-GET_LUA = r"""
-function init(args)
-  n = tonumber(args[1])
-  math.randomseed(os.time() * 1000 + id * 7919)
-  for i = 1, 10 do math.random() end
-end
-function request()
-  return wrk.format("GET", string.format("/c/u%07d", math.random(n)))
-end
-"""
 
 
 def main():
