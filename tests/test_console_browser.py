@@ -51,7 +51,7 @@ def http(method, url, body=None, headers=()):
 
 
 class ConsoleBrowserTests(NodeTestMixin, TestCase):
-    timeout = 180
+    timeout = 300
 
     def setUp(self):
         missing = _missing()
@@ -252,6 +252,11 @@ class ConsoleBrowserTests(NodeTestMixin, TestCase):
             self.assertFalse(find("fretry").is_displayed())
             self.assertEqual(find("fvalue").get_attribute("value"), "1965")
             self.assertEqual(find("fieldcol").text, "value.year")
+            # The other indexes are built after this one (some 25 s more at
+            # 5 records a second, longer on a loaded machine): the rest of the
+            # walk needs them all, so it waits for the node to say they are ready.
+            WebDriverWait(driver, 120, poll_frequency=1).until(lambda d: all(
+                s["state"] == "ready" for s in http("GET", node.url + "/_node/status")[1]["indexes"].values()))
 
             # Only the fields indexed in this collection are offered (a *
             # declaration included, not another collection's), so the UI
