@@ -392,6 +392,9 @@ class RecordAPI:
         #: The cache strategy's front (``cache=1``), when the node has dependants.
         self.front = front
         self.metrics = node.metrics
+        # Requests of clients (not of peers) seen so far: a sync gives way
+        # to them (L{minstore.cluster.sync.Sync}'s ``clients``).
+        self.client_requests = 0
 
     def resource(self) -> Resource:
         """The resource tree of the API (what a Site serves)."""
@@ -430,6 +433,8 @@ class RecordAPI:
 
     def _track(self, request, route):
         start = time.perf_counter()
+        if route != "cluster":
+            self.client_requests += 1
         method = request.method.decode("ascii", "replace")
 
         def done(_):

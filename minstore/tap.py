@@ -448,6 +448,7 @@ def makeService(config, reactor=None):
         sync_timeout=config["sync-timeout"],
         node_sync=node_sync,
     )
+    node_sync.clients = lambda: api.client_requests
     site.resource = GuardResource(guard, api.resource())
     site.max_body = config["max-record-size"]
     root = NodeRoot(

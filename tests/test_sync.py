@@ -315,6 +315,43 @@ class BudgetTests(SynchronousTestCase):
         self.assertEqual(a.held(), b.held())
 
 
+    def test_paced_only_while_clients_come(self):
+        """
+        With the node's client count given, a chunk during which no client
+        request came is not followed by a wait (the sync ends without the
+        clock moving); one during which clients came is.
+        """
+        net = Net(self)
+        a, b = net.add("a", ["b"]), net.add("b", ["a"])
+        a.load([replica("u%05d" % i, i) for i in range(3000)])
+        ticks = iter(range(10 ** 6))
+        a.sync.now = lambda: next(ticks) * 0.01
+        a.sync.pace = 2.0
+        a.sync.clients = lambda: a.api.client_requests
+        d = a.sync.sync(b.url)
+        self.assertEqual(self.successResultOf(d)["pushed"], 3000)
+
+        b.load([replica("v%05d" % i, i) for i in range(3000)])
+        # A client request (a GET through the API) during every chunk.
+        work = a.sync.in_thread
+
+        def with_a_client(f, *args):
+            a.http.get(a.url + "/c/u00001")
+            return work(f, *args)
+
+        a.sync.in_thread = with_a_client
+        d = a.sync.sync(b.url)
+        self.assertNoResult(d)
+        waited = 0
+        while not d.called:
+            self.assertLess(waited, 100)
+            net.clock.advance(0.02)
+            waited += 1
+        self.assertEqual(self.successResultOf(d)["pulled"], 3000)
+        self.assertGreater(a.api.client_requests, 0)
+        self.assertEqual(a.held(), b.held())
+
+
 class CodecTests(SynchronousTestCase):
     def test_round_trip(self):
         """A message decodes to what was encoded: bounds (front-coded, any text), modes, counts, ids, records."""

@@ -65,7 +65,8 @@ request is a 400 ``bad_sync_message``.
 
 Pacing.  Each side works a message out in the thread pool L{CHUNK} ranges
 at a time, and waits (on the node's clock) ``pace`` times as long as each
-chunk took, so that clients keep their latency while a sync runs.
+chunk took, so that clients keep their latency while a sync runs; a chunk
+during which no client request came is not followed by a wait.
 
 Tombstones (L{minstore.cluster.purge}).  Each message's header carries
 its sender's purge horizon (the highest version of a tombstone it purged;
@@ -715,7 +716,8 @@ class Sync:
     log = Logger()
 
     def __init__(
-        self, node, index, client, peers, clock, in_thread, timeout=10.0, now=time.perf_counter, pace=0.0, purge=None
+        self, node, index, client, peers, clock, in_thread, timeout=10.0, now=time.perf_counter, pace=0.0, purge=None,
+        clients=None,
     ):
         """
         @param peers: a callable giving the node's current peer URLs.
@@ -723,6 +725,9 @@ class Sync:
         @param pace: after each chunk of work in the thread pool, wait this
             many times as long as it took (on ``clock``), so that clients
             keep their latency while a sync runs (0: no wait).
+        @param clients: a callable giving how many client requests the node
+            has seen so far; when given, a chunk during which none came is
+            not followed by a wait (nobody to give way to).
         @param purge: the node's L{minstore.cluster.purge.Purger}, or None (tombstones never purged).
         """
         self.purge = purge
@@ -736,6 +741,7 @@ class Sync:
         self.timeout = timeout
         self.now = now
         self.pace = pace
+        self.clients = clients
         self.last = {}  # peer -> its last report, with when and counters
         self._running = {}  # peer -> Deferred of the report, while one runs
         node.commit_observers.append(index)
@@ -790,6 +796,7 @@ class Sync:
         out, records, meta, size = [], [], 0, 0
         for i in range(0, len(entries), CHUNK):
             start = self.now()
+            seen = self.clients() if self.clients is not None else None
             o, r, m, s = await self.in_thread(
                 self.index.reply, entries[i : i + CHUNK], salt, meta_budget - meta, record_budget - size, rule
             )
@@ -797,7 +804,7 @@ class Sync:
             records.extend(r)
             meta += m
             size += s
-            if self.pace:
+            if self.pace and (seen is None or self.clients() != seen):
                 await deferLater(self.clock, (self.now() - start) * self.pace, lambda: None)
         return out, records
 
