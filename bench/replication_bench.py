@@ -207,6 +207,22 @@ class Cluster:
             shutil.rmtree(self.work, ignore_errors=True)
         return False
 
+    def settled_counts(self, names=("A", "B", "C"), timeout=10.0):
+        """
+        The nodes' record counts once they agree (or at the time-out).  A
+        backlog of 0 can be read while A still commits writes wrk sent
+        before it stopped (their connections closed, the writes go on):
+        those then reach the receivers a moment later, so the counts are
+        read again, with the backlogs, until they agree.
+        """
+        start = time.monotonic()
+        while True:
+            counts = [self[n].status()["records"] for n in names]
+            if len(set(counts)) <= 1 or time.monotonic() - start > timeout:
+                return counts
+            time.sleep(0.1)
+            self.wait_drained()
+
     def wait_drained(self, timeout=120.0):
         """Seconds until every node's backlog to every peer is 0 (None: not within timeout)."""
         start = time.monotonic()
@@ -585,8 +601,7 @@ def run_throughput_once(args, script, name, graph):
             figures["cpu_ms_machine"] = 1000.0 * (machine_after - machine_before) / requests
         if len(graph) > 1:
             figures["drain_seconds"] = cluster.wait_drained()
-            counts = [cluster[n].status()["records"] for n in ("A", "B", "C")]
-            figures["records"] = counts
+            figures["records"] = cluster.settled_counts()
         log("   %-13s %8.0f req/s  p50 %6.1f ms  p99 %6.1f ms  CPU ms per POST %s, nodes %.2f, machine %.2f%s%s" % (
             name, figures["rps"], figures.get("p50", float("nan")), figures.get("p99", float("nan")),
             " ".join("%s %.2f" % kv for kv in sorted(figures["cpu_ms_per_post"].items())),
