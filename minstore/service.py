@@ -1,5 +1,6 @@
 """The long-lived parts of a node, as Twisted services."""
 
+import gc
 import os
 import sys
 
@@ -9,6 +10,19 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from minstore.api import BoundedChannel, BoundedRequest
+
+
+def freeze_start_up_objects():
+    """
+    Move what start-up made (modules, Twisted, the language model, the
+    services) out of the cyclic GC's sight (CPython's ``gc.freeze``; PyPy
+    has none): its full collections then walk only what serving makes,
+    not the ~200,000 objects that live as long as the process.
+    """
+    freeze = getattr(gc, "freeze", None)
+    if freeze is not None:
+        gc.collect()
+        freeze()
 
 
 class NodeRoot(MultiService):
@@ -63,6 +77,7 @@ class NodeRoot(MultiService):
                 self.cluster.startService()
             for service in self.extras:
                 service.startService()
+            freeze_start_up_objects()
             self.port.startService()
         except BaseException as e:
             fail_start(e)

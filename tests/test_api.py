@@ -3,6 +3,7 @@ The HTTP API of DESIGN section 3, through real HTTP in memory (StubTreq)
 against a node on the memory engine.
 """
 
+import gc
 import hashlib
 import json
 import re
@@ -13,7 +14,7 @@ from openapi_spec_validator import validate as validate_openapi
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from minstore import __version__
 from minstore.api import RecordAPI
@@ -909,6 +910,50 @@ class ProcessTests(APITestCase):
             self.http.flush()
         for d, uid in zip(first + rest, "abcde"):
             self.assertRecord(self.successResultOf(d), "books", uid, uid.upper())
+
+    def test_reads_that_miss_the_cache_together_share_a_hop(self):
+        """
+        GETs that miss the read cache while two reads are in the thread pool
+        go to the storage together, in the next hop: under load a read costs
+        its share of a hop, not a hop.
+        """
+        threads = self.threads
+        self.use_node(Node(MemoryStorage(), (), node_id="node1", now=self.time, in_thread=threads, read_cache_bytes=0))
+        for uid in "abcde":
+            self.post("/books/%s" % uid, uid)
+        reads = lambda: [len(args[0]) for f, args, _ in threads.pending]
+        first = [self.start("GET", "/books/%s" % uid) for uid in "ab"]
+        self.http.flush()
+        self.assertEqual(reads(), [1, 1])
+        rest = [self.start("GET", "/books/%s" % uid) for uid in "cde"]
+        self.http.flush()
+        self.assertEqual(reads(), [1, 1])
+        threads.run_one()
+        self.http.flush()
+        self.assertEqual(reads(), [1, 3])
+        for _ in range(3):
+            threads.flush()
+            self.http.flush()
+        for d, uid in zip(first + rest, "abcde"):
+            self.assertRecord(self.successResultOf(d), "books", uid, uid)
+
+    def test_read_cache_holds_nothing_the_cyclic_gc_walks(self):
+        """
+        The read cache keeps records as tuples of bytes, str, bool and int,
+        which CPython's cyclic GC stops tracking: a cache of 100,000 records
+        adds nothing to its full collections.
+        """
+        if not hasattr(gc, "is_tracked") or not hasattr(gc, "freeze"):
+            raise SkipTest("CPython's gc.is_tracked")
+        self.post("/books/a", "x")
+        self.post("/books/b", "y")
+        self.assertEqual(self.get("/books/b").code, 200)
+        gc.collect()
+        gc.collect()
+        held = list(self.node._cache._entries.items())
+        self.assertEqual(len(held), 2)
+        self.assertEqual([(k, gc.is_tracked(k), gc.is_tracked(v)) for k, v in held],
+                         [(k, False, False) for k, _ in held])
 
     def test_threaded_process_before_a_reactor_process_has_a_hop_of_its_own(self):
         """The configured order holds: a threaded process followed by one that is not runs first, in the pool."""
