@@ -599,6 +599,40 @@ class PeriodicTests(SynchronousTestCase):
         self.assertEqual(a.sync.last[url("b")]["syncs"], 2)
 
 
+class WarmTests(SynchronousTestCase):
+    def test_fingerprints_read_at_start_with_peers(self):
+        """A node with peers reads its fingerprints when it starts, so that its first sync is quick."""
+        net = Net(self)
+        a = net.add("a", ["b"])
+        net.add("b")
+        calls = []
+        real = a.sync.in_thread
+        a.sync.in_thread = lambda f, *args: calls.append(f) or real(f, *args)
+        service = SyncService(a.sync, 0, net.clock)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(calls, [a.sync.index.warm])
+
+    def test_no_read_at_start_without_peers(self):
+        """
+        A node without peers does not spend a core reading fingerprints
+        while it starts serving; a peer's sync reads them when it needs them.
+        """
+        net = Net(self)
+        a = net.add("a")
+        b = net.add("b", ["a"])
+        calls = []
+        real = a.sync.in_thread
+        a.sync.in_thread = lambda f, *args: calls.append(f) or real(f, *args)
+        service = SyncService(a.sync, 0, net.clock)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(calls, [])
+        a.put(replica("x", 100))
+        b.sync_with(a)
+        self.assertIsNotNone(b.storage.get("c", "x"))
+
+
 class SQLiteSyncTests(SynchronousTestCase):
     def test_between_engines(self):
         """A memory node and a SQLite node agree on key order and converge."""

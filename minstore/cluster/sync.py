@@ -1002,9 +1002,14 @@ class Sync:
 
 class SyncService(Service):
     """
-    At start, reads the fingerprints once (in the thread pool); with an
-    interval, syncs with every peer in turn, then waits the interval
-    (the reactor's clock), errors logged.
+    At start, when the node has peers, reads the fingerprints once (in the
+    thread pool); with an interval, syncs with every peer in turn, then
+    waits the interval (the reactor's clock), errors logged.
+
+    A node without peers reads them when a sync first needs them (a peer
+    that lists it): the read takes about 11 s of a core at 1,000,000
+    records, which a node that may never sync should not spend while it
+    starts serving.
     """
 
     log = Logger()
@@ -1028,9 +1033,12 @@ class SyncService(Service):
                 seconds=time.perf_counter() - start,
             )
 
-        self._warm = self.sync.in_thread(self.sync.index.warm).addCallbacks(
-            warmed, lambda f: self.log.failure("reading the sync index failed", f)
-        )
+        if not list(self.sync.peers()):
+            self.log.info("sync index: no peers, read when a sync first needs it")
+        else:
+            self._warm = self.sync.in_thread(self.sync.index.warm).addCallbacks(
+                warmed, lambda f: self.log.failure("reading the sync index failed", f)
+            )
         if self.interval:
             self._loop = LoopingCall(self._round)
             self._loop.clock = self.clock
