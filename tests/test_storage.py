@@ -5,6 +5,7 @@ The storage engines: the IStorage contract for each, and what only the
 
 import json
 import os
+import threading
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -237,6 +238,32 @@ class FileStorageTests(SynchronousTestCase):
             self.assertEqual(f.read(), data)
         self.assertTrue(os.path.exists(os.path.join(self.data, "records", "books", "gone")))
         self.assertEqual(second.get("books", "dune"), data)
+
+    def test_a_write_does_not_wait_for_the_files_checkpoint(self):
+        """
+        The write that crosses checkpoint_bytes returns before the record
+        files are synced (its batch is durable in the catalog already); the
+        sync runs in a thread of its own, and then the checkpoint is noted.
+        """
+        from minstore.storage import files
+
+        storage = self.open()
+        storage.checkpoint_bytes = 1
+        started, release = threading.Event(), threading.Event()
+
+        def slow_syncfs(path):
+            started.set()
+            release.wait(30)
+
+        self.patch(files, "syncfs", slow_syncfs)
+        data = record("books", "a", 1)
+        self.assertEqual(storage.write([w("books", "a", data)]), [1])
+        self.assertTrue(started.wait(30))
+        self.assertEqual(storage._files_seq(), 0)  # not synced yet, and the write has returned
+        self.assertEqual(storage.get("books", "a"), data)
+        release.set()
+        storage._background.join(30)
+        self.assertEqual(storage._files_seq(), 1)
 
     def test_reads_come_from_the_catalog(self):
         """A record file damaged by hand changes nothing that the node serves."""
