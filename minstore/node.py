@@ -463,7 +463,10 @@ class Node:
 
     def cached(self, collection: str, uid: str) -> Optional[Entry]:
         """The L{Entry} of a uid when the read cache has it, else None."""
-        hit = self._cache.get((collection, uid))
+        return self._recall((collection, uid))
+
+    def _recall(self, key):
+        hit = self._cache.get(key)
         return Entry(hit[0], *hit[1]) if hit is not None else None
 
     def _remember(self, key, entry):
@@ -477,9 +480,9 @@ class Node:
     def read(self, collection: str, uid: str) -> "Deferred[Optional[Entry]]":
         """Deferred L{Entry} of a record or tombstone held here, or None."""
         key = (collection, uid)
-        hit = self._cache.get(key)
+        hit = self._recall(key)
         if hit is not None:
-            return succeed(Entry(hit[0], *hit[1]))
+            return succeed(hit)
         seq = self._commit_seq
 
         def parsed(data):

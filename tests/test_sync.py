@@ -600,17 +600,22 @@ class PeriodicTests(SynchronousTestCase):
 
 
 class WarmTests(SynchronousTestCase):
+    def start_recording(self, node, net):
+        """Start a SyncService on ``node``; the functions it sends to the thread pool."""
+        calls = []
+        real = node.sync.in_thread
+        node.sync.in_thread = lambda f, *args: calls.append(f) or real(f, *args)
+        service = SyncService(node.sync, 0, net.clock)
+        service.startService()
+        self.addCleanup(service.stopService)
+        return calls
+
     def test_fingerprints_read_at_start_with_peers(self):
         """A node with peers reads its fingerprints when it starts, so that its first sync is quick."""
         net = Net(self)
         a = net.add("a", ["b"])
         net.add("b")
-        calls = []
-        real = a.sync.in_thread
-        a.sync.in_thread = lambda f, *args: calls.append(f) or real(f, *args)
-        service = SyncService(a.sync, 0, net.clock)
-        service.startService()
-        self.addCleanup(service.stopService)
+        calls = self.start_recording(a, net)
         self.assertEqual(calls, [a.sync.index.warm])
 
     def test_no_read_at_start_without_peers(self):
@@ -621,12 +626,7 @@ class WarmTests(SynchronousTestCase):
         net = Net(self)
         a = net.add("a")
         b = net.add("b", ["a"])
-        calls = []
-        real = a.sync.in_thread
-        a.sync.in_thread = lambda f, *args: calls.append(f) or real(f, *args)
-        service = SyncService(a.sync, 0, net.clock)
-        service.startService()
-        self.addCleanup(service.stopService)
+        calls = self.start_recording(a, net)
         self.assertEqual(calls, [])
         a.put(replica("x", 100))
         b.sync_with(a)

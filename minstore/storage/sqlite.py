@@ -151,7 +151,7 @@ class SQLiteStorage:
         self._readers = []
         self._readers_lock = threading.Lock()
         self._writer = None
-        self._cursor = self._cursor_of = None  # the writer's one cursor (see _rows), and its connection
+        self._cursor = None  # the writer's one cursor (see _rows)
         self._last_seq = 0
         self._max_version = None
         self._purged = None  # the highest version of a tombstone purged (meta 'purged_version')
@@ -183,6 +183,7 @@ class SQLiteStorage:
         os.makedirs(self.data_dir, exist_ok=True)
         try:
             conn = self._writer = self._connect()
+            self._cursor = conn.cursor()
             mode = _rows(conn, "PRAGMA journal_mode=WAL")[0][0]
             if mode != "wal":
                 raise StorageFailed("%s: cannot use WAL mode (%s)" % (self.path, mode))
@@ -239,7 +240,7 @@ class SQLiteStorage:
             if self._writer is not None:
                 if self._cursor is not None:
                     self._cursor.close()
-                    self._cursor = self._cursor_of = None
+                    self._cursor = None
                 self._writer.close()
                 self._writer = None
 
@@ -478,8 +479,6 @@ class SQLiteStorage:
 
     def _transaction(self, f, *args):
         """``f(cursor, *args)`` in one write transaction, under the write lock held by the caller."""
-        if self._cursor is None or self._cursor_of is not self._writer:
-            self._cursor, self._cursor_of = self._writer.cursor(), self._writer
         conn = self._cursor
         try:
             _run(conn, "BEGIN IMMEDIATE")
