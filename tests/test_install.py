@@ -115,6 +115,8 @@ class InstallTestCase(SynchronousTestCase):
             unit)
         self.assertNotIn("--tokens /etc", unit)
         self.assertIn("User=minstore\n", unit)
+        # A PyPy node's young generation is bounded, whatever cache the CPU reports.
+        self.assertIn("Environment=PYPY_GC_NURSERY=32MB\n", unit)
         self.assertIn("ProtectSystem=strict\n", unit)
         self.assertIn("ReadWritePaths=/var/lib/minstore\n", unit)
         self.assertEqual(
