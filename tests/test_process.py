@@ -305,11 +305,16 @@ class ScorerTests(SynchronousTestCase):
             self.assertAlmostEqual(got[1], answer[1], places=5, msg=text)
 
     def test_expected_is_py3langids(self):
-        """tests/lang_corpus_expected.txt is py3langid's answers for the corpus of today."""
+        """
+        tests/lang_corpus_expected.txt is py3langid's answers for the corpus
+        of today.  The confidences to 5 decimals, as everywhere here:
+        py3langid sums in float32, and numpy's BLAS kernels sum in an order
+        of their own per CPU (up to 1.8e-6 apart seen on an AVX-512 machine).
+        """
         stock = stock_py3langid()
         for (_, text), (code, confidence) in zip(corpus(), expected_answers()):
             self.assertEqual(stock.classify(text)[0], code, text)
-            self.assertAlmostEqual(stock.classify(text)[1], confidence, places=6, msg=text)
+            self.assertAlmostEqual(stock.classify(text)[1], confidence, places=5, msg=text)
 
     def test_sparse_edge_texts(self):
         """No feature, one letter, digits, capitals, mixed scripts: py3langid's answers."""
@@ -331,10 +336,22 @@ class ScorerTests(SynchronousTestCase):
         widened = langscore.Py3langidScorer()
         self.assertEqual(str(widened.identifier.nb_ptc.dtype), "float32")
         self.assertEqual(str(stock.nb_ptc.dtype), "float16")
-        for _, text in corpus():
+        edge = ["", " ", "x", "ok", "12345", "HELLO THERE MY FRIEND", FRENCH[:20] + "\u7d20\u65e9\u3044",
+                "word " * 300, "\ud800 lone surrogate", "\U0001f600 \u0645\u0631\u062d\u0628\u0627"]
+        for text in [text for _, text in corpus()] + edge:
             (code, confidence), (stock_code, stock_confidence) = widened.classify(text), stock.classify(text)
-            self.assertEqual(code, stock_code, text)
-            self.assertAlmostEqual(confidence, stock_confidence, places=5, msg=text)
+            self.assertEqual(code, stock_code, repr(text))
+            self.assertAlmostEqual(confidence, stock_confidence, places=5, msg=repr(text))
+
+    def test_numpy_scorer_holds_its_dfa_in_3_bytes_an_entry(self):
+        """Its DFA's transitions are 16-bit arrays and bytes, not 32-bit integers."""
+        identifier = langscore.Py3langidScorer().identifier
+        stock = stock_py3langid()
+        self.assertIsNone(identifier.tk_nextmove)
+        self.assertEqual(identifier._low.typecode, "H")
+        self.assertEqual(len(identifier._low), len(stock.tk_nextmove))
+        self.assertEqual(len(identifier._high), len(stock.tk_nextmove))
+        self.assertGreater(max(stock.tk_nextmove), 0xFFFF)  # the high part is needed
 
     def test_no_numpy_in_the_sparse_scorer(self):
         """The sparse scorer keeps only stdlib arrays, lists and numbers: no numpy per call."""

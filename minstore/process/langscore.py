@@ -264,14 +264,54 @@ class Py3langidScorer:
     def __init__(self):
         from py3langid import langid
 
-        identifier = langid.LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+        identifier = _compact_identifier_class(langid).from_model_file(MODEL_FILE, norm_probs=True)
         identifier.set_languages([identifier.nb_classes[i] for i in two_letter(identifier.nb_classes)])
         widen_table(identifier)
+        identifier.compact_dfa()
         # Let the full float16 table (28 MB) go: set_languages is not called again.
         identifier._full_model = (identifier.nb_ptc, identifier.nb_pc, identifier.nb_classes)
         self.identifier = identifier
         release_memory()
         self.classify = identifier.classify
+
+
+def _compact_identifier_class(langid):
+    """
+    py3langid's LanguageIdentifier with its DFA's transition table held in
+    12 MB less: 9.8 M entries naming one of 104,583 states, 42 MB as 32-bit
+    integers, kept as their low 16 bits (an ``array("H")``) and their high
+    bits (a ``bytes``), 3 bytes an entry.  The walk reads one byte more a
+    step (about 1 µs more for a 75-byte text; the per-state row offsets and
+    outputs stay lists: as arrays they would save 6 MB more and cost 2 µs
+    more); the features, counts and scores are py3langid's.
+    """
+
+    class CompactIdentifier(langid.LanguageIdentifier):
+        __slots__ = ("_low", "_high")
+
+        def compact_dfa(self):
+            moves = self.tk_nextmove
+            if max(moves) >= 1 << 24:
+                raise ModelError("the language model's DFA has more states than this walk holds")
+            self._low = array("H", (m & 0xFFFF for m in moves))
+            self._high = bytes(m >> 16 for m in moves)
+            self.tk_nextmove = None
+
+        def _raw_score(self, text):
+            low, high, rowbase, output = self._low, self._high, self._rowbase, self.tk_output
+            state, indexes = 0, []
+            append = indexes.append
+            for letter in text:
+                at = rowbase[state] + letter
+                state = low[at] | high[at] << 16
+                feature = output[state]
+                if feature >= 0:
+                    append(feature)
+            if indexes:
+                return self._sparse_score(collections.Counter(indexes), self.nb_ptc)
+            return langid.LanguageIdentifier._raw_score(self, b"")
+
+    return CompactIdentifier
 
 
 def widen_table(identifier):
