@@ -290,11 +290,15 @@ def _compact_identifier_class(langid):
         __slots__ = ("_low", "_high")
 
         def compact_dfa(self):
-            moves = self.tk_nextmove
-            if max(moves) >= 1 << 24:
+            import numpy
+
+            # numpy, not a loop over the 9.8 M entries: 0.08 s of start-up against 1 s.
+            moves = numpy.asarray(memoryview(self.tk_nextmove))
+            if moves.max() >= 1 << 24:
                 raise ModelError("the language model's DFA has more states than this walk holds")
-            self._low = array("H", (m & 0xFFFF for m in moves))
-            self._high = bytes(m >> 16 for m in moves)
+            self._low = array("H")
+            self._low.frombytes(moves.astype(numpy.uint16).data.cast("B"))  # the cast keeps the low 16 bits
+            self._high = (moves >> 16).astype(numpy.uint8).tobytes()
             self.tk_nextmove = None
 
         def _raw_score(self, text):
@@ -309,6 +313,7 @@ def _compact_identifier_class(langid):
                     append(feature)
             if indexes:
                 return self._sparse_score(collections.Counter(indexes), self.nb_ptc)
+            # No feature: py3langid's own answer for that (its walk of no byte).
             return langid.LanguageIdentifier._raw_score(self, b"")
 
     return CompactIdentifier
