@@ -105,8 +105,14 @@ class ReadmeTestCase(NodeTestMixin, TestCase):
         for dirpath, _, filenames in os.walk(os.path.join(self.checkout, "demo")):
             for name in filenames:
                 if name.endswith(".pid"):
-                    with open(os.path.join(dirpath, name)) as f:
-                        pids.append(int(f.read().strip()))
+                    # The example's own last line kills its nodes, and each
+                    # removes its pid file as it exits: one may go between
+                    # the listing and the open.
+                    try:
+                        with open(os.path.join(dirpath, name)) as f:
+                            pids.append(int(f.read().strip()))
+                    except (FileNotFoundError, ValueError):
+                        continue
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGTERM)
