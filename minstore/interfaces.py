@@ -68,6 +68,14 @@ class IStorage(Interface):
     def get(collection: str, uid: str) -> Optional[bytes]:
         """I{blocking}: the stored bytes of a record or tombstone, or None."""
 
+    def get_many(keys: Sequence[Tuple[str, str]]) -> List[Optional[bytes]]:
+        """
+        I{blocking}: L{get} of each ``(collection, uid)`` of ``keys``, in
+        their order (a key given twice is answered twice), in as few
+        statements as the engine can: the node sends the reads that miss its
+        cache together, in one hop to the thread pool and one call of this.
+        """
+
     def write(
         batch: Sequence["WriteItem"], checkpoints: Optional[Dict[str, int]] = None
     ) -> List[Optional[int]]:

@@ -43,6 +43,9 @@ class MemoryStorage:
         row = self._rows.get((collection, uid))
         return None if row is None else row.data
 
+    def get_many(self, keys):
+        return [self.get(collection, uid) for collection, uid in keys]
+
     def write(self, batch, checkpoints=None):
         results = []
         with self._lock:

@@ -678,6 +678,20 @@ class PostgreSQLStorage:
         )
         return rows[0][0].encode("utf-8") if rows else None
 
+    def get_many(self, keys):
+        from minstore.storage.sqlite import _by_collection
+
+        found = {}
+        for collection, uids in _by_collection(keys).items():
+            rows = self._read(
+                "get",
+                "SELECT uid, data FROM minstore_records WHERE collection = %s AND uid = ANY(%s)",
+                (collection, uids),
+            )
+            for uid, data in rows:
+                found[collection, uid] = data.encode("utf-8")
+        return [found.get(key) for key in keys]
+
     def list(self, collection, after, prefix, limit):
         sql = "SELECT data FROM minstore_records WHERE collection = %s AND NOT deleted"
         args = [collection]

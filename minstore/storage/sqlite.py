@@ -105,6 +105,19 @@ def prefix_bound(prefix):
     return None
 
 
+#: Most uids in one ``IN (...)`` of L{SQLiteStorage.get_many} (SQLite before
+#: 3.32 allows 999 parameters a statement).
+_IN_LIMIT = 500
+
+
+def _by_collection(keys):
+    """``{collection: [uid, ...]}`` of ``(collection, uid)`` keys, each uid once."""
+    uids = {}
+    for collection, uid in keys:
+        uids.setdefault(collection, {})[uid] = None
+    return {collection: list(held) for collection, held in uids.items()}
+
+
 def _rows(db, sql, args=()):
     """
     Every row of one statement on ``db``: a connection (a cursor of its own,
@@ -251,6 +264,20 @@ class SQLiteStorage:
             self._reader(), "SELECT data FROM records WHERE collection = ? AND uid = ?", (collection, uid)
         )
         return bytes(rows[0][0]) if rows else None
+
+    def get_many(self, keys):
+        # One statement per collection (and per _IN_LIMIT uids), not one per
+        # key: each statement is a release and a retake of the GIL, which
+        # the reactor holds most of the time under load.
+        conn = self._reader()
+        found = {}
+        for collection, uids in _by_collection(keys).items():
+            for start in range(0, len(uids), _IN_LIMIT):
+                part = uids[start:start + _IN_LIMIT]
+                sql = "SELECT uid, data FROM records WHERE collection = ? AND uid IN (%s)" % ",".join("?" * len(part))
+                for uid, data in _rows(conn, sql, [collection] + part):
+                    found[collection, uid] = bytes(data)
+        return [found.get(key) for key in keys]
 
     def list(self, collection, after, prefix, limit):
         sql = "SELECT data FROM records WHERE collection = ? AND deleted = 0"

@@ -341,6 +341,24 @@ class StorageContract(IndexContract):
         self.assertIsNone(storage.get("books", "nope"))
         self.assertIsNone(storage.get("other", "one"))
 
+    def test_get_many(self):
+        """get_many answers each key as get does, in the order given: a key
+        twice, a tombstone, a missing uid, several collections, and more
+        uids than one statement of a SQL engine takes."""
+        storage = self.make_storage()
+        a = self._put(storage, "books", "a", "A")
+        b = self._put(storage, "films", "a", "B")
+        gone = self._put(storage, "books", "gone", deleted=True)
+        keys = [("books", "a"), ("films", "nope"), ("films", "a"), ("books", "gone"), ("books", "a"), ("x", "a")]
+        self.assertEqual(storage.get_many(keys), [a, None, b, gone, a, None])
+        self.assertEqual(storage.get_many([]), [])
+        many = [item("big", "u%04d" % i, i) for i in range(1200)]
+        storage.write(many)
+        keys = [("big", "u%04d" % i) for i in range(1250, -1, -1)]
+        self.assertEqual(storage.get_many(keys), [storage.get(*key) for key in keys])
+        self.assertEqual(storage.get_many(keys)[-1], many[0].data)
+        self.assertEqual(storage.get_many(keys)[:50], [None] * 50)
+
     def test_write_then_get(self):
         """A written record reads back byte for byte."""
         storage = self.make_storage()
