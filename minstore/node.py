@@ -499,7 +499,15 @@ class Node:
         return self._reads.submit(key).addCallback(parsed)
 
     def _read_batch(self, keys):
-        return self.in_thread(self._timed, "get", self.storage.get_many, keys)
+        return self.in_thread(self._timed, "get", self._get_many, keys)
+
+    def _get_many(self, keys):
+        # An engine from a package written before get_many joined IStorage
+        # is asked one key at a time.
+        get_many = getattr(self.storage, "get_many", None)
+        if get_many is None:
+            return [self.storage.get(collection, uid) for collection, uid in keys]
+        return get_many(keys)
 
     # -- writes ---------------------------------------------------------
 

@@ -922,20 +922,42 @@ class ProcessTests(APITestCase):
         for uid in "abcde":
             self.post("/books/%s" % uid, uid)
         reads = lambda: [(args[1].__name__, [uid for _, uid in args[2]]) for f, args, _ in threads.pending]
+        calls = []
+        storage = self.node.storage
+        get_many = storage.get_many
+        storage.get_many = lambda keys: calls.append(list(keys)) or get_many(keys)
         first = self.start("GET", "/books/a")
         self.http.flush()
-        self.assertEqual(reads(), [("get_many", ["a"])])
+        self.assertEqual(reads(), [("_get_many", ["a"])])
         rest = [self.start("GET", "/books/%s" % uid) for uid in "bcde"]
         self.http.flush()
-        self.assertEqual(reads(), [("get_many", ["a"])])
+        self.assertEqual(reads(), [("_get_many", ["a"])])
         threads.run_one()
         self.http.flush()
-        self.assertEqual(reads(), [("get_many", ["b", "c", "d", "e"])])
+        self.assertEqual(reads(), [("_get_many", ["b", "c", "d", "e"])])
         for _ in range(3):
             threads.flush()
             self.http.flush()
         for d, uid in zip([first] + rest, "abcde"):
             self.assertRecord(self.successResultOf(d), "books", uid, uid)
+        self.assertEqual(calls, [[("books", "a")], [("books", u) for u in "bcde"]])
+
+    def test_engine_without_get_many_is_read_a_key_at_a_time(self):
+        """An engine written before IStorage had get_many still serves GETs."""
+
+        class OldEngine(MemoryStorage):
+            get_many = property(lambda self: None)
+
+        threads = self.threads
+        self.use_node(Node(OldEngine(), (), node_id="node1", now=self.time, in_thread=threads, read_cache_bytes=0))
+        self.post("/books/a", "A")
+        ds = [self.start("GET", "/books/%s" % uid) for uid in ("a", "a", "nope")]
+        for _ in range(3):
+            threads.flush()
+            self.http.flush()
+        self.assertRecord(self.successResultOf(ds[0]), "books", "a", "A")
+        self.assertRecord(self.successResultOf(ds[1]), "books", "a", "A")
+        self.assertEqual(self.successResultOf(ds[2]).code, 404)
 
     def test_read_cache_holds_nothing_the_cyclic_gc_walks(self):
         """
