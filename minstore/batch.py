@@ -101,8 +101,8 @@ class BatchedCalls:
     running to the thread pool together, in one hop.
     """
 
-    def __init__(self, in_thread, max_inflight=1):
-        self._batcher = Batcher(lambda calls: in_thread(_call_each, calls), max_inflight)
+    def __init__(self, in_thread):
+        self._batcher = Batcher(lambda calls: in_thread(_call_each, calls))
 
     def __call__(self, f, *args):
         return self._batcher.submit((f, args))

@@ -679,10 +679,10 @@ class PostgreSQLStorage:
         return rows[0][0].encode("utf-8") if rows else None
 
     def get_many(self, keys):
-        from minstore.storage.sqlite import _by_collection
+        from minstore.storage.sqlite import uids_by_collection
 
         found = {}
-        for collection, uids in _by_collection(keys).items():
+        for collection, uids in uids_by_collection(keys).items():
             rows = self._read(
                 "get",
                 "SELECT uid, data FROM minstore_records WHERE collection = %s AND uid = ANY(%s)",

@@ -110,7 +110,7 @@ def prefix_bound(prefix):
 _IN_LIMIT = 500
 
 
-def _by_collection(keys):
+def uids_by_collection(keys):
     """``{collection: [uid, ...]}`` of ``(collection, uid)`` keys, each uid once."""
     uids = {}
     for collection, uid in keys:
@@ -271,7 +271,7 @@ class SQLiteStorage:
         # the reactor holds most of the time under load.
         conn = self._reader()
         found = {}
-        for collection, uids in _by_collection(keys).items():
+        for collection, uids in uids_by_collection(keys).items():
             for start in range(0, len(uids), _IN_LIMIT):
                 part = uids[start:start + _IN_LIMIT]
                 sql = "SELECT uid, data FROM records WHERE collection = ? AND uid IN (%s)" % ",".join("?" * len(part))
