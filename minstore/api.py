@@ -317,6 +317,15 @@ class BoundedChannel(HTTPChannel):
     _lines = 0
     _header_bytes = 0
     _refused = False
+    _host = None
+
+    def getHost(self):
+        # twisted.web asks at every request (Request.__init__), and a TCP
+        # transport answers each time with a getsockname() system call; a
+        # connection's own address does not change.
+        if self._host is None:
+            self._host = HTTPChannel.getHost(self)
+        return self._host
 
     def lineReceived(self, line):
         if self._refused:

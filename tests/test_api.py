@@ -1451,6 +1451,46 @@ class ChannelLimitTests(SynchronousTestCase):
         lines = start + b"".join(b"X-%d: v\r\n" % i for i in range(MAX_HEADERS + 1)) + b"\r\n"
         self.assertRefused(self.answer(lines), 431, "headers_too_large")
 
+    def test_the_local_address_is_asked_once_a_connection(self):
+        # A TCP transport answers getHost with a system call; twisted.web
+        # asks at every request.  Three requests on one connection: one
+        # call, and every request sees the address.
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        asked = []
+
+        class CountingTransport(StringTransport):
+            def getHost(self):
+                asked.append(True)
+                return IPv4Address("TCP", "127.0.0.1", 8001)
+
+        from twisted.internet.task import Clock
+
+        from minstore.service import QuietSite
+
+        node = Node(MemoryStorage(), node_id="node1")
+        node.open()
+        hosts = []
+        api = RecordAPI(node)
+        site = QuietSite(api.resource(), reactor=Clock())
+        channel = site.buildProtocol(None)
+        transport = CountingTransport()
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, None)
+        original = site.requestFactory
+
+        def request_factory(*args, **kwargs):
+            request = original(*args, **kwargs)
+            hosts.append(request.getHost())
+            return request
+
+        channel.requestFactory = request_factory
+        channel.dataReceived(b"GET /_node/health HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 "), 3)
+        self.assertEqual(hosts, [IPv4Address("TCP", "127.0.0.1", 8001)] * 3)
+        self.assertEqual(len(asked), 1)
+
     def test_within_the_limits_is_served(self):
         start = b"GET /books/?prefix=" + b"p" * 15000 + b" HTTP/1.1\r\nHost: x\r\n"
         transport = self.answer(start + b"X-Big: " + b"b" * 15000 + b"\r\n\r\n")
