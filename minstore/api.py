@@ -441,15 +441,15 @@ class RecordAPI:
     # -- helpers --------------------------------------------------------
 
     def _track(self, request, route):
-        start = time.perf_counter()
+        """A request of a route begins: counted; its start time, for L{_observe}."""
         if route != "cluster":
             self.client_requests += 1
+        return time.perf_counter()
+
+    def _observe(self, request, route, start):
+        """A request answered (its code set): in the route's metrics."""
         method = request.method.decode("ascii", "replace")
-
-        def done(_):
-            self.metrics.observe_request(route, method, request.code, time.perf_counter() - start)
-
-        request.notifyFinish().addBoth(done)
+        self.metrics.observe_request(route, method, request.code, time.perf_counter() - start)
 
     _json = staticmethod(json_response)
 
@@ -685,6 +685,7 @@ class _Resource(Resource):
         self.routes = api.routes()
 
     def render(self, request):
+        start = None
         try:
             route, collection, uid = parse_path(request.path)
             label, methods = self.routes[route]
@@ -698,12 +699,17 @@ class _Resource(Resource):
                 raise MethodNotAllowed(
                     message="allowed: " + allow.decode(), headers={b"allow": allow}
                 )
-            self.api._track(request, label)
+            start = self.api._track(request, label)
             result = handler(request, collection, uid)
         except Exception:
-            return self.error(Failure(), request)
+            result = self.error(Failure(), request)
         if not isinstance(result, Deferred):
+            # Answered now (a read cache hit, an error): observed now, with
+            # no Deferred of the request's finish to make and fire.
+            if start is not None:
+                self.api._observe(request, label, start)
             return result
+        request.notifyFinish().addBoth(lambda _: self.api._observe(request, label, start))
         if request.method in _CANCELLABLE:
             request.notifyFinish().addErrback(lambda _: result.cancel())
 

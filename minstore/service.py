@@ -3,6 +3,8 @@
 import gc
 import os
 import sys
+import tempfile
+from io import BytesIO
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import gatherResults, maybeDeferred, succeed
@@ -168,6 +170,15 @@ class NodeSite(Site):
         kwargs.setdefault("parsePOSTFormSubmission", False)
         Site.__init__(self, resource, **kwargs)
         self.protocol = BoundedChannel
+
+    def getContentFile(self, length):
+        # Asked by twisted.web for every request's body, even a GET's; with
+        # no such method it looks for one (an AttributeError a request) and
+        # buffers a body of unknown length in a temporary file, on the
+        # reactor.  BoundedRequest keeps no more than max_body in memory.
+        if self.max_body is not None or (length is not None and length < 100000):
+            return BytesIO()
+        return tempfile.TemporaryFile()
 
 
 class QuietSite(NodeSite):

@@ -5,6 +5,7 @@ against a node on the memory engine.
 
 import gc
 import hashlib
+import io
 import json
 import re
 import uuid
@@ -1192,6 +1193,7 @@ class NodeRouteTests(APITestCase):
         self.post("/books/a", 1)
         self.get("/books/a")
         self.get("/books/nope")
+        self.get("/books/?limit=many")  # refused before any Deferred
         response = self.get("/metrics")
         self.assertEqual(response.code, 200)
         self.assertTrue(response.header(b"content-type").startswith(b"text/plain; version=0.0.4"))
@@ -1201,6 +1203,7 @@ class NodeRouteTests(APITestCase):
             'minstore_http_requests_total{method="POST",route="record",status="400"} 1.0',
             'minstore_http_requests_total{method="GET",route="record",status="200"} 1.0',
             'minstore_http_requests_total{method="GET",route="record",status="404"} 1.0',
+            'minstore_http_requests_total{method="GET",route="collection",status="400"} 1.0',
         ]:
             self.assertIn(self._normalise(line), self._lines(text))
         self.assertIn("# TYPE minstore_storage_operation_duration_seconds histogram", text)
@@ -1410,15 +1413,19 @@ class BadRequestTests(APITestCase):
 class ChannelLimitTests(SynchronousTestCase):
     """Request lines and headers over the limits: a JSON 414 or 431, then the connection closes."""
 
-    def answer(self, data):
+    def site(self):
         from twisted.internet.task import Clock
-        from twisted.internet.testing import StringTransport
 
         from minstore.service import QuietSite
 
         node = Node(MemoryStorage(), node_id="node1")
         node.open()
-        site = QuietSite(RecordAPI(node).resource(), reactor=Clock())
+        return QuietSite(RecordAPI(node).resource(), reactor=Clock())
+
+    def answer(self, data, site=None):
+        from twisted.internet.testing import StringTransport
+
+        site = site or self.site()
         channel = site.buildProtocol(None)
         transport = StringTransport()
         channel.makeConnection(transport)
@@ -1450,6 +1457,21 @@ class ChannelLimitTests(SynchronousTestCase):
         self.assertRefused(self.answer(many), 431, "headers_too_large")
         lines = start + b"".join(b"X-%d: v\r\n" % i for i in range(MAX_HEADERS + 1)) + b"\r\n"
         self.assertRefused(self.answer(lines), 431, "headers_too_large")
+
+    def test_a_body_of_unknown_length_is_held_in_memory(self):
+        # Chunked: twisted.web's own default is a temporary file, written
+        # on the reactor thread; within the site's body limit, memory.
+        site = self.site()
+        site.max_body = 1000
+        content = site.getContentFile(None)
+        self.assertIsInstance(content, io.BytesIO)
+        transport = self.answer(
+            b"POST /books/a HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            b"d\r\n{\"value\": 12}\r\n0\r\n\r\n",
+            site,
+        )
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), transport.value()[:200])
 
     def test_the_local_address_is_asked_once_a_connection(self):
         # A TCP transport answers getHost with a system call; twisted.web
