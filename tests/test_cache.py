@@ -489,6 +489,7 @@ class FrontReadTests(FrontTestsMixin, SynchronousTestCase):
         before = self.requests()
         request = DummyRequest([b"books", b"1"])
         request.path, request.uri, request.args = b"/books/1", b"/books/1?cache=1", {b"cache": [b"1"]}
+        request.code = 200  # twisted.web's Request has its code from the start (DummyRequest: responseCode)
         self.assertEqual(self.api.resource().render(request), posted)
         self.assertEqual(self.requests(), before)
 
