@@ -15,6 +15,7 @@ in-memory transport, so no socket, system call or thread is counted:
   miss   GET with the read cache off (sqlite engine, 1,000 records), 14
          requests per storage hop, as a loaded node's reads batch
   post   POST of a new record (memory engine, no processes), 10 per write
+  lang   the same with the lang process (a ~200-byte English text each)
   bare   a bare twisted.web Resource answering a fixed record: the floor
 
 A case runs twice under callgrind, with N and 5N requests; the difference
@@ -37,7 +38,7 @@ RECORD = (
     b'{"check_sum":"' + b"a" * 64 + b'","collection":"bench","size":122,"timestamp":1764700000.123,'
     b'"uid":"u0000001","value":"' + b"x" * 120 + b'","version":"1764700000123-000000-abcdef123456"}'
 )
-CASES = ("hit", "miss", "post", "bare")
+CASES = ("hit", "miss", "post", "lang", "bare")
 
 
 def _transport(port):
@@ -49,7 +50,7 @@ def _transport(port):
     )
 
 
-def _node_site(storage, read_cache_bytes, in_thread):
+def _node_site(storage, read_cache_bytes, in_thread, processes=()):
     from twisted.internet.task import Clock
 
     from minstore.api import RecordAPI
@@ -60,7 +61,7 @@ def _node_site(storage, read_cache_bytes, in_thread):
     kwargs = {"read_cache_bytes": read_cache_bytes}
     if in_thread is not None:
         kwargs["in_thread"] = in_thread
-    node = Node(storage, node_id="bench", **kwargs)
+    node = Node(storage, processes, node_id="bench", **kwargs)
     node.open()
     site = QuietSite(GuardResource(Guard(), RecordAPI(node).resource()), reactor=Clock())
     site.max_body = 1 << 20
@@ -178,12 +179,21 @@ def make_case(case, data_dir):
             run(2000)  # every record into the read cache
         return run
 
-    if case == "post":
+    if case in ("post", "lang"):
         hops = Hops()
-        node, site = _node_site(MemoryStorage(), 32 << 20, hops)
+        processes = ()
+        if case == "lang":
+            from minstore.process.lang import LanguageDetection
+
+            processes = [LanguageDetection()]
+        node, site = _node_site(MemoryStorage(), 32 << 20, hops, processes)
         hops.run()
         channels = _channels(site, 10)
-        body = b'{"value": "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm sill."}'
+        if case == "lang":
+            text = (b"The quick brown fox jumps over the lazy dog while a patient engineer measures how many small "
+                    b"records per second a replicated store keeps durable on a modest machine with two cores")
+        else:
+            text = b"The quick brown fox jumps over the lazy dog while the cat sleeps on the warm sill."
         counter = [0]
 
         def run(n):
@@ -191,6 +201,8 @@ def make_case(case, data_dir):
             while done < n:
                 for channel, _ in channels:
                     counter[0] += 1
+                    # lang's texts differ by their number; post's body is the one of earlier figures.
+                    body = b'{"value": "%s %d"}' % (text, counter[0]) if case == "lang" else b'{"value": "%s"}' % text
                     channel.dataReceived(
                         b"POST /bench/p%09d HTTP/1.1\r\nHost: 127.0.0.1:8001\r\nContent-Type: application/json\r\n"
                         b"Content-Length: %d\r\n\r\n%s" % (counter[0], len(body), body)
