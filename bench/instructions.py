@@ -181,31 +181,31 @@ def make_case(case, data_dir):
 
     if case in ("post", "lang"):
         hops = Hops()
-        processes = ()
+        processes, text = (), None
         if case == "lang":
             from minstore.process.lang import LanguageDetection
+            from run import TEXT  # bench/run.py's ~200 bytes of English
 
-            processes = [LanguageDetection()]
+            processes, text = [LanguageDetection()], TEXT.encode()
         node, site = _node_site(MemoryStorage(), 32 << 20, hops, processes)
         hops.run()
         channels = _channels(site, 10)
-        if case == "lang":
-            text = (b"The quick brown fox jumps over the lazy dog while a patient engineer measures how many small "
-                    b"records per second a replicated store keeps durable on a modest machine with two cores")
-        else:
-            text = b"The quick brown fox jumps over the lazy dog while the cat sleeps on the warm sill."
+        post_body = b'{"value": "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm sill."}'
         counter = [0]
+
+        def body(i):
+            # lang's texts differ by their number (as bench/run.py's); post's body is the one of earlier figures.
+            return post_body if text is None else b'{"value": "%s %d"}' % (text, i)
 
         def run(n):
             done = 0
             while done < n:
                 for channel, _ in channels:
                     counter[0] += 1
-                    # lang's texts differ by their number; post's body is the one of earlier figures.
-                    body = b'{"value": "%s %d"}' % (text, counter[0]) if case == "lang" else b'{"value": "%s"}' % text
+                    data = body(counter[0])
                     channel.dataReceived(
                         b"POST /bench/p%09d HTTP/1.1\r\nHost: 127.0.0.1:8001\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: %d\r\n\r\n%s" % (counter[0], len(body), body)
+                        b"Content-Length: %d\r\n\r\n%s" % (counter[0], len(data), data)
                     )
                 hops.run()
                 for _, transport in channels:
