@@ -9,6 +9,7 @@ from io import BytesIO
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from minstore.api import BoundedChannel, BoundedRequest
@@ -125,17 +126,23 @@ class NodeRoot(MultiService):
         return d
 
 
-def fail_start(e):
-    """A start that failed: one line on stderr and in the log, exit status 1."""
+def start_failure(e):
+    """
+    The one line that says why the start failed: the error's own words for
+    a storage or system error, else its type too (the traceback is logged).
+    """
     from minstore.errors import StorageFailed
 
-    log = Logger("minstore")
     if isinstance(e, (StorageFailed, OSError)):
-        message = str(e)
-    else:
-        log.failure("start failed")
-        message = "%s: %s" % (type(e).__name__, e)
-    log.critical("minstore cannot start: {message}", message=message)
+        return str(e)
+    Logger("minstore").failure("start failed", Failure(e))
+    return "%s: %s" % (type(e).__name__, e)
+
+
+def fail_start(e):
+    """A start that failed: one line on stderr and in the log, exit status 1."""
+    message = start_failure(e)
+    Logger("minstore").critical("minstore cannot start: {message}", message=message)
     sys.stderr.write("minstore: cannot start: %s\n" % (message,))
     sys.stderr.flush()
     os._exit(1)

@@ -35,7 +35,7 @@ from minstore.process import DEFAULT as DEFAULT_PROCESSES
 from minstore.process import available_processes, make_processes
 from minstore.process.schema import SchemaError
 from minstore.records import HybridLogicalClock
-from minstore.service import NodeRoot, NodeSite, QuietSite
+from minstore.service import NodeRoot, NodeSite, QuietSite, start_failure
 from minstore.storage import available_engines, make_storage
 from minstore.storage.indexes import parse_declarations
 from minstore.tls import TLSConfigError, client_cert_endpoint
@@ -265,11 +265,14 @@ def _node_id(data_dir):
             raise SystemExit(1)
         return content.decode("ascii")
     node_id = uuid.uuid4().hex[:12]
-    with open(path + ".tmp", "w") as f:
-        f.write(node_id)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(node_id)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except OSError as e:  # a full disk fails the write, which names no file
+        raise OSError(e.errno, "cannot write the node id to %s: %s" % (path, e.strerror))
     return node_id
 
 
@@ -333,6 +336,21 @@ def makeService(config, reactor=None):
     else:
         endpoint = serverFromString(reactor, config["port"])
     port = _listen(endpoint, config["port"], site)
+    try:
+        return _make_node(config, reactor, site, port, data_dir)
+    except BaseException as e:
+        # Nothing listens after a refused start, and the reason is one
+        # line (a full disk, a damaged file), not a traceback.
+        port.stopListening()
+        if isinstance(e, (SystemExit, KeyboardInterrupt)):
+            raise
+        sys.stderr.write("minstore: cannot start: %s\n" % (start_failure(e),))
+        sys.stderr.flush()
+        raise SystemExit(1)
+
+
+def _make_node(config, reactor, site, port, data_dir):
+    """makeService's NodeRoot around the listening ``port``."""
     try:
         os.makedirs(data_dir, exist_ok=True)
     except OSError as e:

@@ -283,6 +283,23 @@ class MakeServiceTests(OptionsTestCase):
         self.assertTrue(text.startswith("minstore: error: --port: cannot listen on " + endpoint), text)
         self.assertFalse(os.path.exists(self.data))
 
+    def test_start_that_fails_after_listening(self):
+        """
+        A start refused after the port is bound (here the node id cannot be
+        read: a directory in its place; a full disk ends the same way) is one
+        line on stderr and exit status 1, not a traceback.
+        """
+        os.makedirs(os.path.join(self.data, "node_id"))
+        options = self.parse("--port", "tcp:0:interface=127.0.0.1", "--storage", "memory")
+        from twisted.internet import reactor
+
+        e = self.assertRaises(SystemExit, makeService, options, reactor=reactor)
+        self.assertEqual(e.code, 1)
+        text = self.stderr.getvalue()
+        self.assertEqual(text.count("\n"), 1, text)
+        self.assertTrue(text.startswith("minstore: cannot start: "), text)
+        self.assertIn("node_id", text)
+
     def test_ascii_digits_only(self):
         """Whole-number options and --port take ASCII digits only, not other Unicode digits."""
         for option, value in [("--threads", "\u0661\u0660"), ("--max-record-size", "\uff15"),
